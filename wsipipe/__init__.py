@@ -1,0 +1,8 @@
+"""wsipipe: whole-slide images -> tissue -> Zarr patches -> classifier -> heatmaps and tumor masks."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("wsipipe")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"

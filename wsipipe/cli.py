@@ -1,0 +1,250 @@
+"""Command line: ``wsipipe synth | tile | infer | stitch | run | demo``.
+
+Errors the user can meet are one line on stderr and a non-zero exit; ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from wsipipe.config import PipelineConfig, load_config
+from wsipipe.errors import NoTissueError, WsipipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Whole-slide image pipeline.")
+err = Console(stderr=True)
+out = Console()
+_state = {"debug": False, "config": None}
+
+EXIT_ERROR = 2
+EXIT_NO_TISSUE = 3
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config overriding the defaults (see configs/).")
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _config(config: Optional[Path], **overrides) -> PipelineConfig:
+    return load_config(config, overrides)
+
+
+@contextmanager
+def _progress() -> Iterator:
+    """A rich progress bar per stage, fed by (stage, done, total) callbacks."""
+    bars = Progress(
+        TextColumn("[bold]{task.description:>14}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.update(tasks[stage], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+def _one(stage: str, update):
+    return lambda done, total: update(stage, done, total)
+
+
+def main() -> None:
+    """Entry point: run the app, turning known errors into one line and an exit code."""
+    try:
+        app(standalone_mode=False)
+    except NoTissueError as exc:
+        err.print(f"[yellow]wsipipe: {exc}[/]", highlight=False)
+        sys.exit(EXIT_NO_TISSUE)
+    except WsipipeError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[red]wsipipe error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_ERROR)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("wsipipe: interrupted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors and the unexpected
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if _state["debug"]:
+            raise
+        err.print(f"[red]wsipipe: unexpected {type(exc).__name__}:[/] {exc} (rerun with --debug for the traceback)")
+        sys.exit(1)
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Slide file to write (.svs = Aperio-style, .tiff = generic TIFF)."),
+    width: int = typer.Option(12000, help="Level-0 width, px."),
+    height: int = typer.Option(9000, help="Level-0 height, px."),
+    mpp: float = typer.Option(0.5, help="Level-0 resolution, µm/px."),
+    seed: int = typer.Option(0, help="Random seed (layout and texture)."),
+    tissue_pieces: int = typer.Option(3, help="Number of separate tissue pieces."),
+    tumors: int = typer.Option(2, help="Number of planted tumor regions."),
+) -> None:
+    """Generate a synthetic H&E-like pyramidal slide with ground-truth GeoJSON beside it."""
+    from wsipipe.synth import write_synthetic_slide
+
+    fmt = "tiff" if out.suffix.lower() in (".tif", ".tiff") else "svs"
+    s = write_synthetic_slide(out, width, height, mpp=mpp, seed=seed, fmt=fmt, n_tissue=tissue_pieces, n_tumor=tumors)
+    out_console_paths({"slide": s.path, "ground truth": s.geojson_path})
+
+
+@app.command()
+def tile(
+    slide: Path = typer.Argument(..., help="Slide file (any format OpenSlide reads)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Zarr store to write (e.g. slide.zarr)."),
+    mpp: Optional[float] = typer.Option(None, help="Target resolution of patches, µm/px [default 0.5]."),
+    patch_size: Optional[int] = typer.Option(None, help="Patch edge in px at the target mpp [default 224]."),
+    stride: Optional[int] = typer.Option(None, help="Grid step in px at the target mpp [default = patch size]."),
+    min_tissue: Optional[float] = typer.Option(None, help="Minimum tissue fraction to keep a patch [default 0.5]."),
+    mpp_override: Optional[float] = typer.Option(None, help="Use this level-0 mpp instead of the file's."),
+    scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Detect tissue and write the slide's patches to a Zarr store (resumable)."""
+    from wsipipe.tiling import tile_slide
+
+    cfg = _config(
+        config, **{"tile.mpp": mpp, "tile.patch_size": patch_size, "tile.stride": stride,
+                   "tile.min_tissue": min_tissue, "mpp_override": mpp_override, "dask.scheduler_address": scheduler},
+    )
+    with _progress() as update:
+        stats = tile_slide(slide, out, cfg, progress=_one("tile", update))
+    note = " (already complete)" if stats.get("skipped") else ""
+    out_console_paths({f"{stats['n_patches']} patches{note}": out})
+
+
+@app.command()
+def infer(
+    store_path: Path = typer.Argument(..., metavar="STORE.zarr", help="Store written by `wsipipe tile`."),
+    model: Path = typer.Option(..., "--model", "-m", help="Weights file (.safetensors or .pt state dict)."),
+    arch: Optional[str] = typer.Option(None, help="torchvision architecture [default resnet18 / from the file]."),
+    batch_size: Optional[int] = typer.Option(None, help="Patches per batch [default 64]."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N [default auto]."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Classify every patch of a store; writes `probabilities` into it."""
+    from wsipipe.inference import infer_store
+    from wsipipe.model import load_model
+
+    cfg = _config(config, **{"model.arch": arch, "inference.batch_size": batch_size, "inference.device": device})
+    net, info = load_model(model, arch, None)
+    with _progress() as update:
+        stats = infer_store(store_path, net, info, cfg.inference, progress=_one("infer", update))
+    out_console_paths({f"probabilities ({stats.get('n', '?')} patches)": store_path})
+
+
+@app.command()
+def stitch(
+    store_path: Path = typer.Argument(..., metavar="STORE.zarr", help="Store with probabilities."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for heatmap, tumor mask, GeoJSON, summary."),
+    threshold: Optional[float] = typer.Option(None, help="Tumor probability threshold [default 0.5]."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Heatmap, tumor mask (PNG + QuPath GeoJSON) and summary.json from a classified store."""
+    from wsipipe.stitch import stitch_store
+
+    cfg = _config(config, **{"stitch.threshold": threshold})
+    with _progress() as update:
+        summary = stitch_store(store_path, out, cfg.stitch, progress=_one("stitch", update))
+    _print_summary(summary)
+    out_console_paths({"outputs": out})
+
+
+@app.command()
+def run(
+    slides: list[Path] = typer.Argument(..., help="One or more slide files."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Weights file [default model.weights]."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (one sub-folder per slide)."),
+    mpp: Optional[float] = typer.Option(None, help="Target resolution of patches, µm/px [default 0.5]."),
+    mpp_override: Optional[float] = typer.Option(None, help="Use this level-0 mpp instead of the files'."),
+    scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """All stages (tile -> infer -> stitch) for each slide. One failing slide doesn't stop the rest."""
+    from wsipipe.pipeline import run_slide
+
+    cfg = _config(config, **{"tile.mpp": mpp, "mpp_override": mpp_override, "dask.scheduler_address": scheduler})
+    failed = 0
+    for path in slides:
+        try:
+            with _progress() as update:
+                result = run_slide(path, out, cfg, model, progress=update)
+            out.mkdir(parents=True, exist_ok=True)
+            _print_summary(result.summary)
+            out_console_paths({path.name: result.out_dir})
+        except WsipipeError as exc:
+            if len(slides) == 1:
+                raise
+            failed += 1
+            err.print(f"[red]failed:[/] {exc}", highlight=False, soft_wrap=True)
+    if failed:
+        err.print(f"[red]{failed} of {len(slides)} slides failed[/]")
+        raise typer.Exit(EXIT_ERROR)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for the demo's slides and outputs."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Embedded default: generate slides, fit ResNet18 on one, run the pipeline on the other, score vs truth."""
+    from wsipipe.pipeline import run_demo
+
+    cfg = _config(config)
+    with _progress() as update:
+        result = run_demo(out, cfg, progress=update)
+    _print_summary(result.summary)
+    gt = result.summary.get("ground_truth", {})
+    out.joinpath("demo-summary.txt").write_text(json.dumps(result.summary, indent=2))
+    out_console_paths({
+        "outputs": result.out_dir,
+        "heatmap": result.out_dir / "heatmap.png",
+        "tumor annotations (QuPath)": result.out_dir / "tumor.geojson",
+        "summary": result.out_dir / "summary.json",
+    })
+    out.print(f"tumor Dice vs ground truth: [bold]{gt.get('tumor_dice')}[/]")
+
+
+def _print_summary(summary: dict) -> None:
+    score = summary.get("slide_score", {})
+    out.print(
+        f"[bold]{summary.get('slide', {}).get('name', '')}[/]: {summary.get('n_patches')} patches, "
+        f"decision [bold]{summary.get('decision')}[/] (top-k mean {score.get('top_k_mean')}, max {score.get('max')}), "
+        f"tumor area {summary.get('tumor_area_mm2')} mm²",
+        highlight=False,
+    )
+
+
+def out_console_paths(paths: dict) -> None:
+    for label, path in paths.items():
+        out.print(f"{label}: [cyan]{path}[/]", highlight=False)
+
+
+if __name__ == "__main__":
+    main()

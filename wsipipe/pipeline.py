@@ -1,0 +1,140 @@
+"""One slide end to end (tile -> infer -> stitch), and the embedded demo.
+
+Thin orchestration over the stage modules; the CLI and the Prefect flows call these.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from wsipipe import store
+from wsipipe.config import PipelineConfig
+from wsipipe.errors import ConfigError
+from wsipipe.slide import open_slide
+
+log = logging.getLogger(__name__)
+
+# (stage name, done, total) -> None; the CLI maps it onto rich progress bars.
+StageProgress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class SlideOutputs:
+    out_dir: Path
+    store: Path
+    summary: dict
+
+
+def slide_output_name(slide_path: Path, identity: str) -> str:
+    """Folder name for a slide's outputs: its sanitised stem plus identity prefix.
+
+    Only [A-Za-z0-9._-] survive, so a slide name can never escape the output folder."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", slide_path.stem).strip("._") or "slide"
+    return f"{stem[:80]}-{identity[:8]}"
+
+
+def run_slide(
+    slide_path: str | Path,
+    out_dir: str | Path,
+    cfg: PipelineConfig,
+    model_path: str | Path | None = None,
+    client=None,
+    progress: StageProgress | None = None,
+) -> SlideOutputs:
+    """Tile, classify and stitch one slide into ``out_dir/<name>-<id>/``.
+
+    Each stage is skipped when its outputs exist for the same inputs, so a rerun is cheap."""
+    from wsipipe.inference import infer_store
+    from wsipipe.model import load_model
+    from wsipipe.stitch import stitch_store
+    from wsipipe.tiling import tile_slide
+
+    slide_path = Path(slide_path)
+    weights = Path(model_path) if model_path else cfg.model.weights
+    if weights is None:
+        raise ConfigError(None, "model.weights: no model weights given (use --model WEIGHTS or model.weights)")
+    with open_slide(slide_path, cfg.mpp_override) as slide:
+        name = slide_output_name(slide_path, slide.identity)
+    slide_dir = Path(out_dir) / name
+    store_path = slide_dir / "patches.zarr"
+
+    def stage(name: str):
+        return (lambda done, total: progress(name, done, total)) if progress else None
+
+    t0 = time.perf_counter()
+    tile_slide(slide_path, store_path, cfg, client=client, progress=stage("tile"))
+    model, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
+    infer_store(store_path, model, info, cfg.inference, progress=stage("infer"))
+    summary = stitch_store(store_path, slide_dir, cfg.stitch, progress=stage("stitch"))
+    log.info("%s: done in %.1f s -> %s", slide_path.name, time.perf_counter() - t0, slide_dir)
+    return SlideOutputs(out_dir=slide_dir, store=store_path, summary=summary)
+
+
+def add_ground_truth_dice(slide_dir: Path, geojson_path: Path) -> dict:
+    """Dice of the predicted tumor polygons against a ground-truth GeoJSON, added to summary.json."""
+    from shapely.geometry import MultiPolygon
+
+    from wsipipe.export import read_geojson, write_atomic
+    from wsipipe.geometry import dice
+
+    truth = read_geojson(geojson_path).get("Tumor", MultiPolygon())
+    predicted = read_geojson(slide_dir / "tumor.geojson").get("Tumor", MultiPolygon())
+    summary_path = slide_dir / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["ground_truth"] = {"geojson": str(geojson_path), "tumor_dice": round(dice(predicted, truth), 4)}
+    write_atomic(summary_path, json.dumps(summary, indent=2))
+    return summary
+
+
+def train_demo_model(
+    slide_path: Path, geojson_path: Path, work_dir: Path, cfg: PipelineConfig, epochs: int = 3,
+    progress: StageProgress | None = None,
+) -> Path:
+    """Fit the classifier on labelled patches of one generated slide; returns the weights file."""
+    import numpy as np
+
+    from wsipipe.export import read_geojson
+    from wsipipe.model import save_weights
+    from wsipipe.tiling import tile_slide
+    from wsipipe.train import fit_classifier, label_patches
+
+    store_path = work_dir / "train-patches.zarr"
+    tile_slide(slide_path, store_path, cfg, progress=(lambda d, n: progress("tile (train)", d, n)) if progress else None)
+    group = store.open_store(store_path)
+    meta = store.meta(group)["tile"]
+    tumor = read_geojson(geojson_path)["Tumor"]
+    labels = label_patches(group["coords"][:], meta["patch_size_l0"], tumor)
+    keep = np.flatnonzero(labels >= 0)
+    patches = group["patches"].get_orthogonal_selection((keep,))
+    model = fit_classifier(
+        patches, labels[keep], arch=cfg.model.arch, num_classes=cfg.model.num_classes, epochs=epochs,
+        progress=(lambda d, n: progress("train", d, n)) if progress else None,
+    )
+    weights = work_dir / f"demo-{cfg.model.arch}.safetensors"
+    save_weights(model, weights, cfg.model.arch, cfg.model.num_classes, {"trained_on": slide_path.name})
+    return weights
+
+
+def run_demo(out_dir: str | Path, cfg: PipelineConfig, progress: StageProgress | None = None, size=(12000, 9000)) -> SlideOutputs:
+    """The embedded default: generate a training and a test slide, fit, run, score against truth."""
+    from wsipipe.synth import write_synthetic_slide
+
+    out_dir = Path(out_dir)
+    slides = out_dir / "slides"
+    slides.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    train = write_synthetic_slide(slides / "demo-train.svs", width, height, mpp=0.5, seed=1)
+    test = write_synthetic_slide(slides / "demo-test.svs", width, height, mpp=0.5, seed=2)
+    weights = out_dir / "model" / f"demo-{cfg.model.arch}.safetensors"
+    if not weights.exists():
+        (out_dir / "model").mkdir(parents=True, exist_ok=True)
+        weights = train_demo_model(train.path, train.geojson_path, out_dir / "model", cfg, progress=progress)
+    result = run_slide(test.path, out_dir / "results", cfg, weights, progress=progress)
+    summary = add_ground_truth_dice(result.out_dir, test.geojson_path)
+    return SlideOutputs(out_dir=result.out_dir, store=result.store, summary=summary)

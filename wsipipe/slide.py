@@ -1,0 +1,283 @@
+"""Opening slides and reading pixels at a target resolution (OpenSlide at the edge).
+
+``open_slide`` wraps ``openslide.OpenSlide`` in a small read-only :class:`Slide`
+that knows its physical resolution and a stable identity. All coordinates are
+level-0 pixels (x, y); regions come back as RGB uint8 composited over the
+slide's background colour (white unless the file says otherwise), so areas
+outside the scanned image read as background rather than black.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import openslide
+from PIL import Image
+
+from wsipipe.errors import MissingMppError, SlideOpenError, SlideReadError
+
+log = logging.getLogger(__name__)
+
+# TIFF ResolutionUnit -> micrometres per unit.
+_UM_PER_UNIT = {"centimeter": 10_000.0, "inch": 25_400.0, "millimeter": 1_000.0, "micrometer": 1.0}
+# Plausible level-0 resolutions of brightfield scanners (µm/px); outside this we warn.
+PLAUSIBLE_MPP = (0.05, 20.0)
+_IDENTITY_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Slide:
+    """An open whole-slide image. Create with :func:`open_slide`."""
+
+    path: Path
+    handle: openslide.OpenSlide = field(repr=False, compare=False)
+    mpp: float
+    mpp_source: str  # "override" | "openslide" | "tiff-resolution" | "objective-power"
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.handle.dimensions
+
+    @property
+    def level_count(self) -> int:
+        return self.handle.level_count
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self.handle.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        # OpenSlide's own floats (e.g. 4.016129...), never rounded.
+        return tuple(float(d) for d in self.handle.level_downsamples)
+
+    @property
+    def properties(self) -> Mapping[str, str]:
+        return self.handle.properties
+
+    @property
+    def vendor(self) -> str | None:
+        return self.properties.get(openslide.PROPERTY_NAME_VENDOR)
+
+    @property
+    def objective_power(self) -> float | None:
+        return _float_or_none(self.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+
+    @property
+    def mpp_plausible(self) -> bool:
+        return PLAUSIBLE_MPP[0] <= self.mpp <= PLAUSIBLE_MPP[1]
+
+    @property
+    def background(self) -> tuple[int, int, int]:
+        hex_rgb = self.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR)
+        if hex_rgb and len(hex_rgb) == 6:
+            return tuple(int(hex_rgb[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
+        return (255, 255, 255)
+
+    @cached_property
+    def identity(self) -> str:
+        """Stable id: hash of file size, first and last MiB, and the properties.
+
+        Cheap on gigabyte files, and changes when the file is replaced or re-scanned."""
+        return slide_identity(self.path, self.properties)
+
+    def info(self) -> dict:
+        """JSON-ready description for provenance and reports."""
+        return {
+            "path": str(self.path),
+            "name": self.path.name,
+            "identity": self.identity,
+            "vendor": self.vendor,
+            "width": self.dimensions[0],
+            "height": self.dimensions[1],
+            "level_count": self.level_count,
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": list(self.level_downsamples),
+            "mpp": self.mpp,
+            "mpp_source": self.mpp_source,
+            "mpp_plausible": self.mpp_plausible,
+            "objective_power": self.objective_power,
+        }
+
+    def best_level(self, downsample: float, tolerance: float = 0.0) -> int:
+        """Coarsest level whose downsample does not exceed ``downsample*(1+tolerance)``."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1.0 + tolerance):
+                best = level
+        return best
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) from ``level``, top-left at level-0 (x, y)."""
+        try:
+            rgba = self.handle.read_region((int(x), int(y)), int(level), (int(width), int(height)))
+        except openslide.OpenSlideError as exc:
+            raise SlideReadError(
+                self.path, f"reading {width}x{height} px at level {level}, level-0 (x={x}, y={y}) failed: {exc}"
+            ) from None
+        return composite_rgba(np.asarray(rgba), self.background)
+
+    def read_scaled(
+        self, x: float, y: float, width_l0: float, height_l0: float, out_width: int, out_height: int
+    ) -> np.ndarray:
+        """The level-0 rectangle (x, y, width_l0, height_l0) resampled to ``out_width x out_height``.
+
+        Reads from the coarsest level that still has at least the output's resolution and
+        resizes the remainder with an antialiasing (Lanczos) filter."""
+        scale = min(width_l0 / out_width, height_l0 / out_height)
+        level = self.best_level(scale, tolerance=1e-6)
+        ds = self.level_downsamples[level]
+        # Level-`level` pixel box covering the rectangle, then a fractional crop inside it.
+        lx0, ly0 = math.floor(x / ds), math.floor(y / ds)
+        lx1, ly1 = math.ceil((x + width_l0) / ds), math.ceil((y + height_l0) / ds)
+        region = self.read_region(round(lx0 * ds), round(ly0 * ds), level, lx1 - lx0, ly1 - ly0)
+        box = (x / ds - lx0, y / ds - ly0, (x + width_l0) / ds - lx0, (y + height_l0) / ds - ly0)
+        if region.shape[:2] == (out_height, out_width) and box == (0.0, 0.0, float(out_width), float(out_height)):
+            return region
+        img = Image.fromarray(region).resize((out_width, out_height), Image.Resampling.LANCZOS, box=box)
+        return np.asarray(img)
+
+    def read_at_mpp(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
+        """``width x height`` pixels at resolution ``mpp`` (µm/px), top-left at level-0 (x, y)."""
+        scale = mpp / self.mpp
+        return self.read_scaled(x, y, width * scale, height * scale, width, height)
+
+    def thumbnail(self, mpp: float, block: int = 2048) -> tuple[np.ndarray, float]:
+        """Whole slide at about ``mpp`` µm/px, read block by block (bounded memory).
+
+        Returns (rgb, downsample) where downsample is level-0 px per thumbnail px (exact,
+        so thumbnail pixel (i, j) covers level-0 [j*ds, (j+1)*ds) x [i*ds, (i+1)*ds))."""
+        w0, h0 = self.dimensions
+        ds = max(mpp / self.mpp, 1.0)
+        tw, th = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
+        out = np.empty((th, tw, 3), dtype=np.uint8)
+        step = block  # thumbnail pixels per block edge
+        for ty in range(0, th, step):
+            for tx in range(0, tw, step):
+                bw, bh = min(step, tw - tx), min(step, th - ty)
+                out[ty : ty + bh, tx : tx + bw] = self.read_scaled(tx * ds, ty * ds, bw * ds, bh * ds, bw, bh)
+        return out, ds
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def composite_rgba(rgba: np.ndarray, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """RGBA (straight alpha, as openslide-python returns it) over a solid background -> RGB uint8."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.float32) / 255.0
+    bg = np.asarray(background, dtype=np.float32)
+    return np.round(rgb.astype(np.float32) * a + bg * (1.0 - a)).astype(np.uint8)
+
+
+def _float_or_none(value: str | None) -> float | None:
+    try:
+        out = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return out if out is not None and math.isfinite(out) and out > 0 else None
+
+
+def resolve_mpp(path: Path, properties: Mapping[str, str], override: float | None = None) -> tuple[float, str]:
+    """Level-0 µm/px and where it came from; raises MissingMppError when nothing says.
+
+    Order: explicit override > openslide.mpp-x/y > TIFF resolution tags > objective power
+    (10 µm / magnification, the usual scanner convention, with a warning)."""
+    if override is not None:
+        return float(override), "override"
+    mx = _float_or_none(properties.get(openslide.PROPERTY_NAME_MPP_X))
+    my = _float_or_none(properties.get(openslide.PROPERTY_NAME_MPP_Y))
+    if mx and my:
+        if abs(mx - my) / max(mx, my) > 0.01:
+            log.warning("%s: non-square pixels (mpp-x %.4f, mpp-y %.4f); using their mean", path, mx, my)
+        return (mx + my) / 2.0, "openslide"
+    xres = _float_or_none(properties.get("tiff.XResolution"))
+    unit = (properties.get("tiff.ResolutionUnit") or "").lower()
+    if xres and unit in _UM_PER_UNIT:
+        return _UM_PER_UNIT[unit] / xres, "tiff-resolution"
+    power = _float_or_none(properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+    if power:
+        mpp = 10.0 / power
+        log.warning("%s: no mpp in the file; estimating %.3f µm/px from objective power %gx", path, mpp, power)
+        return mpp, "objective-power"
+    raise MissingMppError(
+        path,
+        "no resolution in the file (no openslide.mpp-x/y, TIFF resolution tags or objective power); "
+        "give it explicitly with --mpp-override / mpp_override",
+    )
+
+
+def slide_identity(path: Path, properties: Mapping[str, str]) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(_IDENTITY_BYTES))
+        if size > _IDENTITY_BYTES:
+            fh.seek(max(size - _IDENTITY_BYTES, _IDENTITY_BYTES))
+            h.update(fh.read(_IDENTITY_BYTES))
+    for key in sorted(properties):
+        h.update(f"{key}={properties[key]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def open_slide(path: str | Path, mpp_override: float | None = None) -> Slide:
+    """Open any format OpenSlide reads. Errors name the file and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise SlideOpenError(path, "file not found")
+    if path.is_dir():
+        raise SlideOpenError(path, "is a directory, not a slide file")
+    if path.stat().st_size == 0:
+        raise SlideOpenError(path, "file is empty")
+    try:
+        handle = openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SlideOpenError(path, "not a slide format OpenSlide can read (unsupported or not a slide)") from None
+    except openslide.OpenSlideError as exc:
+        raise SlideOpenError(path, f"OpenSlide cannot open it: {exc}") from None
+    except OSError as exc:
+        raise SlideOpenError(path, f"cannot read file: {exc}") from None
+    try:
+        mpp, source = resolve_mpp(path, handle.properties, mpp_override)
+    except MissingMppError:
+        handle.close()
+        raise
+    slide = Slide(path=path, handle=handle, mpp=mpp, mpp_source=source)
+    if not slide.mpp_plausible:
+        log.warning("%s: implausible resolution %.4g µm/px (expected %g-%g)", path, mpp, *PLAUSIBLE_MPP)
+    return slide
+
+
+_cache_lock = threading.Lock()
+_cache: dict[tuple[str, float | None, float], Slide] = {}
+
+
+def cached_slide(path: str | Path, mpp_override: float | None = None) -> Slide:
+    """One shared handle per (file, override, mtime) in this process: OpenSlide handles are
+    thread-safe and keep a tile cache, so Dask tasks on one worker reuse them."""
+    path = Path(path)
+    key = (str(path.resolve()), mpp_override, path.stat().st_mtime if path.exists() else 0.0)
+    with _cache_lock:
+        slide = _cache.get(key)
+        if slide is None:
+            slide = open_slide(path, mpp_override)
+            _cache[key] = slide
+        return slide

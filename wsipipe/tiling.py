@@ -1,0 +1,342 @@
+"""Tiling a slide into a Zarr store of patches, in parallel with Dask.
+
+The grid is pure arithmetic (:func:`plan_grid`); the I/O is one Dask task per
+Zarr chunk of ``chunk_patches`` patches. Each task reads the patches of its chunk
+with one ``read_region`` per horizontal run of neighbouring patches (not one call
+per patch, which is what dominates peers' extraction time), writes its chunk, then
+sets the chunk's done flag. Memory is bounded by (workers x chunk), never by the
+slide. A rerun skips finished chunks; the stage is marked complete last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import dask
+import numpy as np
+import zarr
+from dask.callbacks import Callback
+from PIL import Image
+
+from wsipipe import __version__, store
+from wsipipe.config import PipelineConfig
+from wsipipe.errors import NoTissueError, StoreError
+from wsipipe.slide import Slide, cached_slide, open_slide
+from wsipipe.tissue import detect_tissue, patch_tissue_fraction
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (patches done, patches total)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """Where the patches are. All ``*_l0`` values are level-0 pixels."""
+
+    slide_width: int
+    slide_height: int
+    slide_mpp: float
+    mpp: float  # actual patch resolution (µm/px) after snapping to a level
+    patch_size: int  # px at ``mpp``
+    stride: int  # px at ``mpp``
+    scale: float  # level-0 px per patch px
+    level: int  # pyramid level read from
+    level_downsample: float
+    rows: int
+    cols: int
+
+    @property
+    def patch_size_l0(self) -> float:
+        return self.patch_size * self.scale
+
+    @property
+    def stride_l0(self) -> float:
+        return self.stride * self.scale
+
+    @property
+    def needs_resize(self) -> bool:
+        return self.scale != self.level_downsample
+
+    def cell_xy(self, grid_ij: np.ndarray) -> np.ndarray:
+        """Level-0 (x, y) top-left of grid cells given as (row, col)."""
+        grid_ij = np.asarray(grid_ij, dtype=np.int64).reshape(-1, 2)
+        return np.rint(grid_ij[:, ::-1] * self.stride_l0).astype(np.int64)
+
+    def attrs(self) -> dict:
+        d = asdict(self)
+        d.update(
+            patch_size_l0=self.patch_size_l0,
+            stride_l0=self.stride_l0,
+            grid_shape=[self.rows, self.cols],
+            origin_l0=[0, 0],
+        )
+        return d
+
+
+def plan_grid(
+    width: int,
+    height: int,
+    slide_mpp: float,
+    level_downsamples: tuple[float, ...],
+    mpp: float,
+    patch_size: int,
+    stride: int,
+    tolerance: float = 0.05,
+) -> GridSpec:
+    """Grid of patches at ``mpp`` over a ``width x height`` level-0 slide.
+
+    If a pyramid level is within ``tolerance`` of the asked resolution we use it as is
+    (no resampling; the reported ``mpp`` is that level's true resolution). Otherwise we
+    read the coarsest level that is still finer than asked, and resample. The grid covers the whole slide: the last row/column may run
+    past the edge and is padded with background, so no tissue at the edge is lost."""
+    want = mpp / slide_mpp
+    scale, level = want, 0
+    for lvl, ds in enumerate(level_downsamples):
+        if abs(ds / want - 1.0) <= tolerance:
+            scale, level = float(ds), lvl
+            break
+        if ds <= want:
+            level = lvl
+    if want < 1.0 and abs(want - 1.0) > tolerance:
+        log.warning("asked for %.4g µm/px, finer than the slide's %.4g: upsampling", mpp, slide_mpp)
+    patch_l0, stride_l0 = patch_size * scale, stride * scale
+
+    def count(extent: int) -> int:
+        return 1 if extent <= patch_l0 else math.ceil((extent - patch_l0) / stride_l0) + 1
+
+    return GridSpec(
+        slide_width=width,
+        slide_height=height,
+        slide_mpp=slide_mpp,
+        mpp=slide_mpp * scale,
+        patch_size=patch_size,
+        stride=stride,
+        scale=scale,
+        level=level,
+        level_downsample=float(level_downsamples[level]),
+        rows=count(height),
+        cols=count(width),
+    )
+
+
+def select_patches(
+    spec: GridSpec, tissue_mask: np.ndarray, mask_downsample: float, min_tissue: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Grid cells whose tissue fraction is at least ``min_tissue``, in row-major order.
+
+    Returns (grid_ij (N,2) int32, coords (N,2) int64 level-0 x,y, tissue_fraction (N,) float32)."""
+    ii, jj = np.meshgrid(np.arange(spec.rows), np.arange(spec.cols), indexing="ij")
+    grid_ij = np.stack([ii.ravel(), jj.ravel()], axis=1)
+    xy = spec.cell_xy(grid_ij)
+    frac = patch_tissue_fraction(tissue_mask, mask_downsample, xy, spec.patch_size_l0)
+    keep = frac >= max(min_tissue, 1e-6)  # a patch with no tissue at all is never kept
+    return grid_ij[keep].astype(np.int32), xy[keep], frac[keep]
+
+
+def read_patches(slide: Slide, spec: GridSpec, grid_ij: np.ndarray) -> np.ndarray:
+    """Patches (N, P, P, 3) uint8 for the given grid cells (row-major order expected).
+
+    Neighbouring cells of one grid row are read with a single region read and cut
+    apart, which is pixel-identical to one ``read_region`` per patch at level 0."""
+    p = spec.patch_size
+    out = np.empty((len(grid_ij), p, p, 3), dtype=np.uint8)
+    gap = max(1, math.ceil(spec.patch_size / spec.stride))  # cells that still share pixels
+    start = 0
+    while start < len(grid_ij):
+        row = grid_ij[start, 0]
+        end = start + 1
+        while end < len(grid_ij) and grid_ij[end, 0] == row and grid_ij[end, 1] - grid_ij[end - 1, 1] <= gap:
+            end += 1
+        _read_run(slide, spec, grid_ij[start:end], out[start:end])
+        start = end
+    return out
+
+
+def _read_run(slide: Slide, spec: GridSpec, cells: np.ndarray, out: np.ndarray) -> None:
+    """One row run of patches: one read, then slicing (exact level) or resampling."""
+    p = spec.patch_size
+    row, c0, c1 = int(cells[0, 0]), int(cells[0, 1]), int(cells[-1, 1])
+    if not spec.needs_resize:
+        # Exact level: patches are integer offsets inside the level's pixel grid.
+        ds = spec.level_downsample
+        lx, ly = c0 * spec.stride, row * spec.stride
+        width = (c1 - c0) * spec.stride + p
+        x0, y0 = (int(round(lx * ds)), int(round(ly * ds))) if spec.level else (lx, ly)
+        region = slide.read_region(x0, y0, spec.level, width, p)
+        for k, col in enumerate(cells[:, 1]):
+            off = (int(col) - c0) * spec.stride
+            out[k] = region[:, off : off + p]
+        return
+    # Resampled: read the covering region once at the chosen level, crop each patch with a
+    # fractional box (from the patch's stored integer level-0 coords) and resize with an
+    # antialiasing filter.
+    ds = spec.level_downsample
+    xy = spec.cell_xy(cells)
+    edge_l0 = spec.patch_size_l0
+    lx0, ly0 = math.floor(xy[0, 0] / ds), math.floor(xy[0, 1] / ds)
+    lx1, ly1 = math.ceil((xy[-1, 0] + edge_l0) / ds), math.ceil((xy[0, 1] + edge_l0) / ds)
+    region = slide.read_region(int(round(lx0 * ds)), int(round(ly0 * ds)), spec.level, lx1 - lx0, ly1 - ly0)
+    img = Image.fromarray(region)
+    top, edge = xy[0, 1] / ds - ly0, edge_l0 / ds
+    for k in range(len(cells)):
+        left = xy[k, 0] / ds - lx0
+        out[k] = np.asarray(img.resize((p, p), Image.Resampling.LANCZOS, box=(left, top, left + edge, top + edge)))
+
+
+def _tile_chunk(
+    slide_path: str, mpp_override: float | None, spec: GridSpec, store_path: str, index: int, sl: slice
+) -> int:
+    """Dask task: read one chunk of patches and write it. Runs on any worker."""
+    slide = cached_slide(slide_path, mpp_override)
+    group = zarr.open_group(store_path, mode="r+")
+    grid_ij = group["grid_ij"][sl]
+    group["patches"][sl] = read_patches(slide, spec, grid_ij)
+    # The flag goes after the data: a chunk is never marked done before it is on disk.
+    group[f"_progress/{STAGE}"][index] = True
+    return sl.stop - sl.start
+
+
+STAGE = "tile"
+
+
+class _DaskProgress(Callback):
+    """Feeds a progress callback from Dask's local scheduler."""
+
+    def __init__(self, progress: Progress, total: int, done: int):
+        super().__init__()
+        self.progress, self.total, self.done = progress, total, done
+
+    def _posttask(self, key, result, dsk, state, id):
+        if isinstance(result, int) and not isinstance(result, bool):
+            self.done += result
+            self.progress(self.done, self.total)
+
+
+def tile_identity(slide: Slide, cfg: PipelineConfig) -> dict:
+    return {"slide": slide.identity, "config": cfg.section_hash("tissue", "tile", "mpp_override")}
+
+
+def tile_slide(
+    slide_path: str | Path,
+    store_path: str | Path,
+    cfg: PipelineConfig | None = None,
+    client=None,
+    progress: Progress | None = None,
+) -> dict:
+    """Tile one slide into ``store_path`` (a Zarr v3 group). Returns stats.
+
+    Idempotent: a complete store with the same slide and config identity is left as is;
+    an interrupted one resumes at the first unfinished chunk; one made from another slide
+    or config is rebuilt. Raises NoTissueError (after writing the store with its
+    thumbnail and zero patches) when no tissue is found."""
+    cfg = cfg or PipelineConfig()
+    t0 = time.perf_counter()
+    slide_path, store_path = Path(slide_path), Path(store_path)
+    slide = open_slide(slide_path, cfg.mpp_override)
+    identity = tile_identity(slide, cfg)
+    group = store.open_store(store_path, mode="a")
+    entry = store.stage_entry(group, STAGE)
+    if entry and entry.get("identity") == identity and entry.get("complete"):
+        stats = {"skipped": True, "n_patches": int(group["coords"].shape[0]), **_stage_stats(entry)}
+        if stats["n_patches"] == 0:
+            raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
+        return stats
+
+    resume = bool(entry and entry.get("identity") == identity and "patches" in group)
+    if resume:
+        spec = GridSpec(**{k: v for k, v in store.meta(group)["tile"].items() if k in GridSpec.__annotations__})
+        n = int(group["coords"].shape[0])
+    else:
+        group = zarr.open_group(str(store_path), mode="w")  # stale or new: start clean
+        spec, n = _plan_store(group, slide, cfg, identity)
+    chunk = cfg.tile.chunk_patches
+    slices = store.chunk_slices(n, chunk)
+    flags = store.progress_array(group, STAGE, len(slices))
+    todo = store.pending_chunks(flags) if n else []
+    done = n - sum(slices[i].stop - slices[i].start for i in todo)
+    if progress:
+        progress(done, n)
+
+    tasks = [
+        dask.delayed(_tile_chunk)(str(slide_path), cfg.mpp_override, spec, str(store_path), i, slices[i])
+        for i in todo
+    ]
+    _run_tasks(tasks, cfg, client, progress, done, n)
+
+    if n and store.pending_chunks(group[f"_progress/{STAGE}"]):
+        raise StoreError(store_path, "some chunks were not written; rerun to resume")
+    seconds = time.perf_counter() - t0
+    store.set_stage(group, STAGE, identity, True, seconds=round(seconds, 3), n_patches=n, resumed=resume)
+    if n == 0:
+        raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
+    return {"skipped": False, "n_patches": n, "seconds": seconds, "resumed": resume}
+
+
+def _stage_stats(entry: dict) -> dict:
+    return {"seconds": entry.get("seconds"), "resumed": entry.get("resumed", False)}
+
+
+def _plan_store(group: zarr.Group, slide: Slide, cfg: PipelineConfig, identity: dict) -> tuple[GridSpec, int]:
+    """Thumbnail, tissue, grid; create the arrays. Everything a resume needs is saved here."""
+    thumb, thumb_ds = slide.thumbnail(cfg.tissue.thumb_mpp)
+    tissue = detect_tissue(thumb, thumb_ds, slide.mpp, cfg.tissue)
+    w, h = slide.dimensions
+    spec = plan_grid(
+        w, h, slide.mpp, slide.level_downsamples, cfg.tile.mpp, cfg.tile.patch_size, cfg.tile.step,
+        cfg.tile.mpp_tolerance,
+    )
+    grid_ij, coords, frac = select_patches(spec, tissue.mask, tissue.downsample, cfg.tile.min_tissue)
+    n, p, chunk = len(coords), spec.patch_size, cfg.tile.chunk_patches
+    group.create_array("thumbnail", data=thumb, chunks=thumb.shape)
+    group.create_array("tissue_mask", data=tissue.mask, chunks=tissue.mask.shape)
+    group.create_array("coords", data=coords.reshape(n, 2), chunks=(max(n, 1), 2))
+    group.create_array("grid_ij", data=grid_ij.reshape(n, 2), chunks=(max(n, 1), 2))
+    group.create_array("tissue_fraction", data=frac, chunks=(max(n, 1),))
+    group.create_array(
+        "patches", shape=(n, p, p, 3), chunks=(chunk, p, p, 3), dtype="uint8", fill_value=0,
+        dimension_names=["patch", "y", "x", "channel"],
+    )
+    store.update_meta(
+        group,
+        version=__version__,
+        slide=slide.info(),
+        tile={**spec.attrs(), "thumb_downsample": thumb_ds, "min_tissue": cfg.tile.min_tissue},
+        tissue={
+            "found": tissue.found,
+            "area_mm2": tissue.area_um2 / 1e6,
+            "saturation_threshold": tissue.saturation_threshold,
+            "polygon_wkt": tissue.polygon.wkt,
+            "params": cfg.tissue.model_dump(mode="json"),
+        },
+    )
+    store.set_stage(group, STAGE, identity, False)
+    return spec, n
+
+
+def _run_tasks(tasks: list, cfg: PipelineConfig, client, progress: Progress | None, done: int, total: int) -> None:
+    if not tasks:
+        return
+    if client is None and cfg.dask.scheduler_address:
+        from distributed import Client
+
+        with Client(cfg.dask.scheduler_address) as own_client:
+            return _run_tasks(tasks, cfg, own_client, progress, done, total)
+    if client is not None:
+        from distributed import as_completed
+
+        futures = client.compute(tasks)
+        for fut in as_completed(futures):
+            done += fut.result()
+            if progress:
+                progress(done, total)
+        return
+    workers = cfg.dask.num_workers or os.cpu_count() or 1
+    with _DaskProgress(progress, total, done) if progress else contextlib.nullcontext():
+        dask.compute(*tasks, scheduler="threads", num_workers=workers)
