@@ -25,6 +25,7 @@ class _Section(BaseModel):
 class TissueConfig(_Section):
     """Tissue detection on a low-resolution thumbnail. Sizes are physical (µm, µm²)."""
 
+    detect: bool = Field(True, description="False = treat the whole slide as tissue (pre-cropped images).")
     thumb_mpp: float = Field(8.0, gt=1.0, le=128.0, description="Thumbnail resolution, µm/px.")
     min_saturation: float = Field(
         0.07, ge=0.0, le=1.0, description="Floor under the Otsu saturation threshold (glass is below it)."
@@ -45,7 +46,7 @@ class TileConfig(_Section):
     mpp: float = Field(0.5, gt=0.05, le=64.0, description="Target resolution of patches, µm/px.")
     patch_size: int = Field(224, ge=8, le=4096, description="Patch edge, pixels at the target mpp.")
     stride: int | None = Field(None, ge=1, le=4096, description="Grid step at target mpp; default = patch_size.")
-    min_tissue: float = Field(0.5, ge=0.0, le=1.0, description="Keep patches with at least this tissue fraction.")
+    min_tissue: float = Field(0.5, ge=0.0, le=1.0, description="Keep patches with at least this tissue fraction (0 = every cell).")
     mpp_tolerance: float = Field(
         0.05, ge=0.0, le=0.5, description="Relative mpp difference treated as 'same resolution' (no resize)."
     )

@@ -136,7 +136,7 @@ def select_patches(
     grid_ij = np.stack([ii.ravel(), jj.ravel()], axis=1)
     xy = spec.cell_xy(grid_ij)
     frac = patch_tissue_fraction(tissue_mask, mask_downsample, xy, spec.patch_size_l0)
-    keep = frac >= max(min_tissue, 1e-6)  # a patch with no tissue at all is never kept
+    keep = frac >= min_tissue  # min_tissue = 0 keeps every cell (whole-slide grid)
     return grid_ij[keep].astype(np.int32), xy[keep], frac[keep]
 
 
@@ -293,6 +293,8 @@ def _plan_store(group: zarr.Group, slide: Slide, cfg: PipelineConfig, identity: 
         cfg.tile.mpp_tolerance,
     )
     grid_ij, coords, frac = select_patches(spec, tissue.mask, tissue.downsample, cfg.tile.min_tissue)
+    if not tissue.found:  # even a whole-slide grid (min_tissue=0) is empty without tissue
+        grid_ij, coords, frac = grid_ij[:0], coords[:0], frac[:0]
     n, p, chunk = len(coords), spec.patch_size, cfg.tile.chunk_patches
     group.create_array("thumbnail", data=thumb, chunks=thumb.shape)
     group.create_array("tissue_mask", data=tissue.mask, chunks=tissue.mask.shape)

@@ -55,6 +55,9 @@ def detect_tissue(thumb_rgb: np.ndarray, downsample: float, slide_mpp: float, cf
     thr = max(otsu, cfg.min_saturation)
     # Very dark pixels (scanner borders, black ink) have meaningless saturation.
     mask = (sat > thr) & (grey < cfg.max_brightness) & (grey > 0.05)
+    if not cfg.detect:
+        mask = np.ones_like(mask)
+        return TissueResult(mask, downsample, mask_to_polygons(mask, scale=downsample), thr, mask.size * px_area)
     radius = int(round(cfg.closing_um / px_um))
     if radius >= 1:
         mask = morphology.closing(mask, morphology.disk(radius))

@@ -1,0 +1,166 @@
+"""wsipipe.slide on the real slide files in ../shared/data/slides (real OpenSlide, no mocks)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import openslide
+import pytest
+
+from wsipipe.errors import MissingMppError, SlideOpenError, SlideReadError
+from wsipipe.slide import composite_rgba, open_slide, resolve_mpp
+
+
+def reference_rgb(path, x, y, level, w, h):
+    """What OpenSlide itself returns, composited over white the same documented way."""
+    with openslide.OpenSlide(str(path)) as s:
+        return composite_rgba(np.asarray(s.read_region((x, y), level, (w, h))))
+
+
+def test_real_aperio_metadata(slides_dir):
+    with open_slide(slides_dir / "cmu-1-small-region.svs") as s:
+        assert s.dimensions == (2220, 2967)
+        assert s.vendor == "aperio"
+        assert s.mpp == pytest.approx(0.499)
+        assert s.mpp_source == "openslide"
+        assert s.objective_power == 20
+        assert s.level_count == 1
+        assert len(s.identity) == 16
+
+
+def test_non_integer_downsamples_are_exact(slides_dir):
+    with open_slide(slides_dir / "openslide-fixtures" / "boxes.tiff") as s:
+        assert s.level_count == 4
+        assert s.level_downsamples[2] == pytest.approx(4.016129032258064, abs=1e-12)
+        assert s.level_downsamples[3] == pytest.approx(8.086312118570184, abs=1e-12)
+        assert s.level_downsamples[2] != 4.0
+        # Resolution tags give 352.78 µm/px: read, but flagged as implausible for a scanner.
+        assert s.mpp == pytest.approx(352.7777798, rel=1e-6)
+        assert not s.mpp_plausible
+
+
+def test_missing_mpp_is_a_clear_error_and_override_wins(slides_dir):
+    path = slides_dir / "tcga-cr-7395-01a-01-ts1.svs"
+    with pytest.raises(MissingMppError) as info:
+        open_slide(path)
+    assert str(path) in str(info.value) and "mpp" in str(info.value)
+    with open_slide(path, mpp_override=0.25) as s:
+        assert s.mpp == 0.25 and s.mpp_source == "override"
+        assert s.level_count == 2 and s.level_downsamples[1] == pytest.approx(2.00050555, rel=1e-7)
+    with open_slide(slides_dir / "cmu-1-small-region.svs", mpp_override=0.3) as s:
+        assert s.mpp == 0.3  # an explicit override beats the file's own value
+
+
+def test_resolve_mpp_order(tmp_path, caplog):
+    p = tmp_path / "x.svs"
+    assert resolve_mpp(p, {"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25"}) == (0.25, "openslide")
+    mpp, src = resolve_mpp(p, {"tiff.XResolution": "40000", "tiff.ResolutionUnit": "centimeter"})
+    assert (mpp, src) == (0.25, "tiff-resolution")
+    with caplog.at_level(logging.WARNING):
+        mpp, src = resolve_mpp(p, {"openslide.objective-power": "40"})
+    assert (mpp, src) == (0.25, "objective-power")
+    assert "objective power" in caplog.text
+    assert resolve_mpp(p, {"openslide.objective-power": "40"}, override=0.5) == (0.5, "override")
+    with pytest.raises(MissingMppError):
+        resolve_mpp(p, {"openslide.objective-power": "garbage", "tiff.ResolutionUnit": "inch"})
+
+
+def test_two_file_dicom_opens(slides_dir):
+    with open_slide(slides_dir / "openslide-fixtures" / "boxes_0.dcm") as s:
+        assert s.vendor == "dicom"
+        assert s.dimensions == (16, 16)
+        assert s.mpp == pytest.approx(0.499)
+        px = s.read_region(0, 0, 0, 16, 16)
+        assert px.shape == (16, 16, 3) and px.dtype == np.uint8
+
+
+def test_identity_is_stable_and_content_sensitive(slides_dir, tmp_path):
+    src = slides_dir / "cmu-1-small-region.svs"
+    with open_slide(src) as a, open_slide(src) as b:
+        assert a.identity == b.identity
+    with open_slide(slides_dir / "openslide-fixtures" / "boxes.tiff") as c:
+        assert c.identity != a.identity
+    copy = tmp_path / "copy.svs"
+    shutil.copy(src, copy)
+    with open_slide(copy) as d:
+        assert d.identity == a.identity  # same content, other path: same slide
+    data = bytearray(copy.read_bytes())
+    data[-10] ^= 0xFF  # change a byte in the last MiB
+    copy.write_bytes(bytes(data))
+    with open_slide(copy) as e:
+        assert e.identity != a.identity
+
+
+def test_native_read_equals_openslide_including_edges(slides_dir):
+    path = slides_dir / "cmu-1-small-region.svs"
+    with open_slide(path) as s:
+        w, h = s.dimensions
+        for x, y in [(0, 0), (1000, 1500), (w - 224, h - 224), (w - 100, 50), (50, h - 100)]:
+            got = s.read_at_mpp(x, y, 224, 224, s.mpp)
+            assert np.array_equal(got, reference_rgb(path, x, y, 0, 224, 224))
+        # Past the right/bottom edge reads as background (white), not black.
+        beyond = s.read_at_mpp(w - 100, h - 100, 224, 224, s.mpp)
+        assert (beyond[150:, 150:] == 255).all()
+
+
+def test_coarser_mpp_matches_reference_resize(slides_dir):
+    from PIL import Image
+
+    path = slides_dir / "cmu-1-small-region.svs"
+    with open_slide(path) as s:
+        scale = 1.0 / s.mpp  # 1.0 µm/px
+        for x, y in [(400, 800), (1200, 2000)]:
+            got = s.read_at_mpp(x, y, 112, 112, 1.0)
+            edge = 112 * scale
+            big = reference_rgb(path, x, y, 0, int(np.ceil(edge)) + 1, int(np.ceil(edge)) + 1)
+            ref = np.asarray(Image.fromarray(big).resize((112, 112), Image.Resampling.LANCZOS, box=(0, 0, edge, edge)))
+            assert np.abs(got.astype(int) - ref).mean() < 0.5
+
+
+BAD_FILES = [
+    ("broken.svs", "not a slide format"),
+    ("openslide-fixtures/unopenable.tiff", "Unsupported TIFF compression"),
+    ("pathml-small_dicom.dcm", "image flavor"),
+    ("pathml-smalltif.tif", "not a slide format"),
+    ("kidney-48-5.tif", "not a slide format"),
+]
+
+
+@pytest.mark.parametrize("name,problem", BAD_FILES)
+def test_unopenable_files_name_file_and_problem(slides_dir, name, problem):
+    path = slides_dir / name
+    with pytest.raises(SlideOpenError) as info:
+        open_slide(path)
+    assert str(path) in str(info.value)
+    assert problem in str(info.value)
+
+
+def test_missing_empty_and_directory(tmp_path):
+    with pytest.raises(SlideOpenError, match="file not found"):
+        open_slide(tmp_path / "nope.svs")
+    (tmp_path / "empty.svs").write_bytes(b"")
+    with pytest.raises(SlideOpenError, match="empty"):
+        open_slide(tmp_path / "empty.svs")
+    (tmp_path / "dir.svs").mkdir()
+    with pytest.raises(SlideOpenError, match="directory"):
+        open_slide(tmp_path / "dir.svs")
+
+
+def test_corrupt_tile_read_fails_clearly(slides_dir):
+    path = slides_dir / "openslide-fixtures" / "unreadable.svs"
+    with open_slide(path) as s:  # opens fine
+        with pytest.raises(SlideReadError) as info:
+            s.read_region(0, 0, 0, 16, 16)
+    assert str(path) in str(info.value) and "x=0, y=0" in str(info.value)
+
+
+def test_truncated_slide_fails_clearly(slides_dir, tmp_path):
+    data = (slides_dir / "cmu-1-small-region.svs").read_bytes()
+    cut = tmp_path / "truncated.svs"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises((SlideOpenError, SlideReadError)) as info:
+        with open_slide(cut) as s:
+            s.thumbnail(8.0)
+    assert str(cut) in str(info.value)
