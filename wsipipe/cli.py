@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from wsipipe.config import PipelineConfig, load_config
@@ -67,17 +68,22 @@ def _one(stage: str, update):
     return lambda done, total: update(stage, done, total)
 
 
+def _error_line(prefix: str, message, style: str = "red") -> None:
+    """One line on stderr; the message is plain text (file names may contain brackets)."""
+    err.print(Text.assemble((prefix, style), str(message)), soft_wrap=True, highlight=False)
+
+
 def main() -> None:
     """Entry point: run the app, turning known errors into one line and an exit code."""
     try:
         app(standalone_mode=False)
     except NoTissueError as exc:
-        err.print(f"[yellow]wsipipe: {exc}[/]", highlight=False)
+        _error_line("wsipipe: ", exc, "yellow")
         sys.exit(EXIT_NO_TISSUE)
     except WsipipeError as exc:
         if _state["debug"]:
             raise
-        err.print(f"[red]wsipipe error:[/] {exc}", highlight=False, soft_wrap=True)
+        _error_line("wsipipe error: ", exc)
         sys.exit(EXIT_ERROR)
     except (typer.Abort, KeyboardInterrupt):
         err.print("wsipipe: interrupted")
@@ -92,7 +98,7 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if _state["debug"]:
             raise
-        err.print(f"[red]wsipipe: unexpected {type(exc).__name__}:[/] {exc} (rerun with --debug for the traceback)")
+        _error_line(f"wsipipe: unexpected {type(exc).__name__}: ", f"{exc} (rerun with --debug for the traceback)")
         sys.exit(1)
 
 
@@ -118,10 +124,10 @@ def synth(
 def tile(
     slide: Path = typer.Argument(..., help="Slide file (any format OpenSlide reads)."),
     out: Path = typer.Option(..., "--out", "-o", help="Zarr store to write (e.g. slide.zarr)."),
-    mpp: Optional[float] = typer.Option(None, help="Target resolution of patches, µm/px [default 0.5]."),
-    patch_size: Optional[int] = typer.Option(None, help="Patch edge in px at the target mpp [default 224]."),
-    stride: Optional[int] = typer.Option(None, help="Grid step in px at the target mpp [default = patch size]."),
-    min_tissue: Optional[float] = typer.Option(None, help="Minimum tissue fraction to keep a patch [default 0.5]."),
+    mpp: Optional[float] = typer.Option(None, help="Target resolution of patches, µm/px (default 0.5)."),
+    patch_size: Optional[int] = typer.Option(None, help="Patch edge in px at the target mpp (default 224)."),
+    stride: Optional[int] = typer.Option(None, help="Grid step in px at the target mpp (default = patch size)."),
+    min_tissue: Optional[float] = typer.Option(None, help="Minimum tissue fraction to keep a patch (default 0.5)."),
     mpp_override: Optional[float] = typer.Option(None, help="Use this level-0 mpp instead of the file's."),
     scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler."),
     config: Optional[Path] = ConfigOpt,
@@ -143,9 +149,9 @@ def tile(
 def infer(
     store_path: Path = typer.Argument(..., metavar="STORE.zarr", help="Store written by `wsipipe tile`."),
     model: Path = typer.Option(..., "--model", "-m", help="Weights file (.safetensors or .pt state dict)."),
-    arch: Optional[str] = typer.Option(None, help="torchvision architecture [default resnet18 / from the file]."),
-    batch_size: Optional[int] = typer.Option(None, help="Patches per batch [default 64]."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N [default auto]."),
+    arch: Optional[str] = typer.Option(None, help="torchvision architecture (default resnet18 / from the file)."),
+    batch_size: Optional[int] = typer.Option(None, help="Patches per batch (default 64)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (default auto)."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Classify every patch of a store; writes `probabilities` into it."""
@@ -163,7 +169,7 @@ def infer(
 def stitch(
     store_path: Path = typer.Argument(..., metavar="STORE.zarr", help="Store with probabilities."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for heatmap, tumor mask, GeoJSON, summary."),
-    threshold: Optional[float] = typer.Option(None, help="Tumor probability threshold [default 0.5]."),
+    threshold: Optional[float] = typer.Option(None, help="Tumor probability threshold (default 0.5)."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Heatmap, tumor mask (PNG + QuPath GeoJSON) and summary.json from a classified store."""
@@ -179,9 +185,9 @@ def stitch(
 @app.command()
 def run(
     slides: list[Path] = typer.Argument(..., help="One or more slide files."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Weights file [default model.weights]."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Weights file (default model.weights)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (one sub-folder per slide)."),
-    mpp: Optional[float] = typer.Option(None, help="Target resolution of patches, µm/px [default 0.5]."),
+    mpp: Optional[float] = typer.Option(None, help="Target resolution of patches, µm/px (default 0.5)."),
     mpp_override: Optional[float] = typer.Option(None, help="Use this level-0 mpp instead of the files'."),
     scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler."),
     config: Optional[Path] = ConfigOpt,
@@ -202,7 +208,7 @@ def run(
             if len(slides) == 1:
                 raise
             failed += 1
-            err.print(f"[red]failed:[/] {exc}", highlight=False, soft_wrap=True)
+            _error_line("failed: ", exc)
     if failed:
         err.print(f"[red]{failed} of {len(slides)} slides failed[/]")
         raise typer.Exit(EXIT_ERROR)

@@ -60,7 +60,10 @@ def detect_tissue(thumb_rgb: np.ndarray, downsample: float, slide_mpp: float, cf
         return TissueResult(mask, downsample, mask_to_polygons(mask, scale=downsample), thr, mask.size * px_area)
     radius = int(round(cfg.closing_um / px_um))
     if radius >= 1:
-        mask = morphology.closing(mask, morphology.disk(radius))
+        # Pad with background first: closing treats the image border as foreground and
+        # would otherwise glue tissue to the slide edge.
+        padded = np.pad(mask, radius + 1)
+        mask = morphology.closing(padded, morphology.disk(radius))[radius + 1 : -radius - 1, radius + 1 : -radius - 1]
     hole_px = int(cfg.max_hole_um2 / px_area)
     if hole_px >= 1:
         mask = morphology.remove_small_holes(mask, max_size=hole_px)
