@@ -298,9 +298,10 @@ def _plan_store(group: zarr.Group, slide: Slide, cfg: PipelineConfig, identity: 
     n, p, chunk = len(coords), spec.patch_size, cfg.tile.chunk_patches
     group.create_array("thumbnail", data=thumb, chunks=thumb.shape)
     group.create_array("tissue_mask", data=tissue.mask, chunks=tissue.mask.shape)
-    group.create_array("coords", data=coords.reshape(n, 2), chunks=(max(n, 1), 2))
-    group.create_array("grid_ij", data=grid_ij.reshape(n, 2), chunks=(max(n, 1), 2))
-    group.create_array("tissue_fraction", data=frac, chunks=(max(n, 1),))
+    rows = max(1, min(n, 1 << 16))  # readers stream these in slices; keep chunks modest
+    group.create_array("coords", data=coords.reshape(n, 2), chunks=(rows, 2))
+    group.create_array("grid_ij", data=grid_ij.reshape(n, 2), chunks=(rows, 2))
+    group.create_array("tissue_fraction", data=frac, chunks=(rows,))
     group.create_array(
         "patches", shape=(n, p, p, 3), chunks=(chunk, p, p, 3), dtype="uint8", fill_value=0,
         dimension_names=["patch", "y", "x", "channel"],

@@ -1,0 +1,581 @@
+"""Stitching patch probabilities back into slide space: heatmap, tumor mask, polygons, score.
+
+The heatmap lives on the tiling grid: cell (row i, col j) is the level-0 square
+``[ox + j*s, ox + (j+1)*s) x [oy + i*s, oy + (i+1)*s)`` with ``s = stride_l0`` and
+``(ox, oy) = origin_l0``. A patch whose top-left cell is (i, j) covers the
+``r x r`` cells from (i, j), with ``r = cells_per_patch = round(patch_size / stride)``,
+so with overlapping patches (stride < patch) a cell's value is the mean of every
+patch that covers it. The heatmap therefore has ``r - 1`` more rows and columns than
+the tiling grid: the last patches' far edges are real tissue, not to be dropped.
+When ``patch_size / stride`` is not an integer the footprint is rounded to whole cells.
+
+Everything except :func:`stitch_store` is pure (arrays in, arrays/polygons out).
+:func:`stitch_store` reads the store chunk by chunk, so its memory is bounded by the
+grid and one chunk, never by the number of patches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, box
+from skimage import morphology
+
+from wsipipe import __version__, store
+from wsipipe.config import StitchConfig
+from wsipipe.errors import NoTissueError, StoreError
+from wsipipe.export import write_atomic, write_geojson
+from wsipipe.geometry import as_multipolygon, mask_to_polygons
+
+log = logging.getLogger(__name__)
+
+STAGE = "stitch"
+Progress = Callable[[int, int], None]  # (patches done, patches total)
+
+# Patches read per step: ~1 MiB of grid_ij + probabilities, far below the grid itself.
+CHUNK_PATCHES = 1 << 16
+
+OUTPUT_FILES = {
+    "heatmap": "heatmap.npy",
+    "heatmap_png": "heatmap.png",
+    "tumor_mask_png": "tumor_mask.png",
+    "tumor_geojson": "tumor.geojson",
+    "summary": "summary.json",
+}
+
+
+# --------------------------------------------------------------------------- heatmap
+
+
+def cells_per_patch(patch_size: float, stride: float) -> int:
+    """Grid cells a patch spans along each axis: 1 without overlap, 2 at half stride."""
+    return max(1, int(round(patch_size / stride)))
+
+
+def heatmap_shape(grid_shape: tuple[int, int], cells_per_patch: int = 1) -> tuple[int, int]:
+    """Heatmap (rows, cols): the tiling grid plus the cells the last patches reach into."""
+    rows, cols = (int(v) for v in grid_shape)
+    return rows + cells_per_patch - 1, cols + cells_per_patch - 1
+
+
+@dataclass
+class HeatmapAccumulator:
+    """Running sum and count per heatmap cell; feed it patches chunk by chunk.
+
+    Its memory is two grid-sized arrays whatever the number of patches.
+    """
+
+    grid_shape: tuple[int, int]
+    cells_per_patch: int = 1
+    total: np.ndarray = field(init=False, repr=False)
+    count: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        r = int(self.cells_per_patch)
+        # uint16 counts hold up to r*r covering patches per cell; refuse footprints that could wrap.
+        if not 1 <= r <= 255:
+            raise ValueError(f"cells_per_patch must be 1..255, got {self.cells_per_patch}")
+        self.cells_per_patch = r
+        self.grid_shape = (int(self.grid_shape[0]), int(self.grid_shape[1]))
+        shape = heatmap_shape(self.grid_shape, r)
+        self.total = np.zeros(shape, dtype=np.float32)
+        self.count = np.zeros(shape, dtype=np.uint16)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.total.shape
+
+    def add(self, grid_ij: np.ndarray, probs: np.ndarray) -> None:
+        """Add patches: ``grid_ij`` (n, 2) (row, col) of each patch's top-left cell, ``probs`` (n,)."""
+        grid_ij = np.asarray(grid_ij).reshape(-1, 2)
+        probs = np.asarray(probs, dtype=np.float32).reshape(-1)
+        if len(grid_ij) != len(probs):
+            raise ValueError(f"{len(grid_ij)} grid positions but {len(probs)} probabilities")
+        if not len(probs):
+            return
+        rows, cols = grid_ij[:, 0].astype(np.int64), grid_ij[:, 1].astype(np.int64)
+        if rows.min() < 0 or cols.min() < 0 or rows.max() >= self.grid_shape[0] or cols.max() >= self.grid_shape[1]:
+            raise ValueError(
+                f"grid_ij outside the grid {list(self.grid_shape)}: rows {rows.min()}..{rows.max()}, "
+                f"cols {cols.min()}..{cols.max()}"
+            )
+        width = self.shape[1]
+        # Flat views: np.add.at on 1-D indices handles repeated cells (overlaps) correctly.
+        total, count = self.total.reshape(-1), self.count.reshape(-1)
+        for di in range(self.cells_per_patch):
+            for dj in range(self.cells_per_patch):
+                flat = (rows + di) * width + (cols + dj)
+                np.add.at(total, flat, probs)
+                np.add.at(count, flat, 1)
+
+    def result(self) -> np.ndarray:
+        """Mean probability per cell (float32); NaN where no patch covers the cell."""
+        out = np.full(self.shape, np.nan, dtype=np.float32)
+        covered = self.count > 0
+        out[covered] = self.total[covered] / self.count[covered]
+        return out
+
+
+def stitch_heatmap(
+    grid_ij: np.ndarray, probs: np.ndarray, grid_shape: tuple[int, int], cells_per_patch: int = 1
+) -> np.ndarray:
+    """Heatmap of :func:`heatmap_shape` from all patches at once (see :class:`HeatmapAccumulator`)."""
+    acc = HeatmapAccumulator(grid_shape, cells_per_patch)
+    acc.add(grid_ij, probs)
+    return acc.result()
+
+
+# --------------------------------------------------------------------------- mask, polygons
+
+
+def tumor_mask(
+    heatmap: np.ndarray, threshold: float, min_area_cells: int = 0, fill_holes_cells: int = 0
+) -> np.ndarray:
+    """Cells with probability >= ``threshold`` (NaN = no tissue = not tumor), cleaned up.
+
+    Regions of fewer than ``min_area_cells`` cells are dropped and holes of fewer than
+    ``fill_holes_cells`` cells are filled. Both use 4-connectivity, the same notion of a
+    region as the polygons (cells touching only at a corner become separate polygons),
+    so every polygon that survives has at least ``min_area_cells`` cells.
+    """
+    heatmap = np.asarray(heatmap, dtype=np.float32)
+    if heatmap.ndim != 2:
+        raise ValueError(f"heatmap must be 2-D, got shape {heatmap.shape}")
+    mask = np.where(np.isnan(heatmap), -np.inf, heatmap) >= threshold
+    # Specks first, so a dropped speck inside a hole cannot keep that hole open.
+    if min_area_cells > 1:
+        mask = morphology.remove_small_objects(mask, max_size=int(min_area_cells) - 1, connectivity=1)
+    if fill_holes_cells > 1:
+        mask = morphology.remove_small_holes(mask, max_size=int(fill_holes_cells) - 1, connectivity=1)
+    return mask
+
+
+def tumor_polygons(
+    mask: np.ndarray,
+    stride_l0: float,
+    origin_l0: tuple[float, float] = (0.0, 0.0),
+    bounds: tuple[float, float] | None = None,
+) -> MultiPolygon:
+    """Tumor cells as level-0 (x, y) polygons, exact on the cell grid.
+
+    ``bounds`` = level-0 (width, height) clips to the slide: the last grid row and
+    column may run past the slide's edge, and that padding is not tumor area.
+    """
+    polys = mask_to_polygons(mask, scale=float(stride_l0), offset=(float(origin_l0[0]), float(origin_l0[1])))
+    if bounds is not None and not polys.is_empty:
+        polys = as_multipolygon(shapely.intersection(polys, box(0, 0, float(bounds[0]), float(bounds[1]))))
+    return polys
+
+
+def grid_to_thumbnail(
+    grid: np.ndarray,
+    thumb_shape: tuple[int, int],
+    thumb_downsample: float,
+    cell_l0: float,
+    origin_l0: tuple[float, float] = (0.0, 0.0),
+    fill: Any = 0,
+) -> np.ndarray:
+    """Resample a grid onto the thumbnail's pixels (nearest cell to each pixel centre).
+
+    Thumbnail pixel (i, j) covers level-0 ``[j*ds, (j+1)*ds) x [i*ds, (i+1)*ds)``; pixels
+    whose centre falls outside the grid get ``fill``.
+    """
+    grid = np.asarray(grid)
+    th, tw = int(thumb_shape[0]), int(thumb_shape[1])
+
+    def index(n_px: int, origin: float, n_cells: int) -> tuple[np.ndarray, np.ndarray]:
+        centre_l0 = (np.arange(n_px) + 0.5) * thumb_downsample
+        idx = np.floor((centre_l0 - origin) / cell_l0).astype(np.int64)
+        inside = (idx >= 0) & (idx < n_cells)
+        return np.clip(idx, 0, max(n_cells - 1, 0)), inside
+
+    rows, rows_in = index(th, float(origin_l0[1]), grid.shape[0])
+    cols, cols_in = index(tw, float(origin_l0[0]), grid.shape[1])
+    out = grid[np.ix_(rows, cols)]
+    out[~rows_in, :] = fill
+    out[:, ~cols_in] = fill
+    return out
+
+
+# --------------------------------------------------------------------------- slide score
+
+
+@dataclass
+class ScoreAccumulator:
+    """Streaming slide score: count, sum, and the ``top_k`` largest probabilities."""
+
+    top_k: int
+    n: int = 0
+    total: float = 0.0
+    top: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float32), repr=False)
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+    def add(self, probs: np.ndarray) -> None:
+        probs = np.asarray(probs, dtype=np.float32).reshape(-1)
+        if not len(probs):
+            return
+        self.n += len(probs)
+        self.total += float(probs.sum(dtype=np.float64))
+        top = np.concatenate([self.top, probs])
+        if len(top) > self.top_k:
+            top = np.partition(top, len(top) - self.top_k)[-self.top_k :]
+        self.top = top
+
+    def result(self) -> dict[str, Any]:
+        if self.n == 0:
+            # No patches: no score. None, not 0.0, so nobody reads "certainly normal".
+            return {"n": 0, "k": 0, "max": None, "top_k_mean": None, "mean": None}
+        return {
+            "n": self.n,
+            "k": len(self.top),
+            "max": float(self.top.max()),
+            "top_k_mean": float(self.top.astype(np.float64).mean()),
+            "mean": self.total / self.n,
+        }
+
+
+def slide_score(probs: np.ndarray, top_k: int) -> dict[str, Any]:
+    """``{"n", "k", "max", "top_k_mean", "mean"}`` of patch probabilities.
+
+    ``k = min(top_k, n)``; with no patches every score is None.
+    """
+    probs = np.asarray(probs)
+    if probs.ndim != 1:
+        raise ValueError(f"probs must be 1-D (one tumor probability per patch), got shape {probs.shape}")
+    acc = ScoreAccumulator(top_k)
+    acc.add(probs)
+    return acc.result()
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render_heatmap_png(
+    thumbnail: np.ndarray,
+    thumb_downsample: float,
+    heatmap: np.ndarray,
+    stride_l0: float,
+    origin_l0: tuple[float, float],
+    polygons: MultiPolygon,
+    threshold: float,
+    slide_mpp: float | None = None,
+    title: str = "",
+) -> bytes:
+    """The heatmap over the thumbnail (no-tissue cells transparent), tumor outlines, colour bar."""
+    # Object API, no pyplot: no global figure state, no backend switch, safe in worker threads.
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    th, tw = thumbnail.shape[:2]
+    ds = float(thumb_downsample)
+    ox, oy = float(origin_l0[0]), float(origin_l0[1])
+    cmap = colormaps["turbo"].with_extremes(bad=(0, 0, 0, 0))
+    norm = Normalize(0.0, 1.0)
+
+    # ~88% of the width is image (the rest colour bar); + room for the title. Clamped so a
+    # very long or very tall slide still gives a readable page.
+    width_in = 10.0
+    height_in = min(max(width_in * 0.88 * th / max(tw, 1) + 0.4, 3.0), 14.0)
+    fig = Figure(figsize=(width_in, height_in), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    # Everything is drawn in thumbnail-pixel units (level-0 / ds), so the images and the
+    # level-0 polygons line up by construction.
+    ax.imshow(thumbnail, extent=(0, tw, th, 0), interpolation="antialiased")
+    rows, cols = heatmap.shape
+    ax.imshow(
+        np.ma.masked_invalid(heatmap),
+        cmap=cmap,
+        norm=norm,
+        alpha=0.5,
+        interpolation="nearest",
+        extent=(ox / ds, (ox + cols * stride_l0) / ds, (oy + rows * stride_l0) / ds, oy / ds),
+    )
+    for poly in polygons.geoms:
+        for ring in (poly.exterior, *poly.interiors):
+            xy = np.asarray(ring.coords) / ds
+            ax.plot(xy[:, 0], xy[:, 1], color="white", linewidth=1.6)
+            ax.plot(xy[:, 0], xy[:, 1], color="black", linewidth=0.6)
+    ax.set_xlim(0, tw)
+    ax.set_ylim(th, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=10)
+    if polygons.geoms:
+        ax.legend(
+            handles=[Line2D([], [], color="white", linewidth=1.6)],
+            labels=[f"tumor (p ≥ {threshold:g})"],
+            loc="lower right", fontsize=8, facecolor="0.3", labelcolor="white", framealpha=0.8,
+        )
+    if slide_mpp:
+        _scale_bar(ax, tw, th, ds * slide_mpp)
+    # A colour bar of the opaque colormap: the overlay's blend depends on the tissue under it.
+    cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.04, pad=0.02)
+    cbar.set_label("tumor probability")
+    cbar.ax.axhline(threshold, color="white", linewidth=2)
+    cbar.ax.axhline(threshold, color="black", linewidth=0.8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _scale_bar(ax, tw: int, th: int, um_per_px: float) -> None:
+    """A round-length scale bar (about a fifth of the width) in the lower-left corner."""
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    width_mm = tw * um_per_px / 1000.0
+    nice = [0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50]
+    length_mm = max([v for v in nice if v <= width_mm / 5] or [nice[0]])
+    label = f"{length_mm:g} mm" if length_mm >= 1 else f"{length_mm * 1000:g} µm"
+    bar = AnchoredSizeBar(
+        ax.transData, length_mm * 1000.0 / um_per_px, label, "lower left",
+        pad=0.4, color="black", frameon=True, size_vertical=max(th / 150, 1), fontproperties={"size": 8},
+    )
+    bar.patch.set_alpha(0.7)
+    ax.add_artist(bar)
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """Binary mask as an 8-bit greyscale PNG: white = tumor."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- store level
+
+
+def stitch_identity(group, cfg: StitchConfig) -> dict[str, Any]:
+    """What the stitch outputs depend on: the inference outputs and the stitch settings."""
+    infer = store.stage_entry(group, "infer") or {}
+    return {"infer": infer.get("identity"), "stitch_config": cfg.model_dump(mode="json")}
+
+
+def _identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _existing_summary(out_dir: Path, identity_hash: str) -> dict | None:
+    """The previous summary when every output is there and was made from the same inputs."""
+    if not all((out_dir / name).is_file() for name in OUTPUT_FILES.values()):
+        return None
+    try:
+        summary = json.loads((out_dir / OUTPUT_FILES["summary"]).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(summary, dict) or summary.get("provenance", {}).get("stitch_identity") != identity_hash:
+        return None  # outputs of another store or older settings in the same folder
+    return summary
+
+
+def _tumor_column(probs: np.ndarray, class_index: int, store_path: Path) -> np.ndarray:
+    if probs.ndim == 1:
+        return probs
+    n_classes = probs.shape[1]
+    if not -n_classes <= class_index < n_classes:
+        raise StoreError(
+            store_path, f"stitch.class_index={class_index} but probabilities have {n_classes} classes"
+        )
+    return probs[:, class_index]
+
+
+def stitch_store(
+    store_path: str | Path,
+    out_dir: str | Path,
+    cfg: StitchConfig,
+    progress: Progress | None = None,
+    *,
+    chunk_patches: int = CHUNK_PATCHES,
+) -> dict:
+    """Heatmap, tumor mask, QuPath GeoJSON and summary.json from a classified store.
+
+    Needs the ``tile`` and ``infer`` stages complete. Writes into ``out_dir`` only after
+    everything is computed (each file via a temporary name; summary.json last), then marks
+    the ``stitch`` stage complete. A rerun with the same inputs and all outputs present
+    returns the existing summary without recomputing. Returns the summary dict.
+    """
+    t0 = time.perf_counter()
+    store_path, out_dir = Path(store_path), Path(out_dir)
+    group = store.open_store(store_path, mode="r+")
+    store.require_complete(group, "tile", store_path)
+    store.require_complete(group, "infer", store_path)
+    identity = stitch_identity(group, cfg)
+    identity_hash = _identity_hash(identity)
+    if store.is_complete(group, STAGE, identity):
+        existing = _existing_summary(out_dir, identity_hash)
+        if existing is not None:
+            log.info("%s: stitch outputs up to date in %s", store_path, out_dir)
+            return existing
+
+    meta = store.meta(group)
+    tile, slide = meta.get("tile") or {}, meta.get("slide") or {}
+    for name in ("grid_ij", "probabilities", "thumbnail"):
+        if name not in group:
+            raise StoreError(store_path, f"array '{name}' is missing; rerun the stage that writes it")
+    try:
+        grid_shape = (int(tile["grid_shape"][0]), int(tile["grid_shape"][1]))
+        stride_l0 = float(tile["stride_l0"])
+        r = cells_per_patch(tile["patch_size"], tile["stride"])
+        thumb_ds = float(tile["thumb_downsample"])
+    except (KeyError, TypeError, IndexError) as exc:
+        raise StoreError(store_path, f"tile attrs incomplete ({exc!r}); rerun `wsipipe tile`") from None
+    origin = tuple(float(v) for v in tile.get("origin_l0", (0, 0)))
+    slide_mpp = float(tile.get("slide_mpp") or slide.get("mpp") or 0.0)
+    if slide_mpp <= 0:
+        raise StoreError(store_path, "no slide mpp in the store attrs; cannot convert areas to µm²")
+
+    grid_arr, prob_arr = group["grid_ij"], group["probabilities"]
+    n = int(grid_arr.shape[0])
+    if prob_arr.shape[0] != n:
+        raise StoreError(store_path, f"{n} patches but {prob_arr.shape[0]} probabilities; rerun `wsipipe infer`")
+    if n == 0:
+        raise NoTissueError(store_path, "the store has no patches (no tissue was tiled); nothing to stitch")
+
+    # Chunk-aligned reads: a whole number of the probabilities' own Zarr chunks per step.
+    step = max(1, int(prob_arr.chunks[0]))
+    step *= max(1, chunk_patches // step)
+    heat = HeatmapAccumulator(grid_shape, r)
+    score = ScoreAccumulator(cfg.top_k)
+    n_tumor_patches = 0
+    for sl in store.chunk_slices(n, step):
+        ij = np.asarray(grid_arr[sl])
+        p = _tumor_column(np.asarray(prob_arr[sl], dtype=np.float32), cfg.class_index, store_path)
+        if not np.isfinite(p).all() or p.min() < 0.0 or p.max() > 1.0:
+            raise StoreError(
+                store_path,
+                f"probabilities of patches {sl.start}..{sl.stop - 1} are not all in [0, 1] "
+                f"(min {np.nanmin(p):.4g}, max {np.nanmax(p):.4g}, NaN/inf present: {not np.isfinite(p).all()}); "
+                "were logits stored instead of probabilities?",
+            )
+        try:
+            heat.add(ij, p)
+        except ValueError as exc:
+            raise StoreError(store_path, f"inconsistent grid_ij: {exc}") from None
+        score.add(p)
+        n_tumor_patches += int(np.count_nonzero(p >= cfg.threshold))
+        if progress:
+            progress(sl.stop, n)
+    heatmap = heat.result()
+
+    # Physical sizes -> cells. The ceil is nudged so an exact multiple is not rounded up by float noise.
+    cell_area_um2 = (stride_l0 * slide_mpp) ** 2
+    min_cells = math.ceil(cfg.min_tumor_area_um2 / cell_area_um2 - 1e-9) if cfg.min_tumor_area_um2 > 0 else 0
+    # Holes below the same size are treated like specks: noise inside a tumor region.
+    mask = tumor_mask(heatmap, cfg.threshold, min_area_cells=min_cells, fill_holes_cells=min_cells)
+    width, height = slide.get("width"), slide.get("height")
+    bounds = (float(width), float(height)) if width and height else None
+    polygons = tumor_polygons(mask, stride_l0, origin, bounds=bounds)
+    tumor_area_mm2 = polygons.area * slide_mpp**2 / 1e6
+    scores = score.result()
+    decision = "tumor" if scores["top_k_mean"] >= cfg.threshold else "normal"
+
+    thumbnail = np.asarray(group["thumbnail"][...])
+    stages = meta.get("stages", {})
+    infer_entry = stages.get("infer", {})
+    model = dict(infer_entry.get("model") or {})
+    title = (
+        f"{slide.get('name') or Path(str(slide.get('path', store_path))).name}: {decision} "
+        f"(top-{scores['k']} mean {scores['top_k_mean']:.3f}, max {scores['max']:.3f}; "
+        f"tumor {tumor_area_mm2:.3g} mm²)"
+    )
+    heatmap_png = render_heatmap_png(
+        thumbnail, thumb_ds, heatmap, stride_l0, origin, polygons, cfg.threshold, slide_mpp, title
+    )
+    mask_thumb = grid_to_thumbnail(mask, thumbnail.shape[:2], thumb_ds, stride_l0, origin, fill=False)
+
+    config_hash = {
+        stage: entry.get("identity", {}).get("config")
+        for stage, entry in stages.items()
+        if isinstance(entry.get("identity"), dict) and entry["identity"].get("config")
+    }
+    config_hash[STAGE] = _identity_hash(identity["stitch_config"])
+    geojson_props = {
+        "name": "Tumor",
+        # QuPath keeps string key/values under "metadata" with the annotation.
+        "metadata": {
+            "wsipipe_version": __version__,
+            "slide_identity": str(slide.get("identity", "")),
+            "model_sha256": str(model.get("sha256", "")),
+            "threshold": f"{cfg.threshold:g}",
+        },
+    }
+
+    # Everything is computed: now write, each file atomically, summary.json last.
+    store.set_stage(group, STAGE, identity, False)
+    files = dict(OUTPUT_FILES)
+    write_atomic(out_dir / files["heatmap"], _npy_bytes(heatmap))
+    write_atomic(out_dir / files["heatmap_png"], heatmap_png)
+    write_atomic(out_dir / files["tumor_mask_png"], mask_png(mask_thumb))
+    write_geojson(out_dir / files["tumor_geojson"], {"Tumor": polygons}, properties=geojson_props)
+    seconds = time.perf_counter() - t0
+    summary = {
+        "version": __version__,
+        "slide": {
+            "name": slide.get("name"),
+            "path": slide.get("path"),
+            "identity": slide.get("identity"),
+            "width": width,
+            "height": height,
+            "mpp": slide_mpp,
+        },
+        "store": str(store_path),
+        "provenance": {
+            "config_hash": config_hash,
+            "model": {"sha256": model.get("sha256"), "arch": model.get("arch")},
+            "stitch_identity": identity_hash,
+        },
+        "config": identity["stitch_config"],
+        "n_patches": n,
+        "n_tumor_patches": n_tumor_patches,
+        "threshold": cfg.threshold,
+        "slide_score": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()},
+        "decision": decision,
+        "tumor_area_mm2": round(tumor_area_mm2, 6),
+        "n_tumor_regions": len(polygons.geoms),
+        "heatmap": {
+            "shape": list(heatmap.shape),
+            "cell_size_l0": stride_l0,
+            "cell_size_um": stride_l0 * slide_mpp,
+            "origin_l0": list(origin),
+            "cells_per_patch": r,
+            "min_tumor_area_cells": min_cells,
+        },
+        "seconds": {
+            "tile": stages.get("tile", {}).get("seconds"),
+            "infer": infer_entry.get("seconds"),
+            STAGE: round(seconds, 3),
+        },
+        "files": files,
+    }
+    write_atomic(out_dir / files["summary"], json.dumps(summary, indent=2))
+    store.set_stage(
+        group, STAGE, identity, True, seconds=round(seconds, 3), out_dir=str(out_dir),
+        n_tumor_regions=summary["n_tumor_regions"],
+    )
+    return summary
