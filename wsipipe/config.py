@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wsipipe.errors import ConfigError
 
@@ -58,17 +58,19 @@ class TileConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: str = Field("resnet18", description="torchvision architecture name.")
-    num_classes: int = Field(1, ge=1, le=1000, description="1 = binary (one logit, sigmoid); k>1 = softmax.")
+    """Which classifier. arch / num_classes default to what the weights file records."""
+
+    arch: str | None = Field(
+        None, pattern=r"^[a-z][a-z0-9_]*$", description="torchvision architecture (default: from the weights, else resnet18)."
+    )
+    num_classes: int | None = Field(None, ge=1, le=1000, description="1 = binary (one logit, sigmoid); k>1 = softmax.")
     weights: Path | None = Field(None, description="Local weights file (.safetensors or .pt state dict).")
+    # The name is checked against torchvision when the model is built (first thing in a
+    # run), not here: importing torchvision costs seconds that `wsipipe tile` doesn't need.
 
-    @model_validator(mode="after")
-    def _known_arch(self) -> "ModelConfig":
-        from wsipipe.model import available_architectures  # local: keep config import-light
-
-        if self.arch not in available_architectures():
-            raise ValueError(f"unknown architecture {self.arch!r}")
-        return self
+    @property
+    def arch_for_training(self) -> str:
+        return self.arch or "resnet18"
 
 
 class InferenceConfig(_Section):

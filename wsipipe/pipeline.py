@@ -59,6 +59,8 @@ def run_slide(
     weights = Path(model_path) if model_path else cfg.model.weights
     if weights is None:
         raise ConfigError(None, "model.weights: no model weights given (use --model WEIGHTS or model.weights)")
+    # Fail fast on bad weights or architecture, before any tiling work.
+    model, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
     with open_slide(slide_path, cfg.mpp_override) as slide:
         name = slide_output_name(slide_path, slide.identity)
     slide_dir = Path(out_dir) / name
@@ -69,7 +71,6 @@ def run_slide(
 
     t0 = time.perf_counter()
     tile_slide(slide_path, store_path, cfg, client=client, progress=stage("tile"))
-    model, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
     infer_store(store_path, model, info, cfg.inference, progress=stage("infer"))
     summary = stitch_store(store_path, slide_dir, cfg.stitch, progress=stage("stitch"))
     log.info("%s: done in %.1f s -> %s", slide_path.name, time.perf_counter() - t0, slide_dir)
@@ -113,11 +114,12 @@ def train_demo_model(
     keep = np.flatnonzero(labels >= 0)
     patches = group["patches"].get_orthogonal_selection((keep,))
     model = fit_classifier(
-        patches, labels[keep], arch=cfg.model.arch, num_classes=cfg.model.num_classes, epochs=epochs,
+        patches, labels[keep], arch=cfg.model.arch_for_training, num_classes=cfg.model.num_classes or 1, epochs=epochs,
         progress=(lambda d, n: progress("train", d, n)) if progress else None,
     )
-    weights = work_dir / f"demo-{cfg.model.arch}.safetensors"
-    save_weights(model, weights, cfg.model.arch, cfg.model.num_classes, {"trained_on": slide_path.name})
+    arch = cfg.model.arch_for_training
+    weights = work_dir / f"demo-{arch}.safetensors"
+    save_weights(model, weights, arch, cfg.model.num_classes or 1, {"trained_on": slide_path.name})
     return weights
 
 
@@ -131,7 +133,7 @@ def run_demo(out_dir: str | Path, cfg: PipelineConfig, progress: StageProgress |
     width, height = size
     train = write_synthetic_slide(slides / "demo-train.svs", width, height, mpp=0.5, seed=1)
     test = write_synthetic_slide(slides / "demo-test.svs", width, height, mpp=0.5, seed=2)
-    weights = out_dir / "model" / f"demo-{cfg.model.arch}.safetensors"
+    weights = out_dir / "model" / f"demo-{cfg.model.arch_for_training}.safetensors"
     if not weights.exists():
         (out_dir / "model").mkdir(parents=True, exist_ok=True)
         weights = train_demo_model(train.path, train.geojson_path, out_dir / "model", cfg, progress=progress)
