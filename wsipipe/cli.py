@@ -23,7 +23,7 @@ from wsipipe.errors import NoTissueError, WsipipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Whole-slide image pipeline.")
 err = Console(stderr=True)
-out = Console()
+console = Console()
 _state = {"debug": False, "config": None}
 
 EXIT_ERROR = 2
@@ -234,12 +234,12 @@ def demo(
         "tumor annotations (QuPath)": result.out_dir / "tumor.geojson",
         "summary": result.out_dir / "summary.json",
     })
-    out.print(f"tumor Dice vs ground truth: [bold]{gt.get('tumor_dice')}[/]")
+    console.print(f"tumor Dice vs ground truth: [bold]{gt.get('tumor_dice')}[/]")
 
 
 def _print_summary(summary: dict) -> None:
     score = summary.get("slide_score", {})
-    out.print(
+    console.print(
         f"[bold]{summary.get('slide', {}).get('name', '')}[/]: {summary.get('n_patches')} patches, "
         f"decision [bold]{summary.get('decision')}[/] (top-k mean {score.get('top_k_mean')}, max {score.get('max')}), "
         f"tumor area {summary.get('tumor_area_mm2')} mm²",
@@ -249,7 +249,7 @@ def _print_summary(summary: dict) -> None:
 
 def out_console_paths(paths: dict) -> None:
     for label, path in paths.items():
-        out.print(f"{label}: [cyan]{path}[/]", highlight=False)
+        console.print(f"{label}: [cyan]{path}[/]", highlight=False)
 
 
 if __name__ == "__main__":
