@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -147,8 +148,9 @@ def _stain(base_rgb, hema_rgb, nuclei: np.ndarray, modulation: np.ndarray) -> np
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+@lru_cache(maxsize=2)
 def make_textures(seed: int, size: int = TEXTURE) -> np.ndarray:
-    """(3, size, size, 3) uint8 periodic textures for glass, normal tissue and tumor."""
+    """(3, size, size, 3) uint8 periodic textures for glass, normal tissue and tumor (read-only, cached)."""
     rng = np.random.default_rng(seed + 1_000_003)
     glass = np.clip(239 + 2.0 * rng.standard_normal((size, size, 1)) + 2 * _periodic_noise((size, size), 40, rng)[..., None], 0, 255)
     glass = np.repeat(glass, 3, axis=2).astype(np.uint8)
@@ -159,7 +161,9 @@ def make_textures(seed: int, size: int = TEXTURE) -> np.ndarray:
     cyto = _periodic_noise((size, size), 20, rng)
     tumor_nuc = _nuclei_map(size, 0.0042, (6.5, 11.0), 1.6, rng)
     tumor = _stain((208, 140, 190), (62, 32, 118), tumor_nuc, cyto)
-    return np.stack([glass, normal, tumor])
+    textures = np.stack([glass, normal, tumor])
+    textures.setflags(write=False)
+    return textures
 
 
 # --------------------------------------------------------------------------- writing
