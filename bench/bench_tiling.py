@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -51,15 +50,16 @@ def timed_tile(slide: Path, out: Path, workers: int, overrides: dict) -> tuple[f
 
 
 def peak_rss_child(slide: Path, out: Path, overrides: dict) -> float:
-    """Tile in a fresh process and return its peak RSS in MiB (ru_maxrss of the child)."""
+    """Tile in a fresh process and return its peak RSS in MiB (the child's own VmHWM;
+    ru_maxrss would carry this parent's RSS across fork/exec)."""
     code = (
         "import sys, json; from wsipipe.config import load_config; from wsipipe.tiling import tile_slide;"
-        f"tile_slide({str(slide)!r}, {str(out)!r}, load_config(None, json.loads(sys.argv[1])))"
+        f"tile_slide({str(slide)!r}, {str(out)!r}, load_config(None, json.loads(sys.argv[1])));"
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     )
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-c", code, json.dumps(overrides)], check=True, cwd=ROOT)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(after, before) / 1024.0
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(overrides)], check=True, cwd=ROOT,
+                         capture_output=True, text=True)
+    return int(res.stdout.strip().splitlines()[-1]) / 1024.0
 
 
 def main() -> None:
