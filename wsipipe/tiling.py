@@ -183,7 +183,7 @@ def _read_run(slide: Slide, spec: GridSpec, cells: np.ndarray, out: np.ndarray) 
     lx0, ly0 = math.floor(xy[0, 0] / ds), math.floor(xy[0, 1] / ds)
     lx1, ly1 = math.ceil((xy[-1, 0] + edge_l0) / ds), math.ceil((xy[0, 1] + edge_l0) / ds)
     region = slide.read_region(int(round(lx0 * ds)), int(round(ly0 * ds)), spec.level, lx1 - lx0, ly1 - ly0)
-    img = Image.fromarray(region)
+    img = Image.fromarray(np.ascontiguousarray(region))
     top, edge = xy[0, 1] / ds - ly0, edge_l0 / ds
     for k in range(len(cells)):
         left = xy[k, 0] / ds - lx0
