@@ -101,17 +101,20 @@ def test_coarser_mpp_matches_reference_resize(slides_dir, tmp_path):
     assert max(errors) < 0.5
 
 
-def test_pyramid_level_read_at_coarser_mpp(slides_dir, tmp_path):
+@pytest.mark.parametrize("reader", ["auto", "openslide"])
+def test_pyramid_level_read_at_coarser_mpp(slides_dir, tmp_path, reader):
     """JPEG 2000 slide, no mpp in the file: override 0.25 -> 0.5 µm/px reads level 1 (ds 2.0005).
 
     The reference is level 1 read whole from (0, 0), the one place where OpenSlide's level
-    coordinates are exactly integral; elsewhere a level-0 location maps to a fractional level
-    position that OpenSlide interpolates, so we allow a small mean difference (measured max 4.1)."""
+    coordinates are exactly integral. The direct tile reader is exact on the level grid;
+    through OpenSlide a level-0 location maps to a fractional level position that OpenSlide
+    interpolates, so there we allow a small mean difference (measured max 4.1)."""
     path = slides_dir / "tcga-cr-7395-01a-01-ts1.svs"
-    cfg = load_config(None, {"mpp_override": 0.25, "tile.mpp": 0.5})
+    cfg = load_config(None, {"mpp_override": 0.25, "tile.mpp": 0.5, "tile.reader": reader})
     tile_slide(path, tmp_path / "t.zarr", cfg)
     g, meta = read_store(tmp_path / "t.zarr")
     assert meta["tile"]["level"] == 1
+    assert meta["tile"]["reader"] == ("tiff-direct" if reader == "auto" else "openslide")
     assert g["coords"].shape[0] > 20
     with openslide.OpenSlide(str(path)) as s:
         level1 = composite_rgba(np.asarray(s.read_region((0, 0), 1, s.level_dimensions[1])))
@@ -121,8 +124,22 @@ def test_pyramid_level_read_at_coarser_mpp(slides_dir, tmp_path):
         ref = np.full((224, 224, 3), 255, np.uint8)
         part = level1[i * 224 : (i + 1) * 224, j * 224 : (j + 1) * 224]
         ref[: part.shape[0], : part.shape[1]] = part
-        assert np.abs(g["patches"][k].astype(int) - ref).mean() < 5.0
+        if reader == "auto":
+            np.testing.assert_array_equal(g["patches"][k], ref)
+        else:
+            assert np.abs(g["patches"][k].astype(int) - ref).mean() < 5.0
         assert tuple(g["coords"][k]) == (round(j * 224 * ds), round(i * 224 * ds))
+
+
+def test_direct_reader_equals_openslide_reader_at_level0(slides_dir, tmp_path):
+    path = slides_dir / "cmu-1-small-region.svs"
+    stores = {}
+    for reader in ("auto", "openslide"):
+        cfg = load_config(None, {"tile.min_tissue": 0.0, "tile.reader": reader})
+        tile_slide(path, tmp_path / f"{reader}.zarr", cfg)
+        stores[reader] = read_store(tmp_path / f"{reader}.zarr")
+    assert stores["auto"][1]["tile"]["reader"] == "tiff-direct"
+    np.testing.assert_array_equal(stores["auto"][0]["patches"][:], stores["openslide"][0]["patches"][:])
 
 
 def test_rerun_is_noop_and_config_change_rebuilds(slides_dir, tmp_path):

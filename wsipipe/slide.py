@@ -42,6 +42,7 @@ class Slide:
     handle: openslide.OpenSlide = field(repr=False, compare=False)
     mpp: float
     mpp_source: str  # "override" | "openslide" | "tiff-resolution" | "objective-power"
+    _fast: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -131,6 +132,34 @@ class Slide:
             ) from None
         return composite_bgra(bgra, self.background)
 
+    def read_level(self, level: int, x: int, y: int, width: int, height: int, fast: bool = True) -> np.ndarray:
+        """RGB (height, width, 3) at *level pixel* coordinates (x, y) of ``level``.
+
+        With ``fast`` (default) TIFF-family slides are decoded tile by tile without OpenSlide
+        (see :mod:`wsipipe.tiffread`): same pixels, exactly on the level's grid. Otherwise,
+        and for other formats, OpenSlide reads it (at levels > 0 OpenSlide interpolates
+        when x * downsample is not an integer)."""
+        reader = self.fast_reader(level) if fast else None
+        if reader is not None:
+            try:
+                return reader.read(int(x), int(y), int(width), int(height))
+            except Exception as exc:
+                raise SlideReadError(
+                    self.path, f"decoding tiles for {width}x{height} px at level {level} ({x}, {y}) failed: {exc}"
+                ) from None
+        ds = self.level_downsamples[level]
+        return self.read_region(round(x * ds), round(y * ds), level, width, height)
+
+    def fast_reader(self, level: int):
+        """The direct tile reader for ``level``, or None when OpenSlide must read it."""
+        if level not in self._fast:
+            from wsipipe.tiffread import open_level
+
+            self._fast[level] = open_level(
+                str(self.path), self.vendor, self.level_dimensions[level], self.background
+            )
+        return self._fast[level]
+
     def read_scaled(
         self, x: float, y: float, width_l0: float, height_l0: float, out_width: int, out_height: int
     ) -> np.ndarray:
@@ -173,6 +202,10 @@ class Slide:
         return out, ds
 
     def close(self) -> None:
+        for reader in self._fast.values():
+            if reader is not None:
+                reader.close()
+        self._fast.clear()
         self.handle.close()
 
     def __enter__(self) -> "Slide":

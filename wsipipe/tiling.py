@@ -22,6 +22,7 @@ from typing import Callable
 import dask
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 from dask.callbacks import Callback
 from PIL import Image
 
@@ -140,11 +141,12 @@ def select_patches(
     return grid_ij[keep].astype(np.int32), xy[keep], frac[keep]
 
 
-def read_patches(slide: Slide, spec: GridSpec, grid_ij: np.ndarray) -> np.ndarray:
+def read_patches(slide: Slide, spec: GridSpec, grid_ij: np.ndarray, fast: bool = True) -> np.ndarray:
     """Patches (N, P, P, 3) uint8 for the given grid cells (row-major order expected).
 
     Neighbouring cells of one grid row are read with a single region read and cut
-    apart, which is pixel-identical to one ``read_region`` per patch at level 0."""
+    apart, which is pixel-identical to one ``read_region`` per patch at level 0.
+    ``fast`` decodes TIFF tiles directly where possible (same pixels, see tiffread)."""
     p = spec.patch_size
     out = np.empty((len(grid_ij), p, p, 3), dtype=np.uint8)
     gap = max(1, math.ceil(spec.patch_size / spec.stride))  # cells that still share pixels
@@ -154,22 +156,20 @@ def read_patches(slide: Slide, spec: GridSpec, grid_ij: np.ndarray) -> np.ndarra
         end = start + 1
         while end < len(grid_ij) and grid_ij[end, 0] == row and grid_ij[end, 1] - grid_ij[end - 1, 1] <= gap:
             end += 1
-        _read_run(slide, spec, grid_ij[start:end], out[start:end])
+        _read_run(slide, spec, grid_ij[start:end], out[start:end], fast)
         start = end
     return out
 
 
-def _read_run(slide: Slide, spec: GridSpec, cells: np.ndarray, out: np.ndarray) -> None:
-    """One row run of patches: one read, then slicing (exact level) or resampling."""
+def _read_run(slide: Slide, spec: GridSpec, cells: np.ndarray, out: np.ndarray, fast: bool = True) -> None:
+    """One row run of patches: one read at the chosen level, then slicing (exact level) or
+    resampling. Reads are in the level's own pixel grid."""
     p = spec.patch_size
     row, c0, c1 = int(cells[0, 0]), int(cells[0, 1]), int(cells[-1, 1])
     if not spec.needs_resize:
         # Exact level: patches are integer offsets inside the level's pixel grid.
-        ds = spec.level_downsample
         lx, ly = c0 * spec.stride, row * spec.stride
-        width = (c1 - c0) * spec.stride + p
-        x0, y0 = (int(round(lx * ds)), int(round(ly * ds))) if spec.level else (lx, ly)
-        region = slide.read_region(x0, y0, spec.level, width, p)
+        region = slide.read_level(spec.level, lx, ly, (c1 - c0) * spec.stride + p, p, fast=fast)
         for k, col in enumerate(cells[:, 1]):
             off = (int(col) - c0) * spec.stride
             out[k] = region[:, off : off + p]
@@ -182,7 +182,7 @@ def _read_run(slide: Slide, spec: GridSpec, cells: np.ndarray, out: np.ndarray) 
     edge_l0 = spec.patch_size_l0
     lx0, ly0 = math.floor(xy[0, 0] / ds), math.floor(xy[0, 1] / ds)
     lx1, ly1 = math.ceil((xy[-1, 0] + edge_l0) / ds), math.ceil((xy[0, 1] + edge_l0) / ds)
-    region = slide.read_region(int(round(lx0 * ds)), int(round(ly0 * ds)), spec.level, lx1 - lx0, ly1 - ly0)
+    region = slide.read_level(spec.level, lx0, ly0, lx1 - lx0, ly1 - ly0, fast=fast)
     img = Image.fromarray(np.ascontiguousarray(region))
     top, edge = xy[0, 1] / ds - ly0, edge_l0 / ds
     for k in range(len(cells)):
@@ -191,13 +191,13 @@ def _read_run(slide: Slide, spec: GridSpec, cells: np.ndarray, out: np.ndarray) 
 
 
 def _tile_chunk(
-    slide_path: str, mpp_override: float | None, spec: GridSpec, store_path: str, index: int, sl: slice
+    slide_path: str, mpp_override: float | None, spec: GridSpec, store_path: str, index: int, sl: slice, fast: bool
 ) -> int:
     """Dask task: read one chunk of patches and write it. Runs on any worker."""
     slide = cached_slide(slide_path, mpp_override)
     group = zarr.open_group(store_path, mode="r+")
     grid_ij = group["grid_ij"][sl]
-    group["patches"][sl] = read_patches(slide, spec, grid_ij)
+    group["patches"][sl] = read_patches(slide, spec, grid_ij, fast)
     # The flag goes after the data: a chunk is never marked done before it is on disk.
     group[f"_progress/{STAGE}"][index] = True
     return sl.stop - sl.start
@@ -265,7 +265,9 @@ def tile_slide(
         progress(done, n)
 
     tasks = [
-        dask.delayed(_tile_chunk)(str(slide_path), cfg.mpp_override, spec, str(store_path), i, slices[i])
+        dask.delayed(_tile_chunk)(
+            str(slide_path), cfg.mpp_override, spec, str(store_path), i, slices[i], cfg.tile.reader == "auto"
+        )
         for i in todo
     ]
     _run_tasks(tasks, cfg, client, progress, done, n)
@@ -305,12 +307,18 @@ def _plan_store(group: zarr.Group, slide: Slide, cfg: PipelineConfig, identity: 
     group.create_array(
         "patches", shape=(n, p, p, 3), chunks=(chunk, p, p, 3), dtype="uint8", fill_value=0,
         dimension_names=["patch", "y", "x", "channel"],
+        # Real H&E barely compresses losslessly (1.2x at zstd 1 or 3 on CMU-1); level 1
+        # writes 1.6x faster than zarr's default level 3 for the same size.
+        compressors=[ZstdCodec(level=1)],
     )
     store.update_meta(
         group,
         version=__version__,
         slide=slide.info(),
-        tile={**spec.attrs(), "thumb_downsample": thumb_ds, "min_tissue": cfg.tile.min_tissue},
+        tile={
+            **spec.attrs(), "thumb_downsample": thumb_ds, "min_tissue": cfg.tile.min_tissue,
+            "reader": "tiff-direct" if cfg.tile.reader == "auto" and slide.fast_reader(spec.level) else "openslide",
+        },
         tissue={
             "found": tissue.found,
             "area_mm2": tissue.area_um2 / 1e6,
