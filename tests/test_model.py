@@ -34,6 +34,7 @@ def test_head_replaced_for_common_families(arch):
         assert model(torch.randn(1, 3, size, size)).shape == (1, 3)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "PWNED"
 

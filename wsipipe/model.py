@@ -2,13 +2,21 @@
 
 Nothing here downloads: every model is built with ``weights=None`` and filled from a
 local file. Loading never unpickles arbitrary code: safetensors holds only tensors, and
-``.pt`` files go through ``torch.load(weights_only=True)``.
+torch files go through ``torch.load(weights_only=True)``, whose unpickler refuses any
+global that is not a tensor or a plain container, before it can run.
+
+    model = build_model("resnet18", num_classes=1)
+    info = save_weights(model, "tumor.safetensors", "resnet18", 1)
+    model, info = load_model("tumor.safetensors")      # arch and classes read from the file
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,20 +29,27 @@ from wsipipe.errors import ModelLoadError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FORMAT = "wsipipe-classifier-1"  # safetensors metadata "format" of files we write
 
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """What a model is: the provenance every output of inference records."""
+
     arch: str
     num_classes: int
-    sha256: str
+    sha256: str  # of the weights file; "" for a model that was never saved
     path: Path | None
 
 
-@lru_cache(maxsize=1)
-def available_architectures() -> tuple[str, ...]:
+def available_architectures() -> list[str]:
     """torchvision classification model names (resnet18, efficientnet_b0, vit_b_16, ...)."""
-    import torchvision
+    return list(_architectures())
+
+
+@lru_cache(maxsize=1)
+def _architectures() -> tuple[str, ...]:
+    import torchvision  # seconds to import: only when a model is actually wanted
 
     return tuple(torchvision.models.list_models(module=torchvision.models))
 
@@ -43,36 +58,60 @@ def build_model(arch: str = "resnet18", num_classes: int = 1) -> nn.Module:
     """A randomly initialised torchvision model whose last layer has ``num_classes`` outputs."""
     import torchvision
 
-    if arch not in available_architectures():
-        raise ValueError(f"unknown architecture {arch!r}")
-    model = torchvision.models.get_model(arch, weights=None)
-    _replace_head(model, num_classes)
+    if arch not in _architectures():
+        raise ValueError(f"unknown architecture {arch!r} (torchvision has e.g. resnet18, efficientnet_b0, vit_b_16)")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    # Inception-style nets otherwise return (logits, aux_logits) in train mode, with a
+    # 1000-class aux head that the patch task never uses.
+    extra = {"aux_logits": False} if arch in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(arch, weights=None, **extra)
+    _set_head(model, num_classes)
     return model
 
 
-def _replace_head(model: nn.Module, num_classes: int) -> None:
-    # torchvision families name their final layer differently; each is a Linear.
+def _head(model: nn.Module) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of the final classification layer.
+
+    torchvision families name it differently: ``fc`` (ResNet, RegNet, ShuffleNet,
+    GoogLeNet), ``classifier`` or its last Linear (DenseNet, EfficientNet, MobileNet,
+    ConvNeXt, VGG, MaxViT), ``heads.head`` (ViT), ``head`` (Swin), and a 1x1 conv in
+    ``classifier`` (SqueezeNet)."""
     if isinstance(getattr(model, "fc", None), nn.Linear):
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
-        return
+        return model, "fc"
     classifier = getattr(model, "classifier", None)
     if isinstance(classifier, nn.Linear):
-        model.classifier = nn.Linear(classifier.in_features, num_classes)
-        return
+        return model, "classifier"
     if isinstance(classifier, nn.Sequential):
         for i in range(len(classifier) - 1, -1, -1):
-            if isinstance(classifier[i], nn.Linear):
-                classifier[i] = nn.Linear(classifier[i].in_features, num_classes)
-                return
+            if isinstance(classifier[i], (nn.Linear, nn.Conv2d)):
+                return classifier, str(i)
     heads = getattr(model, "heads", None)
-    if isinstance(heads, nn.Sequential) and isinstance(getattr(heads, "head", None), nn.Linear):
-        heads.head = nn.Linear(heads.head.in_features, num_classes)
+    if isinstance(getattr(heads, "head", None), nn.Linear):
+        return heads, "head"
+    if isinstance(getattr(model, "head", None), nn.Linear):
+        return model, "head"
+    raise ValueError(f"don't know the classification layer of {type(model).__name__}")
+
+
+def _set_head(model: nn.Module, num_classes: int) -> None:
+    parent, name = _head(model)
+    old = getattr(parent, name)
+    if isinstance(old, nn.Conv2d):  # SqueezeNet: conv -> ReLU -> pool; a ReLU'd logit can't go negative
+        setattr(parent, name, nn.Conv2d(old.in_channels, num_classes, kernel_size=1))
+        after = int(name) + 1
+        if after < len(parent) and isinstance(parent[after], nn.ReLU):
+            parent[after] = nn.Identity()
         return
-    head = getattr(model, "head", None)
-    if isinstance(head, nn.Linear):
-        model.head = nn.Linear(head.in_features, num_classes)
-        return
-    raise ValueError(f"don't know how to replace the classification layer of {type(model).__name__}")
+    setattr(parent, name, nn.Linear(old.in_features, num_classes))
+
+
+def _head_key(model: nn.Module) -> str:
+    """State-dict key of the classification layer's weight, e.g. ``fc.weight``."""
+    parent, name = _head(model)
+    layer = getattr(parent, name)
+    qualified = next(n for n, m in model.named_modules() if m is layer)
+    return f"{qualified}.weight"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -86,14 +125,17 @@ def file_sha256(path: str | Path) -> str:
 def save_weights(
     model: nn.Module, path: str | Path, arch: str, num_classes: int, metadata: dict[str, str] | None = None
 ) -> ModelInfo:
-    """Write a safetensors file (arch and num_classes in its metadata), atomically."""
+    """Write a safetensors file with ``arch`` and ``num_classes`` in its metadata.
+
+    Written to a temporary name in the same folder and renamed into place, so a reader
+    never sees half a file."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"arch": arch, "num_classes": str(num_classes), "format": "wsipipe-classifier-1"}
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    meta.update(arch=arch, num_classes=str(num_classes), format=FORMAT)  # ours win over the caller's
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -105,59 +147,95 @@ def save_weights(
     return ModelInfo(arch, num_classes, file_sha256(path), path)
 
 
-def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+def load_model(
+    path: str | Path, arch: str | None = None, num_classes: int | None = None
+) -> tuple[nn.Module, ModelInfo]:
+    """Build the architecture and fill it from a local weights file; returns it in eval mode.
+
+    ``arch`` / ``num_classes`` default to what a safetensors file records, else resnet18
+    and the size of the state dict's classification layer. The format is read from the
+    file's content, not its suffix. Every failure is a :class:`ModelLoadError` naming the
+    file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(path, "weights file not found")
+    data = path.read_bytes()  # hash exactly the bytes that get loaded
+    state, meta = _read_state(path, data)
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}  # DDP / compile
+    recorded = meta.get("arch")
+    arch = arch or recorded or "resnet18"
+    try:
+        model = build_model(arch, 1)
+        key = _head_key(model)
+        if num_classes is None:
+            num_classes = int(meta["num_classes"]) if "num_classes" in meta else _rows(state.get(key), 1)
+        if num_classes != 1:
+            _set_head(model, num_classes)
+    except ValueError as exc:
+        raise ModelLoadError(path, str(exc)) from None
+    problem = _mismatch(model.state_dict(), state)
+    if problem:
+        hint = f" (the file records arch {recorded})" if recorded and recorded != arch else ""
+        raise ModelLoadError(path, f"weights do not fit {arch} with {num_classes} output(s){hint}: {problem}")
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, ModelInfo(arch, num_classes, hashlib.sha256(data).hexdigest(), path)
+
+
+def _rows(weight: torch.Tensor | None, default: int) -> int:
+    return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else default
+
+
+def _read_state(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) from a safetensors file or a torch state dict."""
+    if _is_safetensors(data):
+        from safetensors.torch import load as load_safetensors
 
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                return {k: fh.get_tensor(k) for k in fh.keys()}, meta
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+            return load_safetensors(data), dict(header.get("__metadata__") or {})
         except Exception as exc:
             raise ModelLoadError(path, f"not a readable safetensors file: {exc}") from None
+    if not (data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"):  # torch zip archive, or a bare pickle
+        raise ModelLoadError(path, "not a weights file (neither safetensors nor a torch state dict)")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        # weights_only refuses any pickle that would build objects other than tensors and
-        # plain containers, so a smuggled payload lands here without ever running.
-        raise ModelLoadError(
-            path,
-            "refused to load: not a plain tensor state dict (it holds other pickled objects, or is not a "
-            f"torch file: {type(exc).__name__}); use safetensors or a weights-only state dict",
-        ) from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if isinstance(exc, pickle.UnpicklingError):
+            # weights_only refuses any global other than tensors and plain containers
+            # *before* calling it, so a smuggled payload lands here without ever running.
+            refused = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line), type(exc).__name__)
+            raise ModelLoadError(
+                path, f"refused to load: the checkpoint pickles more than tensors ({refused}); "
+                "use safetensors or a plain state dict",
+            ) from None
+        raise ModelLoadError(path, f"not a readable torch file: {type(exc).__name__}: {exc}") from None
+    if isinstance(obj, dict):  # common training-checkpoint wrappers
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelLoadError(path, "not a state dict of tensors")
     return obj, {}
 
 
-def load_model(
-    path: str | Path, arch: str | None = None, num_classes: int | None = None
-) -> tuple[nn.Module, ModelInfo]:
-    """Build the architecture and load local weights; errors name the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(path, "weights file not found")
-    state, meta = _read_state(path)
-    arch = arch or meta.get("arch") or "resnet18"
-    if num_classes is None:
-        num_classes = int(meta["num_classes"]) if "num_classes" in meta else _infer_num_classes(state)
-    try:
-        model = build_model(arch, num_classes)
-    except ValueError as exc:
-        raise ModelLoadError(path, str(exc)) from None
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = str(exc).splitlines()
-        raise ModelLoadError(path, f"weights do not fit {arch} with {num_classes} output(s): {detail[1:3] or detail}") from None
-    model.eval()
-    return model, ModelInfo(arch, num_classes, file_sha256(path), path)
+def _is_safetensors(data: bytes) -> bool:
+    # 8-byte little-endian header length, then a JSON object.
+    return len(data) > 9 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8
 
 
-def _infer_num_classes(state: dict[str, torch.Tensor]) -> int:
-    # The last 2-D weight in a classifier's state dict is its output layer.
-    weights = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
-    return int(weights[-1].shape[0]) if weights else 1
+def _mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """'' when ``given`` fits ``expected`` key for key and shape for shape, else a summary."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(given[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given and given[k].shape != expected[k].shape
+    ]
+    parts = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            parts.append(f"{len(items)} {label} (e.g. {items[0]})")
+    return "; ".join(parts)
