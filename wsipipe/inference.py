@@ -1,17 +1,27 @@
 """Batched patch classification from a slide's Zarr store.
 
-A background thread reads Zarr chunks, converts them to normalised float tensors and
-queues them, so the model never waits on I/O or decode; the main thread only runs
-the model. The same code serves CPU and CUDA: on CUDA the batches are pinned and
-copied asynchronously, and both use channels_last and autocast where it helps.
+Two threads, one direction. A background thread reads the pending Zarr chunks and turns
+them into model-ready batches, at most ``prefetch_batches`` ahead; the calling thread
+only runs the model and writes the (tiny) probabilities. So the model never waits on
+I/O, decompression or normalisation, and memory stays bounded by the queue.
+
+On CPU the background thread normalises in numpy (single-threaded, so it doesn't fight
+the model's OpenMP threads for the cores) into NHWC memory, which torch sees as a
+channels_last NCHW tensor without a copy. On CUDA it pins the uint8 batch instead (4x
+fewer bytes to move than float); the copy is asynchronous and normalisation happens on
+the GPU. Both run the model in channels_last under ``torch.inference_mode`` and autocast.
+
+    model, info = load_model("tumor.safetensors")
+    infer_store("slide.zarr", model, info, InferenceConfig(batch_size=64))
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -19,30 +29,43 @@ from torch import nn
 
 from wsipipe import store
 from wsipipe.config import InferenceConfig
-from wsipipe.errors import StoreError
+from wsipipe.errors import ConfigError, StoreError
 from wsipipe.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 
 STAGE = "infer"
 Progress = Callable[[int, int], None]
+T = TypeVar("T")
+
+# (x / 255 - mean) / std  ==  x * _SCALE + _BIAS, per channel (last axis of NHWC).
+_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD))).astype(np.float32)
+_BIAS = (-np.asarray(IMAGENET_MEAN) / np.asarray(IMAGENET_STD)).astype(np.float32)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' = the first CUDA GPU if there is one, else the CPU; 'cpu', 'cuda', 'cuda:N'."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(None, f"inference.device={spec!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(None, f"inference.device={spec!r}: no such CUDA device on this machine")
+    return device
 
 
 def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for plain fp32.
+    """Autocast dtype for ``spec`` ('auto', 'fp32', 'bf16', 'fp16') on ``device``; None = plain fp32.
 
-    'auto' picks bf16 on CUDA GPUs that support it and on CPUs with native bf16
-    (AVX512-BF16 / AMX), where ResNet18 runs ~4x faster than fp32; elsewhere fp32."""
+    'auto' picks bf16 where the hardware computes it natively: CUDA GPUs that support it
+    (fp16 on older GPUs, whose tensor cores have no bf16) and CPUs with AVX512-BF16 or AMX,
+    where ResNet18 runs ~3x faster than fp32. Elsewhere bf16 is emulated and slower: fp32."""
     if spec == "fp32":
         return None
-    if spec == "bf16":
-        return torch.bfloat16
-    if spec == "fp16":
-        return torch.float16
+    if spec in ("bf16", "fp16"):
+        return torch.bfloat16 if spec == "bf16" else torch.float16
+    if spec != "auto":
+        raise ConfigError(None, f"inference.precision={spec!r}: use auto, fp32, bf16 or fp16")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and _cpu_has_bf16():
@@ -51,93 +74,100 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
 
 
 def _cpu_has_bf16() -> bool:
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool((check and check()) or (amx and amx()))
+    # Private probes, so look them up defensively; a plain AVX512 capability isn't enough.
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(p()) for p in probes if p is not None)
+
+
+def normalize(patches: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> float32 (N, H, W, 3), ImageNet-normalised, in two numpy passes."""
+    out = np.empty(patches.shape, dtype=np.float32)
+    np.multiply(patches, _SCALE, out=out)
+    out += _BIAS
+    return out
+
+
+def host_batch(patches: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The part of preparing a batch that runs off the model's thread (see module doc)."""
+    if device.type == "cuda":
+        return torch.from_numpy(np.ascontiguousarray(patches)).pin_memory()
+    # NCHW view of NHWC memory: already channels_last, no copy.
+    return torch.from_numpy(normalize(patches)).permute(0, 3, 1, 2)
+
+
+def device_batch(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Finish a :func:`host_batch` on ``device``: a normalised (N, 3, H, W) channels_last float tensor."""
+    if device.type == "cpu":
+        return host
+    if device.type != "cuda":
+        return host.to(device)
+    x = host.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    scale = torch.from_numpy(_SCALE).to(device).view(1, 3, 1, 1)
+    bias = torch.from_numpy(_BIAS).to(device).view(1, 3, 1, 1)
+    return x.mul_(scale).add_(bias)
 
 
 def to_tensor(patches: np.ndarray, device: torch.device) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> normalised (N, 3, H, W) float32, channels_last, on ``device``."""
-    t = torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2)
-    if device.type == "cuda":
-        # Copy the uint8 batch (4x smaller than float) and normalise on the GPU.
-        t = t.pin_memory().to(device, non_blocking=True)
-    t = t.float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=t.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=t.device).view(1, 3, 1, 1)
-    return ((t - mean) / std).contiguous(memory_format=torch.channels_last)
+    return device_batch(host_batch(patches, device), device)
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Eval mode, on ``device``, channels_last (in place: this is the caller's model)."""
+    return model.eval().to(device).to(memory_format=torch.channels_last)
 
 
 def _probabilities(logits: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
-    if logits.shape[1] == 1:
-        return torch.sigmoid(logits[:, 0])
-    return torch.softmax(logits, dim=1)
+    return torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 
-def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    return model.eval().to(device).to(memory_format=torch.channels_last)
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-@torch.inference_mode()
 def predict_patches(
-    model: nn.Module, patches: np.ndarray, device: torch.device | None = None, dtype: torch.dtype | None = None
+    model: nn.Module,
+    patches: np.ndarray,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    batch_size: int = 64,
 ) -> np.ndarray:
-    """Probabilities for in-memory patches: (N,) for a 1-logit model, (N, C) otherwise."""
+    """Probabilities for in-memory (N, H, W, 3) uint8 patches: (N,) float32 for a one-logit
+    model (sigmoid), (N, C) for C > 1 (softmax). Same arithmetic as :func:`infer_store`."""
     device = device or next(model.parameters()).device
-    x = to_tensor(patches, device)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        return _probabilities(model(x)).cpu().numpy().astype(np.float32)
-
-
-def _prefetch(batches: Iterator, depth: int) -> Iterator:
-    """Run ``batches`` in a background thread, ``depth`` items ahead of the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def worker() -> None:
-        try:
-            for item in batches:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as exc:  # re-raised in the consumer
-            q.put(exc)
-
-    thread = threading.Thread(target=worker, name="wsipipe-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+    net = prepare_model(model, device)
+    outs = []
+    with torch.inference_mode(), _autocast(device, dtype):
+        for b in range(0, max(len(patches), 1), batch_size):  # an empty input still gives the right shape
+            outs.append(_probabilities(net(to_tensor(patches[b : b + batch_size], device))))
+    return torch.cat(outs).cpu().numpy().astype(np.float32, copy=False)
 
 
 def infer_identity(group, info: ModelInfo) -> dict:
+    """What the probabilities depend on: the tiled patches and the model."""
     tile = store.stage_entry(group, "tile") or {}
-    return {"tile": tile.get("identity"), "model_sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes}
+    return {"tile": tile.get("identity"), "model_sha256": info.sha256, "num_classes": info.num_classes, "arch": info.arch}
+
+
+class _Unit(NamedTuple):
+    """Consecutive pending chunks read in one Zarr call and written back together."""
+
+    start: int  # patch range
+    stop: int
+    first: int  # chunk range
+    last: int
 
 
 def infer_store(
     store_path, model: nn.Module, info: ModelInfo, cfg: InferenceConfig | None = None, progress: Progress | None = None
 ) -> dict:
-    """Classify every patch in the store; writes ``probabilities`` and marks the stage complete.
+    """Classify every patch of a tiled store into ``probabilities``, (N,) or (N, C) float32.
 
-    Skips a store already classified by the same model; resumes an interrupted run
-    chunk by chunk; recomputes everything when the model or the patches changed."""
+    A store already classified by the same model over the same patches is left as is;
+    an interrupted run resumes at the chunks it hadn't flagged done; a different model or
+    re-tiled patches recompute everything. ``progress(done, total)`` is called as chunks
+    land. Returns ``{"skipped", "n", "computed", "seconds", "images_per_s"}``."""
     cfg = cfg or InferenceConfig()
     t0 = time.perf_counter()
     group = store.open_store(store_path, mode="r+")
@@ -146,62 +176,152 @@ def infer_store(
     patches = group["patches"]
     n = patches.shape[0]
     if store.is_complete(group, STAGE, identity):
-        return {"skipped": True, "n": n, "seconds": 0.0, "images_per_s": None}
+        return {"skipped": True, "n": n, "computed": 0, "seconds": 0.0, "images_per_s": None}
 
-    chunk = patches.chunks[0]
+    chunk = max(1, patches.chunks[0])
     slices = store.chunk_slices(n, chunk)
-    previous = store.stage_entry(group, STAGE)
-    fresh = previous is None or previous.get("identity") != identity or "probabilities" not in group
-    shape = (n,) if info.num_classes == 1 else (n, info.num_classes)
-    if fresh:
-        probs = group.create_array(
-            "probabilities", shape=shape, chunks=(chunk,) + shape[1:], dtype="float32",
-            fill_value=float("nan"), overwrite=True,
-            attributes={"model_sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes},
-        )
-        store.set_stage(group, STAGE, identity, False)
-    else:
-        probs = group["probabilities"]
-    flags = store.progress_array(group, STAGE, len(slices), reset=fresh)
-    todo = store.pending_chunks(flags) if n else []
-
+    probs, flags = _outputs(group, identity, info, n, chunk, len(slices))
+    todo = [i for i in store.pending_chunks(flags) if i < len(slices)]
+    units = _units(todo, slices, per_unit=-(-cfg.batch_size // chunk))
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     net = prepare_model(model, device)
-    done = n - sum(slices[i].stop - slices[i].start for i in todo)
+    computed = sum(u.stop - u.start for u in units)
+    done = n - computed
     if progress:
         progress(done, n)
 
-    def batches() -> Iterator:
-        # One Zarr chunk at a time (decoded in this thread), split into model batches.
-        for i in todo:
-            data = patches[slices[i]]
-            for b in range(0, len(data), cfg.batch_size):
-                part = data[b : b + cfg.batch_size]
-                yield i, b, len(data), to_tensor(part, torch.device("cpu")) if device.type == "cpu" else part
+    waiting = collections.deque(units)  # units whose probabilities are not all written yet
+    outs: list[torch.Tensor] = []  # probabilities computed but not yet written, in stream order
+    buffered = 0
+    batches = _prefetch(_host_batches(patches, units, cfg.batch_size, device, store_path), cfg.prefetch_batches)
+    with torch.inference_mode(), _autocast(device, dtype):
+        for host in batches:
+            outs.append(_probabilities(net(device_batch(host, device))))
+            buffered += len(outs[-1])
+            # One device->host sync per unit, not per batch.
+            while waiting and buffered >= waiting[0].stop - waiting[0].start:
+                unit = waiting.popleft()
+                size = unit.stop - unit.start
+                flat = torch.cat(outs)
+                probs[unit.start : unit.stop] = flat[:size].cpu().numpy()
+                flags[unit.first : unit.last] = True  # after the data: a flagged chunk is on disk
+                outs, buffered = ([flat[size:]] if len(flat) > size else []), len(flat) - size
+                done += size
+                if progress:
+                    progress(done, n)
 
-    pending: dict[int, list] = {}
-    for i, b, length, batch in _prefetch(batches(), cfg.prefetch_batches):
-        x = batch if isinstance(batch, torch.Tensor) else to_tensor(batch, device)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = _probabilities(net(x)).cpu().numpy().astype(np.float32)
-        parts = pending.setdefault(i, [])
-        parts.append((b, out))
-        if b + len(out) >= length:
-            sl = slices[i]
-            probs[sl] = np.concatenate([p for _, p in sorted(parts, key=lambda t: t[0])])
-            flags[i] = True  # after the data: a flagged chunk is always on disk
-            del pending[i]
-            done += sl.stop - sl.start
-            if progress:
-                progress(done, n)
-
-    if n and store.pending_chunks(flags):
+    if waiting or any(i < len(slices) for i in store.pending_chunks(flags)):
         raise StoreError(store_path, "inference left chunks unwritten; rerun to resume")
     seconds = time.perf_counter() - t0
     store.set_stage(
-        group, STAGE, identity, True, seconds=round(seconds, 3), n_patches=n,
-        device=str(device), precision=str(dtype).replace("torch.", "") if dtype else "fp32",
-        model={"sha256": info.sha256, "arch": info.arch, "path": str(info.path) if info.path else None},
+        group, STAGE, identity, True, seconds=round(seconds, 3), n_patches=n, computed=computed,
+        device=str(device), precision=str(dtype).removeprefix("torch.") if dtype else "fp32",
+        model={"sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes,
+               "path": str(info.path) if info.path else None},
     )
-    return {"skipped": False, "n": n, "seconds": seconds, "images_per_s": (n / seconds) if seconds else None}
+    return {"skipped": False, "n": n, "computed": computed, "seconds": seconds,
+            "images_per_s": computed / seconds if computed and seconds else None}
+
+
+def _outputs(group, identity: dict, info: ModelInfo, n: int, chunk: int, n_chunks: int):
+    """The probabilities array and per-chunk done flags: the previous run's to resume, or fresh."""
+    shape = (n,) if info.num_classes == 1 else (n, info.num_classes)
+    entry = store.stage_entry(group, STAGE) or {}
+    old = group["probabilities"] if "probabilities" in group else None
+    resumable = (
+        entry.get("identity") == identity
+        and old is not None
+        and old.shape == shape
+        and old.chunks[0] == chunk
+        and old.attrs.get("model_sha256") == info.sha256
+    )
+    if resumable:
+        return old, store.progress_array(group, STAGE, n_chunks)
+    # Order matters for a crash between steps: forget old flags first (the old complete
+    # marker still describes the old, untouched probabilities), then claim the stage with
+    # the new identity, and only then replace the array.
+    flags = store.progress_array(group, STAGE, n_chunks, reset=True)
+    store.set_stage(group, STAGE, identity, False)
+    probs = group.create_array(
+        "probabilities", shape=shape, chunks=(chunk,) + shape[1:], dtype="float32", fill_value=float("nan"),
+        overwrite=True, dimension_names=["patch"] if len(shape) == 1 else ["patch", "class"],
+        attributes={"model_sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes},
+    )
+    return probs, flags
+
+
+def _units(todo: list[int], slices: list[slice], per_unit: int) -> list[_Unit]:
+    """Group pending chunk indices into runs of at most ``per_unit`` consecutive chunks."""
+    runs: list[list[int]] = []
+    for i in todo:
+        if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < per_unit:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return [_Unit(slices[r[0]].start, slices[r[-1]].stop, r[0], r[-1] + 1) for r in runs]
+
+
+def _host_batches(patches, units: list[_Unit], batch_size: int, device: torch.device, path) -> Iterator[torch.Tensor]:
+    """Full batches across unit boundaries (a remainder waits for the next unit's patches)."""
+    carry = None
+    for unit in units:
+        try:
+            data = patches[unit.start : unit.stop]
+        except Exception as exc:  # a damaged chunk: everything before it is flagged, so a rerun resumes here
+            raise StoreError(path, f"cannot read patches[{unit.start}:{unit.stop}]: {exc}") from exc
+        if carry is not None:
+            data = np.concatenate([carry, data])
+        full = len(data) - len(data) % batch_size
+        for b in range(0, full, batch_size):
+            yield host_batch(data[b : b + batch_size], device)
+        carry = data[full:] if full < len(data) else None
+    if carry is not None:
+        yield host_batch(carry, device)
+
+
+class _Raised(NamedTuple):
+    exc: BaseException
+
+
+def _prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
+    """Produce ``items`` in a background thread, up to ``depth`` ahead of the consumer.
+
+    An exception in the producer is re-raised in the consumer; a consumer that stops
+    early (exception, break) stops the producer at its next item."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as exc:
+            put(_Raised(exc))
+            return
+        put(end)
+
+    thread = threading.Thread(target=work, name="wsipipe-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()

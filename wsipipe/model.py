@@ -63,8 +63,8 @@ def build_model(arch: str = "resnet18", num_classes: int = 1) -> nn.Module:
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     # Inception-style nets otherwise return (logits, aux_logits) in train mode, with a
-    # 1000-class aux head that the patch task never uses.
-    extra = {"aux_logits": False} if arch in ("googlenet", "inception_v3") else {}
+    # 1000-class aux head that the patch task never uses (init_weights: no FutureWarning).
+    extra = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
     model = torchvision.models.get_model(arch, weights=None, **extra)
     _set_head(model, num_classes)
     return model
@@ -204,7 +204,7 @@ def _read_state(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], dict[
         if isinstance(exc, pickle.UnpicklingError):
             # weights_only refuses any global other than tensors and plain containers
             # *before* calling it, so a smuggled payload lands here without ever running.
-            refused = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line), type(exc).__name__)
+            refused = next((ln.strip() for ln in str(exc).splitlines() if "unsupported" in ln.lower()), type(exc).__name__)
             raise ModelLoadError(
                 path, f"refused to load: the checkpoint pickles more than tensors ({refused}); "
                 "use safetensors or a plain state dict",

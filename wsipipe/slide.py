@@ -194,7 +194,10 @@ class Slide:
         ds = max(mpp / self.mpp, 1.0)
         tw, th = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
         out = np.empty((th, tw, 3), dtype=np.uint8)
-        step = block  # thumbnail pixels per block edge
+        # Thumbnail pixels per block edge, so that one read stays ~block^2 pixels of the
+        # level it comes from, however far that level is from the thumbnail's scale.
+        ratio = ds / self.level_downsamples[self.best_level(ds, tolerance=1e-6)]
+        step = max(64, int(block / ratio))
         for ty in range(0, th, step):
             for tx in range(0, tw, step):
                 bw, bh = min(step, tw - tx), min(step, th - ty)

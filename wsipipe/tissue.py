@@ -34,13 +34,20 @@ class TissueResult:
         return bool(self.mask.any())
 
 
-def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """HSV saturation and brightness (0..1) of an RGB uint8 image."""
-    f = rgb.astype(np.float32) / 255.0
-    vmax = f.max(axis=-1)
-    vmin = f.min(axis=-1)
-    sat = np.where(vmax > 0, (vmax - vmin) / np.maximum(vmax, 1e-6), 0.0)
-    return sat, f.mean(axis=-1)
+def saturation_value(rgb: np.ndarray, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and grey level of an RGB uint8 image, both as uint8 (0..255).
+
+    Computed in row blocks with integer arithmetic: a float copy of a 100k-px slide's
+    thumbnail would cost more memory than the rest of tiling together."""
+    sat = np.empty(rgb.shape[:2], np.uint8)
+    grey = np.empty(rgb.shape[:2], np.uint8)
+    for y in range(0, rgb.shape[0], block):
+        b = rgb[y : y + block]
+        vmax = b.max(axis=-1).astype(np.uint16)
+        vmin = b.min(axis=-1)
+        sat[y : y + block] = ((vmax - vmin) * 255 + vmax // 2) // np.maximum(vmax, 1)
+        grey[y : y + block] = (b.sum(axis=-1, dtype=np.uint16) + 1) // 3
+    return sat, grey
 
 
 def detect_tissue(thumb_rgb: np.ndarray, downsample: float, slide_mpp: float, cfg: TissueConfig) -> TissueResult:
@@ -48,13 +55,10 @@ def detect_tissue(thumb_rgb: np.ndarray, downsample: float, slide_mpp: float, cf
     px_um = downsample * slide_mpp  # thumbnail pixel edge in µm
     px_area = px_um * px_um
     sat, grey = saturation_value(thumb_rgb)
-    try:
-        otsu = float(threshold_otsu(sat)) if np.ptp(sat) > 0 else 1.0
-    except ValueError:
-        otsu = 1.0
+    otsu = float(threshold_otsu(sat)) / 255.0 if sat.max() > sat.min() else 1.0
     thr = max(otsu, cfg.min_saturation)
     # Very dark pixels (scanner borders, black ink) have meaningless saturation.
-    mask = (sat > thr) & (grey < cfg.max_brightness) & (grey > 0.05)
+    mask = (sat > thr * 255) & (grey < cfg.max_brightness * 255) & (grey > 0.05 * 255)
     if not cfg.detect:
         mask = np.ones_like(mask)
         return TissueResult(mask, downsample, mask_to_polygons(mask, scale=downsample), thr, mask.size * px_area)
