@@ -131,12 +131,18 @@ def run_demo(out_dir: str | Path, cfg: PipelineConfig, progress: StageProgress |
     slides = out_dir / "slides"
     slides.mkdir(parents=True, exist_ok=True)
     width, height = size
-    train = write_synthetic_slide(slides / "demo-train.svs", width, height, mpp=0.5, seed=1)
-    test = write_synthetic_slide(slides / "demo-test.svs", width, height, mpp=0.5, seed=2)
+
+    def generated(name: str, seed: int) -> Path:
+        path = slides / f"{name}-{width}x{height}.svs"
+        if not (path.exists() and path.with_suffix(".geojson").exists()):  # deterministic: reuse
+            write_synthetic_slide(path, width, height, mpp=0.5, seed=seed)
+        return path
+
+    train, test = generated("demo-train", 1), generated("demo-test", 2)
     weights = out_dir / "model" / f"demo-{cfg.model.arch_for_training}.safetensors"
     if not weights.exists():
         (out_dir / "model").mkdir(parents=True, exist_ok=True)
-        weights = train_demo_model(train.path, train.geojson_path, out_dir / "model", cfg, progress=progress)
-    result = run_slide(test.path, out_dir / "results", cfg, weights, progress=progress)
-    summary = add_ground_truth_dice(result.out_dir, test.geojson_path)
+        weights = train_demo_model(train, train.with_suffix(".geojson"), out_dir / "model", cfg, progress=progress)
+    result = run_slide(test, out_dir / "results", cfg, weights, progress=progress)
+    summary = add_ground_truth_dice(result.out_dir, test.with_suffix(".geojson"))
     return SlideOutputs(out_dir=result.out_dir, store=result.store, summary=summary)
