@@ -75,3 +75,28 @@ def test_tile_then_rerun(slides_dir, tmp_path):
 def test_debug_shows_traceback(slides_dir, tmp_path):
     res = run("--debug", "tile", slides_dir / "broken.svs", "--out", tmp_path / "b.zarr")
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_stage_commands_and_run_with_a_failing_slide(slides_dir, tmp_path):
+    """tile -> infer -> stitch as separate commands, then `run` over a good and a broken slide."""
+    import json
+
+    from wsipipe.model import build_model, save_weights
+
+    weights = tmp_path / "w.safetensors"
+    save_weights(build_model("resnet18", 1), weights, "resnet18", 1)
+    good = slides_dir / "cmu-1-small-region.svs"
+    store_path = tmp_path / "cmu.zarr"
+    assert run("tile", good, "--out", store_path).returncode == 0
+    res = run("infer", store_path, "--model", weights)
+    assert res.returncode == 0, res.stderr
+    res = run("stitch", store_path, "--out", tmp_path / "stitched")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "stitched" / "summary.json").read_text())
+    assert summary["n_patches"] > 0 and summary["provenance"]["model"]["sha256"]
+
+    res = run("run", good, slides_dir / "broken.svs", "--model", weights, "--out", tmp_path / "runs")
+    assert res.returncode == 2
+    assert "1 of 2 slides failed" in res.stderr and "broken.svs" in res.stderr
+    outputs = list((tmp_path / "runs").glob("cmu-1-small-region-*/summary.json"))
+    assert len(outputs) == 1 and json.loads(outputs[0].read_text())["slide"]["name"] == good.name

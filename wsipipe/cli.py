@@ -76,7 +76,9 @@ def _error_line(prefix: str, message, style: str = "red") -> None:
 def main() -> None:
     """Entry point: run the app, turning known errors into one line and an exit code."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except NoTissueError as exc:
         _error_line("wsipipe: ", exc, "yellow")
         sys.exit(EXIT_NO_TISSUE)
