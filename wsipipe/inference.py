@@ -18,9 +18,11 @@ the GPU. Both run the model in channels_last under ``torch.inference_mode`` and 
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import threading
 import time
+from functools import lru_cache
 from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import numpy as np
@@ -102,9 +104,15 @@ def device_batch(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host.to(device)
     x = host.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    scale = torch.from_numpy(_SCALE).to(device).view(1, 3, 1, 1)
-    bias = torch.from_numpy(_BIAS).to(device).view(1, 3, 1, 1)
+    scale, bias = _constants(device)
     return x.mul_(scale).add_(bias)
+
+
+@lru_cache(maxsize=8)
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached: copying them from pageable memory per batch would block the host until the
+    # GPU drained its queue, serialising host and device.
+    return tuple(torch.from_numpy(c).to(device).view(1, 3, 1, 1) for c in (_SCALE, _BIAS))
 
 
 def to_tensor(patches: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -147,7 +155,9 @@ def predict_patches(
 def infer_identity(group, info: ModelInfo) -> dict:
     """What the probabilities depend on: the tiled patches and the model."""
     tile = store.stage_entry(group, "tile") or {}
-    return {"tile": tile.get("identity"), "model_sha256": info.sha256, "num_classes": info.num_classes, "arch": info.arch}
+    return {
+        "tile": tile.get("identity"), "model_sha256": info.sha256, "num_classes": info.num_classes, "arch": info.arch,
+    }
 
 
 class _Unit(NamedTuple):
@@ -178,14 +188,14 @@ def infer_store(
     if store.is_complete(group, STAGE, identity):
         return {"skipped": True, "n": n, "computed": 0, "seconds": 0.0, "images_per_s": None}
 
+    device = resolve_device(cfg.device)  # a bad setting fails before the store is touched
+    dtype = resolve_precision(cfg.precision, device)
+    net = prepare_model(model, device)
     chunk = max(1, patches.chunks[0])
     slices = store.chunk_slices(n, chunk)
     probs, flags = _outputs(group, identity, info, n, chunk, len(slices))
     todo = [i for i in store.pending_chunks(flags) if i < len(slices)]
     units = _units(todo, slices, per_unit=-(-cfg.batch_size // chunk))
-    device = resolve_device(cfg.device)
-    dtype = resolve_precision(cfg.precision, device)
-    net = prepare_model(model, device)
     computed = sum(u.stop - u.start for u in units)
     done = n - computed
     if progress:
@@ -195,7 +205,8 @@ def infer_store(
     outs: list[torch.Tensor] = []  # probabilities computed but not yet written, in stream order
     buffered = 0
     batches = _prefetch(_host_batches(patches, units, cfg.batch_size, device, store_path), cfg.prefetch_batches)
-    with torch.inference_mode(), _autocast(device, dtype):
+    # closing: on an error the reader thread stops now, not when the traceback is freed.
+    with contextlib.closing(batches), torch.inference_mode(), _autocast(device, dtype):
         for host in batches:
             outs.append(_probabilities(net(device_batch(host, device))))
             buffered += len(outs[-1])

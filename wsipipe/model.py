@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 from wsipipe.errors import ModelLoadError
+from wsipipe.export import write_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,7 +37,7 @@ class ModelInfo:
 
     arch: str
     num_classes: int
-    sha256: str  # of the weights file; "" for a model that was never saved
+    sha256: str  # of the weights file: the model's identity in every output
     path: Path | None
 
 
@@ -129,22 +128,14 @@ def save_weights(
 
     Written to a temporary name in the same folder and renamed into place, so a reader
     never sees half a file."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     meta.update(arch=arch, num_classes=str(num_classes), format=FORMAT)  # ours win over the caller's
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return ModelInfo(arch, num_classes, file_sha256(path), path)
+    data = save(state, metadata=meta)
+    path = write_atomic(path, data)
+    return ModelInfo(arch, num_classes, hashlib.sha256(data).hexdigest(), path)
 
 
 def load_model(
@@ -169,13 +160,16 @@ def load_model(
         key = _head_key(model)
         if num_classes is None:
             num_classes = int(meta["num_classes"]) if "num_classes" in meta else _rows(state.get(key), 1)
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if num_classes != 1:
             _set_head(model, num_classes)
     except ValueError as exc:
         raise ModelLoadError(path, str(exc)) from None
     problem = _mismatch(model.state_dict(), state)
     if problem:
-        hint = f" (the file records arch {recorded})" if recorded and recorded != arch else ""
+        hint = (f" (the file records arch {recorded})" if recorded and recorded != arch
+                else " (the file records no arch: give the one it was trained as)" if not recorded else "")
         raise ModelLoadError(path, f"weights do not fit {arch} with {num_classes} output(s){hint}: {problem}")
     model.load_state_dict(state, strict=True)
     model.eval()
@@ -204,7 +198,8 @@ def _read_state(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], dict[
         if isinstance(exc, pickle.UnpicklingError):
             # weights_only refuses any global other than tensors and plain containers
             # *before* calling it, so a smuggled payload lands here without ever running.
-            refused = next((ln.strip() for ln in str(exc).splitlines() if "unsupported" in ln.lower()), type(exc).__name__)
+            lines = [ln.strip() for ln in str(exc).splitlines() if "unsupported" in ln.lower()]
+            refused = lines[0] if lines else type(exc).__name__
             raise ModelLoadError(
                 path, f"refused to load: the checkpoint pickles more than tensors ({refused}); "
                 "use safetensors or a plain state dict",

@@ -91,7 +91,8 @@ def fit_classifier(
     ``labels``: 0/1 for ``num_classes=1`` (one logit, BCE), class indices for more
     (cross-entropy); -1 = ambiguous, skipped. Each epoch draws N patches class-balanced
     (tumor is the minority on most slides). AdamW with a one-cycle schedule; bf16
-    autocast where the hardware has it. Returns the model in eval mode.
+    autocast where the hardware has it. BatchNorm statistics are re-estimated on whole
+    patches at the end (:func:`recalibrate_batchnorm`). Returns the model in eval mode.
 
     ``train_size`` trains on random crops of that edge at full resolution, not on
     downscaled patches: the network is fully convolutional with global pooling, so it
@@ -120,7 +121,9 @@ def fit_classifier(
     # A last batch of one is dropped: BatchNorm can't normalise a single sample.
     starts = [b for b in range(0, len(keep), batch_size) if len(keep) - b >= 2]
     total = epochs * len(starts)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    # fused: one kernel over all 11M parameters instead of a loop of small ones (~3x faster steps on CPU).
+    fused = dev.type in ("cpu", "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, fused=fused)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2)
     loss_fn = nn.BCEWithLogitsLoss() if num_classes == 1 else nn.CrossEntropyLoss()
     model.train()
@@ -142,5 +145,30 @@ def fit_classifier(
             step += 1
             if progress:
                 progress(step, total)
-    model.eval()
-    return model
+    sample = rng.choice(keep, size=min(len(keep), 256), replace=False, p=weights)
+    recalibrate_batchnorm(model, patches, np.sort(sample), max(batch_size, 2), dev, dtype)
+    return model.eval()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, patches: np.ndarray, idx: np.ndarray, batch_size: int,
+                          device: torch.device, dtype: torch.dtype | None) -> None:
+    """Re-estimate BatchNorm statistics on whole, unaugmented patches ``idx``.
+
+    Training leaves running averages that lag the last weights (few hundred steps, momentum
+    0.1) and were taken on crops; inference normalises whole patches with them. An exact
+    average over whole patches costs one forward pass and fixes both."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for b in range(0, len(idx), batch_size):
+            if len(idx[b : b + batch_size]) >= 2:
+                model(to_tensor(patches[idx[b : b + batch_size]], device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
