@@ -97,6 +97,19 @@ class DaskConfig(_Section):
     num_workers: int | None = Field(None, ge=1, description="Local threads; None = number of cores.")
 
 
+class OrchestrationConfig(_Section):
+    """How the Prefect flows (flows/) schedule work; no effect on any output."""
+
+    slides_in_flight: int = Field(2, ge=1, le=256, description="Slides an archive run processes at once.")
+    stage_retries: int = Field(2, ge=0, le=20, description="Retries of a stage after a transient I/O error.")
+    retry_delay_s: float = Field(10.0, ge=0.0, description="Wait before a stage retry, seconds.")
+    stage_timeout_s: float = Field(6 * 3600.0, gt=0.0, description="A stage running longer than this fails, seconds.")
+    gpu_tag: str = Field(
+        "wsipipe-gpu", pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Prefect tag on the inference stage; `prefect concurrency-limit create TAG 1` = one slide per GPU.",
+    )
+
+
 class PipelineConfig(_Section):
     tissue: TissueConfig = Field(default_factory=TissueConfig)
     tile: TileConfig = Field(default_factory=TileConfig)
@@ -104,6 +117,7 @@ class PipelineConfig(_Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     stitch: StitchConfig = Field(default_factory=StitchConfig)
     dask: DaskConfig = Field(default_factory=DaskConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     mpp_override: float | None = Field(None, gt=0.01, le=1000.0, description="Force the slide's level-0 mpp.")
 
     def section_hash(self, *sections: str) -> str:

@@ -1,0 +1,88 @@
+"""``process-archive``: every new or changed slide of a folder, glob or CSV manifest.
+
+A slide whose outputs already exist for the same slide identity, config hash and model hash
+is skipped (decided from disk, see wsipipe.archive.done_outputs). A failing slide becomes a
+"failed" row with its error; the others go on. The run ends Failed, with a message giving the
+counts, when any slide failed, and publishes a table artifact of all slides either way.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import flows  # noqa: F401  (offline-safe Prefect settings before prefect is imported)
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.slide import load_run_inputs, publish_slide, run_stages
+from wsipipe.archive import archive_message, archive_table, done_outputs, result_row, scan_archive, status_counts
+from wsipipe.cluster import dask_scheduler
+from wsipipe.config import PipelineConfig
+
+
+@task(name="slide", task_run_name="slide [{slide}]", cache_policy=NO_CACHE)
+def slide_task(slide: str, out: str, cfg: PipelineConfig, net, info) -> dict:
+    """One slide: skipped when done, else its stages; never raises (errors become the row)."""
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    try:
+        done = done_outputs(slide, out, cfg, info)
+        if done is not None:
+            slide_dir, summary = done
+            log.info("slide=%s stage=check: outputs up to date, skipped", slide_dir.name)
+            row = result_row(slide, "skipped", name=slide_dir.name, out_dir=slide_dir, summary=summary,
+                             seconds=time.perf_counter() - t0)
+        else:
+            row = run_stages(slide, out, cfg, net, info)
+    except Exception as exc:  # one slide's failure, whatever it is, must not stop the archive
+        row = result_row(slide, "failed", error=exc, seconds=time.perf_counter() - t0)
+        log.error("slide=%s stage=failed: %s", Path(slide).name, row["error"])
+    publish_slide(row)
+    return row
+
+
+def _bounded(submit, items: list, limit: int) -> list:
+    """Submit ``items`` with at most ``limit`` in flight; results in the items' order."""
+    futures, running = [], []
+    for item in items:
+        if len(running) >= limit:
+            finished = next(as_completed(running))
+            running.remove(finished)
+        future = submit(item)
+        futures.append(future)
+        running.append(future)
+    return [f.result() for f in futures]
+
+
+@flow(name="process-archive", task_runner=ThreadPoolTaskRunner(max_workers=256))
+def process_archive(
+    archive: str, out: str, model: str | None = None, config: str | None = None,
+    overrides: dict[str, Any] | None = None,
+):
+    """Process what is new or changed in ``archive`` (folder, glob or .csv manifest) into ``out``.
+
+    Returns the result rows (wsipipe.archive); a Failed state naming the counts when any
+    slide failed."""
+    log = get_run_logger()
+    cfg, net, info = load_run_inputs(model, config, overrides)
+    slides = scan_archive(archive)
+    log.info("archive %s: %d slides, model %s, %d in flight", archive, len(slides), info.sha256[:12],
+             cfg.orchestration.slides_in_flight)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with dask_scheduler(cfg) as cfg:
+        rows = _bounded(
+            lambda s: slide_task.submit(str(s), out, cfg, net, info), slides, cfg.orchestration.slides_in_flight
+        )
+    message = archive_message(rows)
+    # report hook: wsipipe.report.write_archive_report(rows, Path(out) / "archive-report.html") goes here.
+    create_table_artifact(archive_table(rows), key="wsipipe-archive", description=f"wsipipe {archive}: {message}")
+    log.info("%s", message)
+    if status_counts(rows)["failed"]:
+        return Failed(message=message, data=rows)
+    return rows
