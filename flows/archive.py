@@ -26,7 +26,7 @@ from wsipipe.cluster import dask_scheduler
 from wsipipe.config import PipelineConfig
 
 
-@task(name="slide", task_run_name="slide [{slide}]", cache_policy=NO_CACHE)
+@task(name="slide", task_run_name="slide {slide}", cache_policy=NO_CACHE)
 def slide_task(slide: str, out: str, cfg: PipelineConfig, net, info) -> dict:
     """One slide: skipped when done, else its stages; never raises (errors become the row)."""
     log = get_run_logger()
@@ -84,5 +84,5 @@ def process_archive(
     create_table_artifact(archive_table(rows), key="wsipipe-archive", description=f"wsipipe {archive}: {message}")
     log.info("%s", message)
     if status_counts(rows)["failed"]:
-        return Failed(message=message, data=rows)
+        return Failed(message=message)  # the rows are in the table artifact
     return rows

@@ -46,7 +46,7 @@ def _transient(task, task_run, state) -> bool:
 
 def _stage(name: str):
     return task(
-        name=name, task_run_name=f"{name} [{{label}}]", cache_policy=NO_CACHE, retry_condition_fn=_transient,
+        name=name, task_run_name=f"{name} {{label}}", cache_policy=NO_CACHE, retry_condition_fn=_transient,
     )
 
 
