@@ -21,7 +21,9 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.slide import load_run_inputs, publish_slide, run_stages
-from wsipipe.archive import archive_message, archive_table, done_outputs, result_row, scan_archive, status_counts
+from wsipipe.archive import (
+    archive_message, archive_table, done_outputs, result_row, scan_archive, status_counts, write_results,
+)
 from wsipipe.cluster import dask_scheduler
 from wsipipe.config import PipelineConfig
 
@@ -67,8 +69,8 @@ def process_archive(
 ):
     """Process what is new or changed in ``archive`` (folder, glob or .csv manifest) into ``out``.
 
-    Returns the result rows (wsipipe.archive); a Failed state naming the counts when any
-    slide failed."""
+    Returns the result rows (wsipipe.archive; also written to ``out/archive-results.json``);
+    a Failed state naming the counts when any slide failed."""
     log = get_run_logger()
     cfg, net, info = load_run_inputs(model, config, overrides)
     slides = scan_archive(archive)
@@ -80,6 +82,7 @@ def process_archive(
             lambda s: slide_task.submit(str(s), out, cfg, net, info), slides, cfg.orchestration.slides_in_flight
         )
     message = archive_message(rows)
+    write_results(rows, out)
     # report hook: wsipipe.report.write_archive_report(rows, Path(out) / "archive-report.html") goes here.
     create_table_artifact(archive_table(rows), key="wsipipe-archive", description=f"wsipipe {archive}: {message}")
     log.info("%s", message)

@@ -176,6 +176,24 @@ def archive_message(rows: list[dict]) -> str:
     return f"{len(rows)} slides: {c['ok']} ok, {c['skipped']} skipped, {c['failed']} failed"
 
 
+RESULTS_FILE = "archive-results.json"
+
+
+def write_results(rows: list[dict], out_root: str | Path) -> Path:
+    """The last archive run's rows as ``out_root/archive-results.json`` (atomic)."""
+    import json
+
+    from wsipipe.export import write_atomic
+
+    return write_atomic(Path(out_root) / RESULTS_FILE, json.dumps(rows, indent=1))
+
+
+def read_results(out_root: str | Path) -> list[dict]:
+    import json
+
+    return json.loads((Path(out_root) / RESULTS_FILE).read_text())
+
+
 # --------------------------------------------------------------------------- artifacts
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -237,6 +238,46 @@ def demo(
         "summary": result.out_dir / "summary.json",
     })
     console.print(f"tumor Dice vs ground truth: [bold]{gt.get('tumor_dice')}[/]")
+
+
+@app.command()
+def archive(
+    source: str = typer.Argument(..., help="Folder of slides, glob pattern ('slides/**/*.svs') or CSV manifest."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (one sub-folder per slide)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Weights file (default model.weights)."),
+    scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler (default: a LocalCluster)."),
+    overrides: list[str] = typer.Option([], "--set", help="Config field override, e.g. --set tile.mpp=1.0 (repeatable)."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """The process-archive Prefect flow: only new or changed slides; failures listed, others go on.
+
+    Runs with Prefect's ephemeral server when PREFECT_API_URL is unset (no server needed, offline),
+    else it reports to that server."""
+    import flows  # noqa: F401  (offline-safe Prefect settings first)
+    from flows.archive import process_archive
+    from wsipipe.archive import RESULTS_FILE, archive_message, parse_overrides, read_results
+
+    values = parse_overrides(overrides)
+    if scheduler:
+        values["dask.scheduler_address"] = scheduler
+    load_config(config, values)  # a bad field fails here, before Prefect starts
+    started = time.time()
+    state = process_archive(
+        source, str(out), model=str(model) if model else None, config=str(config) if config else None,
+        overrides=values, return_state=True,
+    )
+    results = out / RESULTS_FILE
+    if state.is_completed() or (state.is_failed() and results.is_file() and results.stat().st_mtime >= started):
+        rows = read_results(out)
+        for row in rows:
+            style = {"ok": "green", "skipped": "cyan", "failed": "red"}[row["status"]]
+            console.print(Text.assemble((f"{row['status']:>7} ", style), f"{row['slide']}  {row['error'] or row['out_dir']}"))
+        console.print(archive_message(rows), highlight=False)
+        if state.is_completed():
+            return
+    else:
+        _error_line("archive run failed: ", state.message or state.type)
+    raise typer.Exit(EXIT_ERROR)
 
 
 def _print_summary(summary: dict) -> None:
