@@ -9,6 +9,7 @@ counts, when any slide failed, and publishes a table artifact of all slides eith
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.slide import load_run_inputs, publish_slide, run_stages
 from wsipipe.archive import (
-    archive_message, archive_table, done_outputs, result_row, scan_archive, status_counts, write_results,
+    any_to_compute, archive_message, archive_table, done_outputs, result_row, scan_archive, status_counts, write_results,
 )
 from wsipipe.cluster import dask_scheduler
 from wsipipe.config import PipelineConfig
@@ -77,7 +78,9 @@ def process_archive(
     log.info("archive %s: %d slides, model %s, %d in flight", archive, len(slides), info.sha256[:12],
              cfg.orchestration.slides_in_flight)
     Path(out).mkdir(parents=True, exist_ok=True)
-    with dask_scheduler(cfg) as cfg:
+    # A run with nothing new starts no cluster.
+    cluster = dask_scheduler(cfg) if any_to_compute(slides, out, cfg, info) else nullcontext(cfg)
+    with cluster as cfg:
         rows = _bounded(
             lambda s: slide_task.submit(str(s), out, cfg, net, info), slides, cfg.orchestration.slides_in_flight
         )

@@ -116,6 +116,7 @@ def test_done_outputs_follows_slide_config_and_model_on_disk(tmp_path, slides_di
     result = run_slide(slide, out, cfg, weights)
     done = archive.done_outputs(slide, out, cfg, info)
     assert done is not None and done[0] == result.out_dir and done[1] == result.summary
+    assert not archive.any_to_compute([slide], out, cfg, info)
 
     # A fresh load of everything from disk (new process state) agrees.
     assert archive.done_outputs(slide, out, load_config(None, TINY), load_model(weights)[1]) is not None
@@ -136,3 +137,5 @@ def test_done_outputs_follows_slide_config_and_model_on_disk(tmp_path, slides_di
     shutil.copy(slides_dir / "broken.svs", tmp_path / "corrupt.svs")
     with pytest.raises(SlideOpenError, match="corrupt.svs"):
         archive.done_outputs(tmp_path / "corrupt.svs", out, cfg, info)
+    assert not archive.any_to_compute([tmp_path / "corrupt.svs"], out, cfg, info)  # fails before tiling
+    assert archive.any_to_compute([tmp_path / "corrupt.svs", slide], out, cfg, info)  # heatmap.png is gone

@@ -136,6 +136,18 @@ def done_outputs(
     return (slide_dir, summary) if summary is not None else None
 
 
+def any_to_compute(slides: list[Path], out_root: str | Path, cfg: PipelineConfig, model_info) -> bool:
+    """Whether some slide has work to do (so a Dask cluster is worth starting). A slide that
+    cannot even be opened has none: it fails before tiling."""
+    for slide in slides:
+        try:
+            if done_outputs(slide, out_root, cfg, model_info) is None:
+                return True
+        except Exception:  # its own error is reported by the run itself
+            continue
+    return False
+
+
 # --------------------------------------------------------------------------- result rows
 
 
