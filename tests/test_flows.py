@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = {"tile.mpp": 2.0, "tile.patch_size": 64, "dask.num_workers": 2}
+TINY = {"tile.mpp": 2.0, "tile.patch_size": 64, "dask.num_workers": 1}
 OUTPUT_FILES = ("summary.json", "heatmap.png", "tumor_mask.png", "tumor.geojson", "heatmap.npy")
 
 
@@ -106,10 +106,9 @@ def archive_dir(tmp_path_factory, slides_dir) -> dict:
     return {"base": base, "slides": slides, "model": weights}
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A real Prefect server (SQLite in a temp dir, private PREFECT_HOME) on a free port."""
-    home = tmp_path_factory.mktemp("prefect")
+def start_server(home: Path) -> tuple[subprocess.Popen, dict]:
+    """A real Prefect server (SQLite in ``home``, private PREFECT_HOME) on a free port, healthy;
+    returns the process and the environment that points clients at it (also used by bench/)."""
     port = _free_port()
     env = {
         **os.environ,
@@ -126,13 +125,32 @@ def prefect_server(tmp_path_factory):
     server = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
     try:
         _wait_until(lambda: _healthy(env), 90, "the Prefect server", log)
+    except BaseException:
+        _stop(server)
+        raise
+    return server, env
+
+
+def deploy_and_start_worker(env: dict, home: Path) -> subprocess.Popen:
+    """Process pool, `prefect deploy --all` from prefect.yaml, and a worker on the pool."""
+    _prefect(env, "work-pool", "create", "wsipipe", "--type", "process")
+    deployed = _prefect(env, "--no-prompt", "deploy", "--all")
+    assert "process-archive/nightly" in deployed and "process-slide/on-demand" in deployed
+    return _start([str(BIN / "prefect"), "worker", "start", "--pool", "wsipipe"], env, home / "worker.log")
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect")
+    server, env = start_server(home)
+    try:
         yield {"env": env, "dir": home}
     finally:
         _stop(server)
 
 
-def _run_deployment(env: dict, params: dict) -> str:
-    out = _prefect(env, "deployment", "run", "process-archive/nightly", "--params", json.dumps(params),
+def run_deployment(env: dict, params: dict, name: str = "process-archive/nightly") -> str:
+    out = _prefect(env, "deployment", "run", name, "--params", json.dumps(params),
                    "--watch", "--watch-interval", "1", "--watch-timeout", "240", timeout=300,
                    check=False)  # exits non-zero when the run ends Failed; the state is checked below
     match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
@@ -149,23 +167,19 @@ def _flow_run_artifacts(env: dict, flow_run_id: str) -> dict[str, dict]:
 def deployed_runs(prefect_server, archive_dir):
     """Pool + deploy --all + worker, then the nightly deployment run twice over the archive."""
     env, home = prefect_server["env"], prefect_server["dir"]
-    _prefect(env, "work-pool", "create", "wsipipe", "--type", "process")
-    deployed = _prefect(env, "--no-prompt", "deploy", "--all")
-    assert "process-archive/nightly" in deployed and "process-slide/on-demand" in deployed
-    log = home / "worker.log"
-    worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "wsipipe"], env, log)
+    worker = deploy_and_start_worker(env, home)
     out = archive_dir["base"] / "out-local"
     params = {"archive": str(archive_dir["slides"]), "out": str(out), "model": str(archive_dir["model"]),
               "overrides": TINY}
     try:
-        first = _run_deployment(env, params)
+        first = run_deployment(env, params)
         first_rows = json.loads((out / RESULTS_FILE).read_text())
         stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*") if p.name in ("summary.json", "patches.zarr")}
         stamps.update({p: p.stat().st_mtime_ns for p in out.glob("*/patches.zarr/*/zarr.json")})
-        second = _run_deployment(env, params)
+        second = run_deployment(env, params)
         second_rows = json.loads((out / RESULTS_FILE).read_text())
         yield {"env": env, "out": out, "runs": (first, second), "rows": (first_rows, second_rows),
-               "stamps": stamps, "worker_log": log}
+               "stamps": stamps}
     finally:
         _stop(worker)
 
@@ -266,3 +280,23 @@ def test_archive_on_dask_processes_matches_local_run(deployed_runs, archive_dir,
         sa, sb = local[name]["summary"], remote[name]["summary"]
         for key in ("n_patches", "n_tumor_patches", "slide_score", "decision", "tumor_area_mm2", "n_tumor_regions"):
             assert sa[key] == sb[key], (name, key)
+
+
+def test_stage_retries_only_transient_io_errors():
+    """The retry condition of every stage: I/O hiccups retry; typed, timeout and other errors don't."""
+    import asyncio
+
+    from prefect.states import exception_to_failed_state
+
+    from flows.slide import _transient
+    from wsipipe.errors import SlideOpenError, SlideReadError
+
+    def decided(exc: BaseException) -> bool:
+        try:
+            raise exc
+        except BaseException as raised:
+            return _transient(None, None, asyncio.run(exception_to_failed_state(raised)))
+
+    assert decided(OSError(5, "Input/output error")) and decided(ConnectionResetError())
+    assert not decided(SlideReadError("/s.svs", "corrupt tile")) and not decided(SlideOpenError("/s.svs", "not a slide"))
+    assert not decided(TimeoutError("stage timed out")) and not decided(ValueError("bug"))

@@ -17,15 +17,19 @@ from wsipipe.config import PipelineConfig
 @contextmanager
 def dask_scheduler(cfg: PipelineConfig) -> Iterator[PipelineConfig]:
     """Yield ``cfg`` with ``dask.scheduler_address`` set: the configured scheduler as is, or a
-    LocalCluster (one single-threaded worker process per core) that lives for the block."""
+    LocalCluster that lives for the block: ``dask.num_workers`` workers (default one per core),
+    threads in this process unless ``orchestration.local_cluster_processes``."""
     if cfg.dask.scheduler_address:
         yield cfg
         return
     from distributed import LocalCluster
 
     workers = cfg.dask.num_workers or os.cpu_count() or 1
+    processes = cfg.orchestration.local_cluster_processes
+    # Threads talk in-process (inproc://); worker processes over TCP on the loopback only.
+    where = {"host": "127.0.0.1"} if processes else {}
     with LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1"
+        n_workers=workers, threads_per_worker=1, processes=processes, dashboard_address=None, **where
     ) as cluster:
         local = cfg.model_copy(deep=True)
         local.dask.scheduler_address = cluster.scheduler_address

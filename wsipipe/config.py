@@ -104,6 +104,10 @@ class OrchestrationConfig(_Section):
     stage_retries: int = Field(2, ge=0, le=20, description="Retries of a stage after a transient I/O error.")
     retry_delay_s: float = Field(10.0, ge=0.0, description="Wait before a stage retry, seconds.")
     stage_timeout_s: float = Field(6 * 3600.0, gt=0.0, description="A stage running longer than this fails, seconds.")
+    local_cluster_processes: bool = Field(
+        False, description="LocalCluster workers as processes (True) or threads in the flow's process (False: starts "
+        "in well under a second; the tile reads and Zarr writes release the GIL).",
+    )
     gpu_tag: str = Field(
         "wsipipe-gpu", pattern=r"^[A-Za-z0-9_.:-]+$",
         description="Prefect tag on the inference stage; `prefect concurrency-limit create TAG 1` = one slide per GPU.",
