@@ -178,8 +178,11 @@ def deployed_runs(prefect_server, archive_dir):
         stamps.update({p: p.stat().st_mtime_ns for p in out.glob("*/patches.zarr/*/zarr.json")})
         second = run_deployment(env, params)
         second_rows = json.loads((out / RESULTS_FILE).read_text())
+        slide_params = {**params, "slide": str(archive_dir["slides"] / "generated.svs")}
+        del slide_params["archive"]
+        one = run_deployment(env, slide_params, "process-slide/on-demand")
         yield {"env": env, "out": out, "runs": (first, second), "rows": (first_rows, second_rows),
-               "stamps": stamps}
+               "stamps": stamps, "slide_run": one}
     finally:
         _stop(worker)
 
@@ -237,6 +240,19 @@ def test_second_deployment_run_processes_nothing_new(deployed_runs):
     # No stage task ran in the second run.
     tasks = _api(env, "/task_runs/filter", {"flow_runs": {"id": {"any_": [second_id]}}, "limit": 50})
     assert tasks and not [t["name"] for t in tasks if t["name"].split()[0] in ("tile", "infer", "stitch")]
+
+
+def test_slide_deployment_reuses_complete_stages(deployed_runs):
+    """process-slide/on-demand on an already processed slide: its stages run and find their outputs."""
+    env, one = deployed_runs["env"], deployed_runs["slide_run"]
+    run = _api(env, f"/flow_runs/{one}")
+    assert run["state"]["type"] == "COMPLETED"
+    tasks = _api(env, "/task_runs/filter", {"flow_runs": {"id": {"any_": [one]}}, "limit": 50})
+    assert sorted(t["name"].split()[0] for t in tasks) == ["infer", "stitch", "tile"]
+    assert all(t["state"]["type"] == "COMPLETED" for t in tasks)
+    assert all(p.stat().st_mtime_ns == t for p, t in deployed_runs["stamps"].items())  # nothing recomputed
+    (key,) = [k for k in _flow_run_artifacts(env, one) if k.startswith("wsipipe-slide-generated")]
+    assert "| patches |" in _flow_run_artifacts(env, one)[key]["data"]
 
 
 def test_archive_on_dask_processes_matches_local_run(deployed_runs, archive_dir, tmp_path):
