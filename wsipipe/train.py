@@ -39,23 +39,31 @@ def label_patches(
     (fraction <= ``max_normal_overlap``), -1 = ambiguous (left out of training)."""
     if not 0.0 <= max_normal_overlap < min_overlap <= 1.0:
         raise ValueError(f"need 0 <= max_normal_overlap ({max_normal_overlap}) < min_overlap ({min_overlap}) <= 1")
-    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
-    labels = np.zeros(len(coords), dtype=np.int8)
-    if tumor is None or tumor.is_empty or len(coords) == 0:
+    labels = np.zeros(len(np.asarray(coords).reshape(-1, 2)), dtype=np.int8)
+    if tumor is None or tumor.is_empty or len(labels) == 0:
         return labels
-    x, y = coords[:, 0], coords[:, 1]
-    squares = shapely.box(x, y, x + patch_size_l0, y + patch_size_l0)
-    shapely.prepare(tumor)
-    # Only squares crossing the tumor border need an exact intersection: on a slide most
-    # patches are clear of tumor or deep inside it, and the prepared predicates are cheap.
-    touching = shapely.intersects(tumor, squares)
-    inside = touching & shapely.contains_properly(tumor, squares)
-    border = np.flatnonzero(touching & ~inside)
-    overlap = inside.astype(np.float64)
-    overlap[border] = shapely.area(shapely.intersection(squares[border], tumor)) / float(patch_size_l0) ** 2
+    overlap = overlap_fraction(coords, patch_size_l0, tumor)
     labels[overlap > max_normal_overlap] = AMBIGUOUS
     labels[overlap >= min_overlap] = 1
     return labels
+
+
+def overlap_fraction(coords: np.ndarray, patch_size_l0: float, region: BaseGeometry) -> np.ndarray:
+    """Fraction (0..1) of each level-0 square ``[x, x+size) x [y, y+size)`` inside ``region``."""
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    if region is None or region.is_empty or len(coords) == 0:
+        return np.zeros(len(coords))
+    x, y = coords[:, 0], coords[:, 1]
+    squares = shapely.box(x, y, x + patch_size_l0, y + patch_size_l0)
+    shapely.prepare(region)
+    # Only squares crossing the region's border need an exact intersection: on a slide most
+    # patches are clear of it or deep inside it, and the prepared predicates are cheap.
+    touching = shapely.intersects(region, squares)
+    inside = touching & shapely.contains_properly(region, squares)
+    border = np.flatnonzero(touching & ~inside)
+    overlap = inside.astype(np.float64)
+    overlap[border] = shapely.area(shapely.intersection(squares[border], region)) / float(patch_size_l0) ** 2
+    return overlap
 
 
 def augment(patches: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
