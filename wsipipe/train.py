@@ -21,7 +21,7 @@ import torch
 from shapely.geometry.base import BaseGeometry
 from torch import nn
 
-from wsipipe.inference import resolve_device, resolve_precision, to_tensor
+from wsipipe.inference import predict_patches, resolve_device, resolve_precision, to_tensor
 from wsipipe.model import build_model
 
 Progress = Callable[[int, int], None]
@@ -249,13 +249,6 @@ def initial_model(arch: str, num_classes: int, init: str = "scratch", path=None,
     return model, {"init": init, "path": str(path), "sha256": file_sha256(path)}
 
 
-@torch.no_grad()
-def predict(model: nn.Module, patches: np.ndarray, device: torch.device, batch_size: int = 64) -> np.ndarray:
-    from wsipipe.inference import predict_patches
-
-    return predict_patches(model, patches, device, batch_size) if len(patches) else np.zeros(0)
-
-
 def retrain(
     train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], cfg, num_classes: int,
     model: nn.Module | None = None, augmenter=None, on_step: StepLog | None = None,
@@ -287,7 +280,7 @@ def retrain(
     def epoch_end(epoch: int, current: nn.Module) -> bool:
         snapshot = copy.deepcopy(current)
         recalibrate_batchnorm(snapshot, xtr, bn_sample, cfg.batch_size, dev, dtype)
-        score = auc(predict(snapshot.eval(), xva, dev), yva) if len(yva) else float("nan")
+        score = auc(predict_patches(snapshot, xva, dev), yva) if len(yva) else float("nan")
         score = -np.inf if np.isnan(score) else score
         history.append({"epoch": epoch, "val_auc": float(score), "train_loss": float(np.mean(losses[-50:] or [np.nan]))})
         if score > best["auc"] or best["model"] is None:
@@ -331,7 +324,7 @@ def train_model(stores: list, out_dir, cfg, progress: StepLog | None = None) -> 
     tr, va, te = (data.subset(splits[k]) for k in ("train", "val", "test"))
     model, history, best_epoch = retrain((tr.patches, tr.labels), (va.patches, va.labels), tc, num_classes, model,
                                          Augmenter(cfg.augment), progress)
-    probs = predict(model, te.patches, resolve_device(tc.device))
+    probs = predict_patches(model, te.patches, resolve_device(tc.device))
     metrics = classification_metrics(probs, te.labels)
     out_dir = Path(out_dir)
     info = save_weights(model, out_dir / "model.safetensors", tc.arch, num_classes, {"classes": json.dumps(data.classes)})
