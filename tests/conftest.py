@@ -16,3 +16,26 @@ def slides_dir() -> Path:
     if not SLIDES.is_dir():
         pytest.fail(f"real test slides not found at {SLIDES} (../shared/data beside the project root)")
     return SLIDES
+
+
+@pytest.fixture(scope="session")
+def labelled_slides(tmp_path_factory):
+    """Three small generated slides (own layouts and tumors), tiled into 64-px patches at
+    1 µm/px and labelled Normal/Tumor from their ground-truth GeoJSON: shared by the
+    training-side tests (patch sets, augmentation, pretraining, retraining)."""
+    from wsipipe.config import load_config
+    from wsipipe.patchsets import label_store
+    from wsipipe.synth import write_synthetic_slide
+    from wsipipe.tiling import tile_slide
+
+    root = tmp_path_factory.mktemp("labelled")
+    cfg = load_config(None, {"tile.mpp": 1.0, "tile.patch_size": 64, "tile.chunk_patches": 32})
+    slides, stores = [], []
+    for seed in (11, 12, 13):
+        s = write_synthetic_slide(root / f"gen{seed}.svs", 5000, 3750, mpp=0.5, seed=seed, n_tissue=2, n_tumor=2)
+        store_path = root / f"gen{seed}.zarr"
+        tile_slide(s.path, store_path, cfg)
+        label_store(store_path, s.geojson_path, ["Normal", "Tumor"])
+        slides.append(s)
+        stores.append(store_path)
+    return {"slides": slides, "stores": stores, "cfg": cfg, "root": root}

@@ -114,6 +114,72 @@ class OrchestrationConfig(_Section):
     )
 
 
+class AugmentConfig(_Section):
+    """Training-time augmentation (wsipipe.augment); a probability or magnitude of 0 turns a transform off."""
+
+    seed: int = Field(0, description="Seed of the augmentation random stream.")
+    flip_rot90: bool = Field(True, description="Random flips and 90° rotations (tissue has no orientation).")
+    rotate_degrees: float = Field(0.0, ge=0.0, le=180.0, description="Arbitrary rotation range ±deg (reflect-free, edges filled white).")
+    scale: tuple[float, float] = Field((1.0, 1.0), description="Random scale range (1, 1 = off).")
+    shear_degrees: float = Field(0.0, ge=0.0, le=45.0)
+    crop: int | None = Field(None, ge=8, le=4096, description="Random crop edge, px (None = whole patch).")
+    brightness: float = Field(0.1, ge=0.0, le=1.0)
+    contrast: float = Field(0.1, ge=0.0, le=1.0)
+    saturation: float = Field(0.1, ge=0.0, le=1.0)
+    hue: float = Field(0.02, ge=0.0, le=0.5)
+    hed_sigma: float = Field(0.05, ge=0.0, le=1.0, description="HED stain jitter: per-stain scale ~ U(1±sigma) of concentrations.")
+    hed_bias: float = Field(0.01, ge=0.0, le=0.5, description="HED stain jitter: per-stain shift ~ U(±bias) of concentrations.")
+    blur_p: float = Field(0.0, ge=0.0, le=1.0, description="Probability of a gaussian blur.")
+    blur_sigma: tuple[float, float] = Field((0.1, 1.5))
+    noise_std: float = Field(0.0, ge=0.0, le=0.5, description="Gaussian noise std on 0..1 pixels.")
+    jpeg_p: float = Field(0.0, ge=0.0, le=1.0, description="Probability of a JPEG re-encode.")
+    jpeg_quality: tuple[int, int] = Field((50, 95))
+    stain_normalise: Literal["none", "macenko", "reinhard"] = Field(
+        "none", description="Stain normalisation fitted to a reference patch set, before augmentation."
+    )
+
+
+class PretrainConfig(_Section):
+    """Self-supervised pretraining of an encoder (wsipipe.pretrain)."""
+
+    method: Literal["simclr", "byol"] = "simclr"
+    arch: str = Field("resnet18", pattern=r"^[a-z][a-z0-9_]*$")
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(64, ge=2, le=4096)
+    lr: float = Field(1e-3, gt=0.0)
+    temperature: float = Field(0.2, gt=0.0, le=10.0, description="NT-Xent temperature (SimCLR).")
+    ema: float = Field(0.99, ge=0.0, lt=1.0, description="Target-network EMA momentum (BYOL).")
+    projection_dim: int = Field(128, ge=8, le=8192)
+    hidden_dim: int = Field(512, ge=8, le=16384)
+    crop: int = Field(96, ge=8, le=4096, description="Views are random crops of this edge.")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints (resume point).")
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class TrainConfig(_Section):
+    """Supervised (re)training of the patch classifier (wsipipe.train.retrain)."""
+
+    arch: str = Field("resnet18", pattern=r"^[a-z][a-z0-9_]*$")
+    init: Literal["scratch", "encoder", "weights", "production"] = Field(
+        "scratch", description="Start from: random init, a pretrained encoder, a local weights file, the registry's production model."
+    )
+    init_path: Path | None = Field(None, description="Encoder checkpoint or weights file for init=encoder/weights.")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=2, le=4096)
+    lr: float = Field(1e-3, gt=0.0)
+    train_size: int | None = Field(128, ge=8, le=4096, description="Train on random crops of this edge (None = whole patches).")
+    patience: int = Field(3, ge=1, description="Early stopping: epochs without a better validation AUC.")
+    min_overlap: float = Field(0.5, ge=0.0, le=1.0, description="Patch is in a class when this fraction of it lies in the class polygon.")
+    max_normal_overlap: float = Field(0.1, ge=0.0, le=1.0, description="... and background when at most this fraction lies in any polygon.")
+    split: tuple[float, float, float] = Field((0.6, 0.2, 0.2), description="train/val/test fractions of slides (groups), never of patches.")
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    registry: Path = Field(Path("models"), description="Model registry folder.")
+
+
 class PipelineConfig(_Section):
     tissue: TissueConfig = Field(default_factory=TissueConfig)
     tile: TileConfig = Field(default_factory=TileConfig)
@@ -122,6 +188,9 @@ class PipelineConfig(_Section):
     stitch: StitchConfig = Field(default_factory=StitchConfig)
     dask: DaskConfig = Field(default_factory=DaskConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     mpp_override: float | None = Field(None, gt=0.01, le=1000.0, description="Force the slide's level-0 mpp.")
 
     def section_hash(self, *sections: str) -> str:

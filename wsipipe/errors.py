@@ -43,3 +43,11 @@ class ModelLoadError(WsipipeError):
 
 class ConfigError(WsipipeError):
     """A configuration file or parameter is invalid (names the field and value)."""
+
+
+class AnnotationError(WsipipeError):
+    """An annotation file (GeoJSON) or a labelled patch folder is unusable (names the feature / file)."""
+
+
+class RegistryError(WsipipeError):
+    """The model registry refused an operation (unknown version, a worse model, a different test split)."""

@@ -12,6 +12,7 @@ one would teach the model the annotator's pen stroke.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -20,10 +21,11 @@ import torch
 from shapely.geometry.base import BaseGeometry
 from torch import nn
 
-from wsipipe.inference import resolve_device, resolve_precision, to_tensor
+from wsipipe.inference import predict_patches, resolve_device, resolve_precision, to_tensor
 from wsipipe.model import build_model
 
 Progress = Callable[[int, int], None]
+StepLog = Callable[[int, int, float, float], None]  # step, total, loss, patches per second
 AMBIGUOUS = -1
 
 
@@ -39,23 +41,31 @@ def label_patches(
     (fraction <= ``max_normal_overlap``), -1 = ambiguous (left out of training)."""
     if not 0.0 <= max_normal_overlap < min_overlap <= 1.0:
         raise ValueError(f"need 0 <= max_normal_overlap ({max_normal_overlap}) < min_overlap ({min_overlap}) <= 1")
-    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
-    labels = np.zeros(len(coords), dtype=np.int8)
-    if tumor is None or tumor.is_empty or len(coords) == 0:
+    labels = np.zeros(len(np.asarray(coords).reshape(-1, 2)), dtype=np.int8)
+    if tumor is None or tumor.is_empty or len(labels) == 0:
         return labels
-    x, y = coords[:, 0], coords[:, 1]
-    squares = shapely.box(x, y, x + patch_size_l0, y + patch_size_l0)
-    shapely.prepare(tumor)
-    # Only squares crossing the tumor border need an exact intersection: on a slide most
-    # patches are clear of tumor or deep inside it, and the prepared predicates are cheap.
-    touching = shapely.intersects(tumor, squares)
-    inside = touching & shapely.contains_properly(tumor, squares)
-    border = np.flatnonzero(touching & ~inside)
-    overlap = inside.astype(np.float64)
-    overlap[border] = shapely.area(shapely.intersection(squares[border], tumor)) / float(patch_size_l0) ** 2
+    overlap = overlap_fraction(coords, patch_size_l0, tumor)
     labels[overlap > max_normal_overlap] = AMBIGUOUS
     labels[overlap >= min_overlap] = 1
     return labels
+
+
+def overlap_fraction(coords: np.ndarray, patch_size_l0: float, region: BaseGeometry) -> np.ndarray:
+    """Fraction (0..1) of each level-0 square ``[x, x+size) x [y, y+size)`` inside ``region``."""
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    if region is None or region.is_empty or len(coords) == 0:
+        return np.zeros(len(coords))
+    x, y = coords[:, 0], coords[:, 1]
+    squares = shapely.box(x, y, x + patch_size_l0, y + patch_size_l0)
+    shapely.prepare(region)
+    # Only squares crossing the region's border need an exact intersection: on a slide most
+    # patches are clear of it or deep inside it, and the prepared predicates are cheap.
+    touching = shapely.intersects(region, squares)
+    inside = touching & shapely.contains_properly(region, squares)
+    border = np.flatnonzero(touching & ~inside)
+    overlap = inside.astype(np.float64)
+    overlap[border] = shapely.area(shapely.intersection(squares[border], region)) / float(patch_size_l0) ** 2
+    return overlap
 
 
 def augment(patches: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -85,6 +95,10 @@ def fit_classifier(
     precision: str = "auto",
     train_size: int | None = 128,
     progress: Progress | None = None,
+    model: nn.Module | None = None,
+    augmenter: Callable[[np.ndarray, int], np.ndarray] | None = None,
+    on_step: StepLog | None = None,
+    on_epoch: Callable[[int, nn.Module], bool] | None = None,
 ) -> nn.Module:
     """Fit a from-scratch ``arch`` (``weights=None``) on (N, H, W, 3) uint8 patches.
 
@@ -99,7 +113,12 @@ def fit_classifier(
     classifies whole patches at inference at the same µm per pixel it learned, and a
     128-px crop costs a third of a 224-px patch per step. None = whole patches.
 
-    Deterministic for a given ``seed`` on a given machine (same init, sampling, crops)."""
+    Deterministic for a given ``seed`` on a given machine (same init, sampling, crops).
+
+    Retraining hooks: ``model`` starts from given weights instead of a fresh ``arch``;
+    ``augmenter(batch, seed)`` runs after the crop and flips (e.g. a
+    :class:`wsipipe.augment.Augmenter`); ``on_step(step, total, loss, patches_per_s)``;
+    ``on_epoch(epoch, model)`` after each epoch, returning True stops training."""
     patches = np.asarray(patches)
     labels = np.asarray(labels).astype(np.int64)
     if patches.ndim != 4 or len(labels) != len(patches):
@@ -114,7 +133,7 @@ def fit_classifier(
     rng = np.random.default_rng(seed)  # sampling, crops, flips
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
-    model = build_model(arch, num_classes).to(dev).to(memory_format=torch.channels_last)
+    model = (model if model is not None else build_model(arch, num_classes)).to(dev).to(memory_format=torch.channels_last)
     # Class-balanced: each class is drawn equally often, whatever its count.
     weights = 1.0 / counts[np.searchsorted(classes, labels[keep])]
     weights /= weights.sum()
@@ -126,25 +145,37 @@ def fit_classifier(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, fused=fused)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2)
     loss_fn = nn.BCEWithLogitsLoss() if num_classes == 1 else nn.CrossEntropyLoss()
+    # fp16 autocast (CUDA GPUs without bf16) needs loss scaling; bf16 and fp32 don't.
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype is torch.float16)
     model.train()
     step = 0
-    for _ in range(epochs):
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
         order = rng.choice(keep, size=len(keep), replace=True, p=weights)
         for b in starts:
             idx = order[b : b + batch_size]
             batch = augment(patches[idx], train_size or patches.shape[1], rng)
+            if augmenter is not None:
+                batch = augmenter(batch, seed * 1_000_003 + step)
             x = to_tensor(batch, dev).contiguous(memory_format=torch.channels_last)
             y = torch.as_tensor(labels[idx], device=dev)
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(x).float()
             loss = loss_fn(logits[:, 0], y.float()) if num_classes == 1 else loss_fn(logits, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             step += 1
             if progress:
                 progress(step, total)
+            if on_step:
+                on_step(step, total, float(loss.detach()), step * batch_size / max(time.perf_counter() - t0, 1e-9))
+        if on_epoch is not None and on_epoch(epoch, model):
+            model.train()
+            break
+        model.train()
     sample = rng.choice(keep, size=min(len(keep), 256), replace=False, p=weights)
     recalibrate_batchnorm(model, patches, np.sort(sample), max(batch_size, 2), dev, dtype)
     return model.eval()
@@ -172,3 +203,142 @@ def recalibrate_batchnorm(model: nn.Module, patches: np.ndarray, idx: np.ndarray
                 model(to_tensor(patches[idx[b : b + batch_size]], device))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
+
+
+def initial_model(arch: str, num_classes: int, init: str = "scratch", path=None, registry=None) -> tuple[nn.Module, dict]:
+    """The model retraining starts from, and a record of where it came from.
+
+    ``scratch``: random init. ``encoder``: a pretraining checkpoint's encoder
+    (:func:`wsipipe.pretrain.load_encoder`) under a fresh head. ``weights``: a local
+    weights file (its head too when the class count matches). ``production``: the
+    registry's production model. Files are read as safetensors or ``weights_only`` torch
+    state dicts: a checkpoint that pickles code is refused (:class:`ModelLoadError`)."""
+    from wsipipe.errors import ModelLoadError
+    from wsipipe.model import _head_key, file_sha256, load_model
+
+    model = build_model(arch, num_classes)
+    if init == "scratch":
+        return model, {"init": "scratch"}
+    if init == "encoder":
+        from wsipipe.pretrain import load_encoder
+
+        encoder, meta = load_encoder(path)
+        if meta["arch"] != arch:
+            raise ModelLoadError(path, f"encoder is {meta['arch']}, training asks for {arch}")
+        missing, _ = model.load_state_dict(encoder.state_dict(), strict=False)
+        head = _head_key(model).rsplit(".", 1)[0]
+        if any(not k.startswith(head + ".") for k in missing):
+            raise ModelLoadError(path, f"encoder does not fit {arch}: missing {missing[:3]}")
+        return model, {"init": "encoder", "path": str(path), "method": meta.get("method"), "step": meta.get("step"),
+                       "data": (meta.get("data") or {}).get("hash")}
+    if init == "production":
+        from wsipipe.registry import production
+
+        entry = production(registry)
+        if entry is None:
+            raise ModelLoadError(registry, "registry has no production model to start from")
+        path = entry["weights"]
+    if init not in ("weights", "production") or path is None:
+        raise ModelLoadError(path, f"init={init!r} needs a path (encoder / weights) or a registry (production)")
+    source, info = load_model(path, arch)
+    state = source.state_dict()
+    if info.num_classes != num_classes:  # different classes: keep the body, fresh head
+        head = _head_key(model).rsplit(".", 1)[0] + "."
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+    model.load_state_dict(state, strict=False)
+    return model, {"init": init, "path": str(path), "sha256": file_sha256(path)}
+
+
+def retrain(
+    train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], cfg, num_classes: int,
+    model: nn.Module | None = None, augmenter=None, on_step: StepLog | None = None,
+) -> tuple[nn.Module, list[dict], int]:
+    """Fine-tune on ``train`` = (patches, labels), early-stopping on the validation AUC.
+
+    After each epoch a copy of the model gets exact BatchNorm statistics and is scored on
+    ``val``; the best copy is returned with the per-epoch history and its epoch. Training
+    stops after ``cfg.patience`` epochs without a better AUC. ``cfg`` is a TrainConfig."""
+    import copy
+
+    from wsipipe.metrics import auc
+
+    (xtr, ytr), (xva, yva) = train, val
+    dev = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.precision, dev)
+    keep = np.flatnonzero(np.asarray(ytr) >= 0)
+    rng = np.random.default_rng(cfg.seed + 1)
+    bn_sample = np.sort(rng.choice(keep, size=min(len(keep), 256), replace=False))
+    history: list[dict] = []
+    best = {"auc": -np.inf, "model": None, "epoch": -1}
+    losses: list[float] = []
+
+    def step_log(step, total, loss, rate):
+        losses.append(loss)
+        if on_step:
+            on_step(step, total, loss, rate)
+
+    def epoch_end(epoch: int, current: nn.Module) -> bool:
+        snapshot = copy.deepcopy(current)
+        recalibrate_batchnorm(snapshot, xtr, bn_sample, cfg.batch_size, dev, dtype)
+        score = auc(predict_patches(snapshot, xva, dev), yva) if len(yva) else float("nan")
+        score = -np.inf if np.isnan(score) else score
+        history.append({"epoch": epoch, "val_auc": float(score), "train_loss": float(np.mean(losses[-50:] or [np.nan]))})
+        if score > best["auc"] or best["model"] is None:
+            best.update(auc=score, model=snapshot, epoch=epoch)
+        return epoch - best["epoch"] >= cfg.patience
+
+    fit_classifier(xtr, ytr, arch=cfg.arch, num_classes=num_classes, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                   lr=cfg.lr, seed=cfg.seed, device=cfg.device, precision=cfg.precision, train_size=cfg.train_size,
+                   model=model, augmenter=augmenter, on_step=step_log, on_epoch=epoch_end)
+    return best["model"].eval(), history, int(best["epoch"])
+
+
+CARD_FORMAT = "wsipipe-model-card-1"
+
+
+def train_model(stores: list, out_dir, cfg, progress: StepLog | None = None) -> dict:
+    """Labelled stores -> split by slide/group -> retrain -> held-out metrics -> weights + model card.
+
+    ``cfg`` is the whole PipelineConfig (train, augment). Writes ``out_dir/model.safetensors``
+    and ``out_dir/card.json``; returns the card."""
+    import datetime
+    import json
+    from pathlib import Path
+
+    from wsipipe import __version__
+    from wsipipe.augment import Augmenter
+    from wsipipe.export import write_atomic
+    from wsipipe.metrics import classification_metrics
+    from wsipipe.model import save_weights
+    from wsipipe.patchsets import load_patch_sets, split_by_group, split_identity
+
+    tc = cfg.train
+    data = load_patch_sets(stores)
+    splits = split_by_group(data.groups, tc.split, tc.seed)
+    for name in ("train", "val", "test"):
+        if len(splits[name]) == 0:
+            raise ValueError(f"split {name!r} is empty: {len(set(data.groups))} source group(s) cannot fill "
+                             f"train/val/test {tc.split}; add slides or change train.split")
+    num_classes = 1 if len(data.classes) == 2 else len(data.classes)
+    model, init = initial_model(tc.arch, num_classes, tc.init, tc.init_path, tc.registry)
+    tr, va, te = (data.subset(splits[k]) for k in ("train", "val", "test"))
+    model, history, best_epoch = retrain((tr.patches, tr.labels), (va.patches, va.labels), tc, num_classes, model,
+                                         Augmenter(cfg.augment), progress)
+    probs = predict_patches(model, te.patches, resolve_device(tc.device))
+    metrics = classification_metrics(probs, te.labels)
+    out_dir = Path(out_dir)
+    info = save_weights(model, out_dir / "model.safetensors", tc.arch, num_classes, {"classes": json.dumps(data.classes)})
+    card = {
+        "format": CARD_FORMAT, "wsipipe_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "arch": tc.arch, "num_classes": num_classes, "classes": data.classes, "weights_sha256": info.sha256,
+        "init": init, "config": {"train": tc.model_dump(mode="json"), "augment": cfg.augment.model_dump(mode="json")},
+        "config_hash": cfg.section_hash("train", "augment"),
+        "data": {"identity": data.identity, "stores": [str(s) for s in stores],
+                 "splits": {k: {"n": int(len(v)), "groups": sorted(set(data.groups[v].tolist())),
+                                "split_id": split_identity(data.groups, v)} for k, v in splits.items()}},
+        "test_split_id": split_identity(data.groups, splits["test"]),
+        "history": history, "best_epoch": best_epoch, "test_metrics": metrics,
+    }
+    write_atomic(out_dir / "card.json", json.dumps(card, indent=2))
+    return card

@@ -1,0 +1,271 @@
+"""Labelled patch sets: tiled slides + annotation polygons, or a folder per class.
+
+Both land in the tiled-slide Zarr layout (``patches``, ``coords``) plus::
+
+    labels   (N,) int8    class index, -1 = unlabelled (kept, marked, never trained on)
+    groups   (N,) int32   index into attrs["wsipipe"]["labels"]["groups"]: the source slide / folder group
+
+    attrs["wsipipe"]["labels"] = {"classes": [...], "groups": [...], "source": ..., "min_overlap": ...}
+
+Splits are drawn over groups, never over patches, so patches of one slide (or of one
+source group of a folder set) never land in two splits.
+
+    read_annotations("slide.geojson")                  # validated polygons by class
+    label_store("slide.zarr", "slide.geojson")         # labels into the slide's store
+    folder_patch_set("kather/", "kather.zarr")         # one sub-folder per class
+    ps = load_patch_sets(["a.zarr", "b.zarr"])         # one in-memory labelled set
+    splits = split_by_group(ps.groups, (0.6, 0.2, 0.2), seed=0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, shape
+
+from wsipipe import store
+from wsipipe.errors import AnnotationError
+from wsipipe.geometry import as_multipolygon
+from wsipipe.train import overlap_fraction
+
+BACKGROUND = "Normal"  # the class of patches clear of every annotation polygon
+IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
+SPLITS = ("train", "val", "test")
+
+
+def read_annotations(path: str | Path, repair: bool = True) -> dict[str, MultiPolygon]:
+    """Polygons by classification name from a QuPath-exported GeoJSON, validated.
+
+    Invalid polygons (self-intersections, bow ties) are repaired with ``make_valid`` when
+    ``repair``, else rejected; either way a feature that is not polygonal or is empty after
+    repair is an :class:`AnnotationError` naming its index."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AnnotationError(path, "GeoJSON file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AnnotationError(path, f"not valid JSON: {exc}") from None
+    features = data.get("features") if isinstance(data, dict) else data
+    if not isinstance(features, list):
+        raise AnnotationError(path, "no 'features' list (expected a GeoJSON FeatureCollection)")
+    out: dict[str, list] = {}
+    for i, feat in enumerate(features):
+        try:
+            geom = shape(feat["geometry"])
+        except Exception as exc:
+            raise AnnotationError(path, f"feature {i}: unreadable geometry: {exc}") from None
+        if geom.geom_type not in ("Polygon", "MultiPolygon"):
+            continue  # points, lines (QuPath detections, rulers) carry no area to label with
+        if not geom.is_valid:
+            if not repair:
+                raise AnnotationError(path, f"feature {i}: invalid polygon ({shapely.is_valid_reason(geom)})")
+            geom = shapely.make_valid(geom)
+        polys = as_multipolygon(geom)
+        if polys.is_empty or polys.area <= 0:
+            raise AnnotationError(path, f"feature {i}: polygon has no area (after repair)")
+        cls = (feat.get("properties") or {}).get("classification") or {}
+        name = cls.get("name", "Unclassified") if isinstance(cls, dict) else str(cls)
+        out.setdefault(name, []).extend(polys.geoms)
+    return {name: as_multipolygon(shapely.union_all(polys)) for name, polys in out.items()}
+
+
+def label_by_regions(
+    coords: np.ndarray, patch_size_l0: float, regions: dict[str, MultiPolygon], classes: list[str],
+    min_overlap: float = 0.5, max_normal_overlap: float = 0.1, background: str | None = BACKGROUND,
+) -> np.ndarray:
+    """int8 class index per patch: the class whose polygons cover >= ``min_overlap`` of it;
+    ``background`` when every class covers <= ``max_normal_overlap``; else -1 (unlabelled).
+
+    ``classes`` fixes the index order (background included, if used)."""
+    if not 0.0 <= max_normal_overlap < min_overlap <= 1.0:
+        raise ValueError(f"need 0 <= max_normal_overlap ({max_normal_overlap}) < min_overlap ({min_overlap}) <= 1")
+    named = [c for c in classes if c != background]
+    n = len(np.asarray(coords).reshape(-1, 2))
+    overlaps = np.zeros((n, max(len(named), 1)))
+    for j, name in enumerate(named):
+        overlaps[:, j] = overlap_fraction(coords, patch_size_l0, regions.get(name, MultiPolygon()))
+    labels = np.full(n, -1, dtype=np.int8)
+    if background is not None:
+        labels[overlaps.max(axis=1) <= max_normal_overlap] = classes.index(background)
+    best = overlaps.argmax(axis=1)
+    hit = overlaps[np.arange(n), best] >= min_overlap
+    labels[hit] = np.array([classes.index(named[b]) for b in best[hit]], dtype=np.int8) if hit.any() else []
+    return labels
+
+
+def label_store(
+    store_path: str | Path, geojson_path: str | Path, classes: list[str] | None = None,
+    min_overlap: float = 0.5, max_normal_overlap: float = 0.1, background: str | None = BACKGROUND,
+) -> np.ndarray:
+    """Write ``labels`` and ``groups`` into a tiled slide's store from its annotations.
+
+    ``classes`` default: background first, then the annotation classes sorted (so a
+    Tumor-only GeoJSON gives ["Normal", "Tumor"] = 0/1, the binary classifier's labels)."""
+    regions = read_annotations(geojson_path)
+    if classes is None:
+        classes = ([background] if background else []) + sorted(c for c in regions if c != background)
+    group = store.open_store(store_path, "r+")
+    store.require_complete(group, "tile", store_path)
+    info = store.meta(group)
+    labels = label_by_regions(group["coords"][:], info["tile"]["patch_size_l0"], regions, classes,
+                              min_overlap, max_normal_overlap, background)
+    slide_id = info.get("slide", {}).get("identity") or str(store_path)
+    _write_labels(group, labels, np.zeros(len(labels), np.int32), {
+        "classes": classes, "groups": [slide_id], "source": str(geojson_path),
+        "min_overlap": min_overlap, "max_normal_overlap": max_normal_overlap,
+    })
+    return labels
+
+
+def _write_labels(group, labels: np.ndarray, groups: np.ndarray, info: dict) -> None:
+    chunk = max(len(labels), 1)
+    group.create_array("labels", data=labels.astype(np.int8), chunks=(chunk,), overwrite=True)
+    group.create_array("groups", data=groups.astype(np.int32), chunks=(chunk,), overwrite=True)
+    store.update_meta(group, labels=info)
+
+
+def folder_patch_set(
+    folder: str | Path, out: str | Path, patch_size: int | None = None, group_regex: str | None = None,
+    chunk_patches: int = 64,
+) -> dict:
+    """A Zarr patch set from ``folder/<class>/*.{png,tif,jpg,...}`` (Kather-style).
+
+    Classes are the sub-folder names, sorted. Images are read as RGB (alpha composited on
+    white, greyscale expanded) and resized (Lanczos) to ``patch_size`` (default: the first
+    image's size) when they differ. Source groups come from ``group_regex`` (its first
+    capture group, matched on the file stem, e.g. a patient or slide id); without it every
+    file is its own group. Nested folders below a class count as groups of their own."""
+    from PIL import Image
+
+    folder, out = Path(folder), Path(out)
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
+    if not class_dirs:
+        raise AnnotationError(folder, "no class sub-folders (expected one folder of images per class)")
+    pattern = re.compile(group_regex) if group_regex else None
+    files, labels, group_names = [], [], []
+    for k, d in enumerate(class_dirs):
+        for f in sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+            files.append(f)
+            labels.append(k)
+            match = pattern.search(f.stem) if pattern else None
+            if pattern and not match:
+                raise AnnotationError(f, f"file name does not match group_regex {group_regex!r}")
+            sub = f.parent.relative_to(d)
+            group_names.append(match.group(1) if match and match.groups() else match.group(0) if match
+                               else str(sub / f.stem) if str(sub) != "." else f"{d.name}/{f.stem}")
+    if not files:
+        raise AnnotationError(folder, f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders")
+
+    def load(f: Path) -> np.ndarray:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                if im.mode in ("RGBA", "LA", "P"):
+                    im = im.convert("RGBA")
+                    bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                    im = Image.alpha_composite(bg, im)
+                im = im.convert("RGB")
+                if size and im.size != (size, size):
+                    im = im.resize((size, size), Image.Resampling.LANCZOS)
+                return np.asarray(im, dtype=np.uint8)
+        except (OSError, ValueError) as exc:
+            raise AnnotationError(f, f"not a readable image: {exc}") from None
+
+    size = patch_size
+    first = load(files[0])
+    size = size or first.shape[0]
+    first = load(files[0]) if first.shape[:2] != (size, size) else first
+    uniq = sorted(set(group_names))
+    group_ids = np.searchsorted(uniq, group_names).astype(np.int32)
+    g = store.open_store(out, "w")
+    patches = g.create_array("patches", shape=(len(files), size, size, 3), chunks=(chunk_patches, size, size, 3),
+                             dtype="uint8")
+    for start in range(0, len(files), chunk_patches):
+        block = [first if i == 0 else load(files[i]) for i in range(start, min(start + chunk_patches, len(files)))]
+        patches[start : start + len(block)] = np.stack(block)
+    g.create_array("coords", data=np.zeros((len(files), 2), np.int64), chunks=(max(len(files), 1), 2))
+    _write_labels(g, np.asarray(labels, np.int8), group_ids, {
+        "classes": [d.name for d in class_dirs], "groups": uniq, "source": str(folder),
+        "files": [str(f.relative_to(folder)) for f in files],
+    })
+    store.update_meta(g, tile={"patch_size": size}, slide=None)
+    store.set_stage(g, "tile", {"folder": str(folder), "n": len(files)}, True)
+    return {"n_patches": len(files), "classes": [d.name for d in class_dirs], "n_groups": len(uniq)}
+
+
+@dataclass
+class PatchSet:
+    """A labelled set in memory: patches of several stores with one class list."""
+
+    patches: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,) int64, -1 = unlabelled
+    groups: np.ndarray  # (N,) str: source slide identity / folder group, prefixed by the store
+    classes: list[str]
+    identity: str  # hash of the stores' slide identities, label sources and counts
+
+    def subset(self, idx: np.ndarray) -> "PatchSet":
+        return PatchSet(self.patches[idx], self.labels[idx], self.groups[idx], self.classes, self.identity)
+
+
+def load_patch_sets(paths: list[str | Path], labelled_only: bool = True) -> PatchSet:
+    """Concatenate labelled stores (same classes, same patch size) into one :class:`PatchSet`."""
+    parts, classes, ident = [], None, hashlib.sha256()
+    for p in paths:
+        g = store.open_store(p)
+        info = store.meta(g).get("labels")
+        if info is None or "labels" not in g:
+            raise AnnotationError(p, "store has no labels; run `wsipipe patches` on it first")
+        if classes is None:
+            classes = list(info["classes"])
+        elif list(info["classes"]) != classes:
+            raise AnnotationError(p, f"classes {info['classes']} differ from the first store's {classes}")
+        labels = g["labels"][:].astype(np.int64)
+        keep = np.flatnonzero(labels >= 0) if labelled_only else np.arange(len(labels))
+        names = np.asarray(info["groups"], dtype=object)[g["groups"][:][keep]]
+        parts.append((g["patches"].get_orthogonal_selection((keep,)) if len(keep) else
+                      np.zeros((0, *g["patches"].shape[1:]), np.uint8), labels[keep], names))
+        ident.update(json.dumps([info["groups"], info.get("source"), int(len(labels))]).encode())
+    if not parts:
+        raise AnnotationError(None, "no patch sets given")
+    shapes = {x.shape[1:] for x, _, _ in parts}
+    if len(shapes) > 1:
+        raise AnnotationError(paths[0], f"patch sets have different patch shapes {sorted(shapes)}")
+    return PatchSet(np.concatenate([x for x, _, _ in parts]), np.concatenate([y for _, y, _ in parts]),
+                    np.concatenate([g for _, _, g in parts]).astype(str), classes, ident.hexdigest()[:16])
+
+
+def split_by_group(groups: np.ndarray, fractions=(0.6, 0.2, 0.2), seed: int = 0) -> dict[str, np.ndarray]:
+    """Patch indices of train / val / test, assigning whole groups (slides) to one split.
+
+    Groups are shuffled with ``seed`` and dealt out by ``fractions`` of the group count; a
+    split with a non-zero fraction gets at least one group when there are enough groups."""
+    groups = np.asarray(groups)
+    uniq = np.unique(groups)
+    fr = np.asarray(fractions, dtype=float)
+    if fr.shape != (3,) or (fr < 0).any() or fr.sum() <= 0:
+        raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    counts = np.floor(fr / fr.sum() * len(uniq)).astype(int)
+    for k in np.argsort(-fr):  # leftovers and empty-but-wanted splits, largest fraction first
+        if counts.sum() < len(uniq) and (counts[k] == 0 and fr[k] > 0):
+            counts[k] += 1
+    counts[int(np.argmax(fr))] += len(uniq) - counts.sum()
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    out = {}
+    for k, name in enumerate(SPLITS):
+        chosen = uniq[order[bounds[k] : bounds[k + 1]]]
+        out[name] = np.flatnonzero(np.isin(groups, chosen))
+    return out
+
+
+def split_identity(groups: np.ndarray, split: np.ndarray) -> str:
+    """Identity of a split = hash of its sorted group names and size (compare test sets by it)."""
+    names = sorted(set(np.asarray(groups)[split].tolist()))
+    return hashlib.sha256(json.dumps([names, int(len(split))]).encode()).hexdigest()[:16]

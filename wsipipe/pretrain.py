@@ -1,0 +1,304 @@
+"""Contrastive pretraining of a patch encoder: SimCLR and BYOL, on unlabelled patches
+streamed from any number of Zarr stores; checkpoints that resume; a linear probe.
+
+    result = pretrain(["a.zarr", "b.zarr"], "runs/simclr", cfg.pretrain, cfg.augment)
+    encoder, meta = load_encoder("runs/simclr")          # safetensors + JSON, never pickle
+    probe = linear_probe(encoder, labelled_train, labelled_test)   # accuracy / AUC
+
+Checkpoint folder: ``encoder.safetensors`` (the encoder alone: what fine-tuning starts
+from), ``state.safetensors`` (every network and the optimiser's tensors, to resume) and
+``checkpoint.json`` (method, config, data identity, step, loss history, optimiser
+hyper-parameters), written in that order, each atomically: the JSON is the marker, so an
+interruption mid-write resumes from the previous complete checkpoint. A resumed run draws
+the same batches and augmentations as an uninterrupted one (both are seeded by step).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsipipe import store
+from wsipipe.augment import Augmenter
+from wsipipe.config import AugmentConfig, PretrainConfig
+from wsipipe.errors import ModelLoadError, StoreError
+from wsipipe.inference import resolve_device, resolve_precision, to_tensor
+from wsipipe.model import _head, build_model, _read_state
+from wsipipe.export import write_atomic
+
+FORMAT = "wsipipe-encoder-1"
+# (step, total, loss, patches per second) -> None
+PretrainProgress = Callable[[int, int, float, float], None]
+
+
+def build_encoder(arch: str) -> tuple[nn.Module, int]:
+    """A torchvision model with its classification layer replaced by identity; (encoder, feature dim)."""
+    model = build_model(arch, 1)
+    parent, name = _head(model)
+    layer = getattr(parent, name)
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(f"{arch}: only architectures with a linear head can be used as encoders")
+    setattr(parent, name, nn.Identity())
+    return model, layer.in_features
+
+
+def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim_out))
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's normalised-temperature cross entropy: each view must pick its partner
+    among the 2N-1 other views of the batch."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    n = len(z1)
+    sim = z @ z.T / temperature
+    sim.fill_diagonal_(float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, targets)
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """2 - 2 cos(prediction, target projection), averaged over the batch."""
+    return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=1)).mean()
+
+
+class SimCLR(nn.Module):
+    def __init__(self, encoder: nn.Module, dim: int, cfg: PretrainConfig):
+        super().__init__()
+        self.encoder, self.projector, self.temperature = encoder, mlp(dim, cfg.hidden_dim, cfg.projection_dim), cfg.temperature
+
+    def loss(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+        z = self.projector(self.encoder(torch.cat([v1, v2])))
+        return nt_xent(*z.chunk(2), self.temperature)
+
+    def after_step(self, step: int, total: int) -> None:
+        pass
+
+
+class BYOL(nn.Module):
+    def __init__(self, encoder: nn.Module, dim: int, cfg: PretrainConfig):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = mlp(dim, cfg.hidden_dim, cfg.projection_dim)
+        self.predictor = mlp(cfg.projection_dim, cfg.hidden_dim, cfg.projection_dim)
+        self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.ema = cfg.ema
+
+    def loss(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([v1, v2])
+        p1, p2 = self.predictor(self.projector(self.encoder(both))).chunk(2)
+        with torch.no_grad():
+            z1, z2 = self.target_projector(self.target_encoder(both)).chunk(2)
+        return byol_loss(p1, z2) + byol_loss(p2, z1)
+
+    @torch.no_grad()
+    def after_step(self, step: int, total: int) -> None:
+        # EMA momentum rises from cfg.ema to 1 on a cosine (BYOL's schedule).
+        tau = 1 - (1 - self.ema) * (np.cos(np.pi * step / max(total, 1)) + 1) / 2
+        for online, target in ((self.encoder, self.target_encoder), (self.projector, self.target_projector)):
+            for po, pt in zip(online.parameters(), target.parameters()):
+                pt.mul_(tau).add_(po.detach(), alpha=1 - tau)
+            for bo, bt in zip(online.buffers(), target.buffers()):
+                bt.copy_(bo)
+
+    def trainable(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("target_")]
+
+
+class PatchStream:
+    """Random batches from several stores, chunk-local: a batch takes a few patches from each
+    of several random chunks, so reading costs a few chunk decodes, not one per patch."""
+
+    def __init__(self, paths: list[str | Path], per_chunk: int = 8):
+        self.arrays, self.chunks, ident = [], [], []
+        for p in paths:
+            g = store.open_store(p)
+            if "patches" not in g or g["patches"].shape[0] == 0:
+                raise StoreError(p, "no patches in this store")
+            arr = g["patches"]
+            self.arrays.append(arr)
+            n, c = arr.shape[0], arr.chunks[0]
+            self.chunks += [(len(self.arrays) - 1, s, min(s + c, n)) for s in range(0, n, c)]
+            ident.append([store.meta(g).get("slide", {}) and store.meta(g)["slide"].get("identity"), str(Path(p).name), n])
+        shapes = {a.shape[1:] for a in self.arrays}
+        if len(shapes) > 1:
+            raise StoreError(paths[0], f"stores have different patch shapes {sorted(shapes)}")
+        self.per_chunk = per_chunk
+        self.identity = {"stores": ident, "hash": hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]}
+
+    def batch(self, size: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        out = []
+        while sum(len(x) for x in out) < size:
+            i, start, stop = self.chunks[int(rng.integers(len(self.chunks)))]
+            block = self.arrays[i][start:stop]
+            take = min(self.per_chunk, len(block), size - sum(len(x) for x in out))
+            out.append(block[rng.choice(len(block), take, replace=False)])
+        return np.concatenate(out)
+
+
+@dataclass
+class PretrainResult:
+    checkpoint: Path
+    losses: list[float]
+    resumed_from: int
+    steps: int
+
+
+def _view_config(aug: AugmentConfig, crop: int, patch: int) -> AugmentConfig:
+    # Contrastive views need strong colour and geometry changes; the crop is what makes two
+    # views of one patch differ in content.
+    return aug.model_copy(update={"crop": min(crop, patch), "flip_rot90": True,
+                                  "brightness": max(aug.brightness, 0.3), "contrast": max(aug.contrast, 0.3),
+                                  "saturation": max(aug.saturation, 0.3), "hue": max(aug.hue, 0.05),
+                                  "hed_sigma": max(aug.hed_sigma, 0.1), "blur_p": max(aug.blur_p, 0.3)})
+
+
+def pretrain(
+    stores: list[str | Path], out_dir: str | Path, cfg: PretrainConfig, aug: AugmentConfig | None = None,
+    progress: PretrainProgress | None = None, stop_after: int | None = None,
+) -> PretrainResult:
+    """Run ``cfg.method`` for ``cfg.steps`` steps, checkpointing into ``out_dir`` every
+    ``cfg.checkpoint_every`` steps and at the end; resumes from ``out_dir``'s checkpoint
+    when it has the same config and data identity. ``stop_after`` ends the run early (as
+    an interruption would) after that many steps in total."""
+    out_dir = Path(out_dir)
+    stream = PatchStream(stores)
+    patch = stream.arrays[0].shape[1]
+    views = Augmenter(_view_config(aug or AugmentConfig(), cfg.crop, patch))
+    dev = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.precision, dev)
+    torch.manual_seed(cfg.seed)
+    encoder, dim = build_encoder(cfg.arch)
+    net = (SimCLR if cfg.method == "simclr" else BYOL)(encoder, dim, cfg).to(dev)
+    params = net.trainable() if isinstance(net, BYOL) else list(net.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-6)
+    config = cfg.model_dump(mode="json")
+    start, losses = 0, []
+    meta_path = out_dir / "checkpoint.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("config") == config and meta.get("data", {}).get("hash") == stream.identity["hash"]:
+            _load_state(net, opt, out_dir / "state.safetensors", meta)
+            start, losses = int(meta["step"]), list(meta["losses"])
+    resumed_from = start
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    net.train()
+    t0, seen = time.perf_counter(), 0
+    for step in range(start, end):
+        seed = cfg.seed * 1_000_003 + step
+        raw = stream.batch(cfg.batch_size, seed)
+        v1 = to_tensor(views(raw, 2 * seed), dev)
+        v2 = to_tensor(views(raw, 2 * seed + 1), dev)
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            loss = net.loss(v1, v2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        net.after_step(step + 1, cfg.steps)
+        losses.append(float(loss.detach()))
+        seen += len(raw)
+        if progress:
+            progress(step + 1, cfg.steps, losses[-1], seen / max(time.perf_counter() - t0, 1e-9))
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            _save_checkpoint(out_dir, net, opt, cfg, stream.identity, step + 1, losses)
+    if end == start and not meta_path.is_file():
+        _save_checkpoint(out_dir, net, opt, cfg, stream.identity, start, losses)
+    return PretrainResult(out_dir, losses, resumed_from, end)
+
+
+def _save_checkpoint(out_dir: Path, net: nn.Module, opt: torch.optim.Optimizer, cfg: PretrainConfig,
+                     data: dict, step: int, losses: list[float]) -> None:
+    from safetensors.torch import save
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    enc = {k: v.detach().cpu().contiguous() for k, v in net.encoder.state_dict().items()}
+    write_atomic(out_dir / "encoder.safetensors", save(enc, metadata={"format": FORMAT, "arch": cfg.arch}))
+    state = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    opt_state = opt.state_dict()
+    for idx, entry in opt_state["state"].items():
+        for name, value in entry.items():
+            state[f"opt.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    write_atomic(out_dir / "state.safetensors", save(state))
+    meta = {"format": FORMAT, "method": cfg.method, "arch": cfg.arch, "config": cfg.model_dump(mode="json"),
+            "data": data, "step": step, "losses": losses, "optimizer_param_groups": opt_state["param_groups"]}
+    write_atomic(out_dir / "checkpoint.json", json.dumps(meta, indent=1))
+
+
+def _load_state(net: nn.Module, opt: torch.optim.Optimizer, path: Path, meta: dict) -> None:
+    state, _ = _read_state(path, path.read_bytes())
+    net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")}, strict=True)
+    opt_state: dict = {}
+    for key, value in state.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": opt_state, "param_groups": meta["optimizer_param_groups"]})
+
+
+def load_encoder(path: str | Path) -> tuple[nn.Module, dict]:
+    """The encoder of a pretraining checkpoint (folder or its encoder.safetensors), in eval mode.
+
+    Only safetensors and JSON are read: nothing is unpickled."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    weights = folder / "encoder.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        raise ModelLoadError(weights, "encoder checkpoint not found")
+    state, meta = _read_state(weights, weights.read_bytes())
+    if meta.get("format") != FORMAT:
+        raise ModelLoadError(weights, f"not a wsipipe encoder checkpoint (format {meta.get('format')!r})")
+    encoder, _ = build_encoder(meta["arch"])
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(weights, f"weights do not fit {meta['arch']}: {str(exc)[:200]}") from None
+    info = json.loads((folder / "checkpoint.json").read_text()) if (folder / "checkpoint.json").is_file() else {}
+    return encoder.eval(), {"arch": meta["arch"], **{k: info.get(k) for k in ("method", "step", "data", "config")}}
+
+
+@torch.no_grad()
+def embed(encoder: nn.Module, patches: np.ndarray, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+    dev = torch.device(device)
+    encoder = encoder.eval().to(dev)
+    feats = [encoder(to_tensor(patches[b : b + batch_size], dev)).float().cpu().numpy()
+             for b in range(0, len(patches), batch_size)]
+    return np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+
+
+def linear_probe(encoder: nn.Module, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                 epochs: int = 300, lr: float = 0.05, seed: int = 0) -> dict:
+    """Logistic regression on frozen features (standardised, full batch, L2): the encoder's
+    quality as linear separability. ``train`` / ``test`` are (patches, labels); returns
+    accuracy and AUC on ``test`` (and on ``train``)."""
+    from wsipipe.metrics import auc
+
+    (xtr, ytr), (xte, yte) = train, test
+    ftr, fte = embed(encoder, xtr), embed(encoder, xte)
+    mean, std = ftr.mean(0), ftr.std(0) + 1e-6
+    ftr, fte = torch.from_numpy((ftr - mean) / std), torch.from_numpy((fte - mean) / std)
+    n_classes = int(max(ytr.max(), yte.max())) + 1
+    torch.manual_seed(seed)
+    head = nn.Linear(ftr.shape[1], n_classes)
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-3)
+    target = torch.as_tensor(ytr, dtype=torch.long)
+    for _ in range(epochs):
+        opt.zero_grad()
+        F.cross_entropy(head(ftr), target).backward()
+        opt.step()
+    with torch.no_grad():
+        ptr, pte = torch.softmax(head(ftr), 1).numpy(), torch.softmax(head(fte), 1).numpy()
+    return {"accuracy": float((pte.argmax(1) == yte).mean()), "auc": auc(pte, yte),
+            "train_accuracy": float((ptr.argmax(1) == ytr).mean()), "n_train": int(len(ytr)), "n_test": int(len(yte))}
