@@ -72,10 +72,12 @@ def patch_qc(patches: np.ndarray) -> dict[str, np.ndarray]:
 
     # Marker inks. H&E is pink-purple-red, but haematoxylin reaches into blue hues (200-260°)
     # in dark nuclei, so blue counts as ink only when bright and strongly saturated; green/cyan
-    # never occurs in H&E; black ink is darker than the darkest nuclei (measured on CMU-1).
+    # never occurs in H&E; black ink is dark and grey, where dark nuclei stay purple-blue
+    # (saturation > 0.4; thresholds measured on CMU-1, where these rules mark < 0.2 % of a patch).
     green = (hue >= 70.0) & (hue < 190.0) & (sat >= 0.3) & (value >= 40.0)
     blue = (hue >= 190.0) & (hue <= 245.0) & (sat >= 0.55) & (value >= 110.0)
-    inked = green | blue | (value < 30.0)
+    black = (value < 60.0) & (sat < 0.35)
+    inked = green | blue | black
 
     # Laplacian (4-neighbour) on interior pixels; variance over pixels whose 3x3 block is tissue.
     lap = grey[:, 1:-1, 2:] + grey[:, 1:-1, :-2] + grey[:, 2:, 1:-1] + grey[:, :-2, 1:-1] - 4.0 * grey[:, 1:-1, 1:-1]
