@@ -312,6 +312,7 @@ def _row_view(row: dict, base: Path) -> dict[str, Any]:
         "error": row.get("error") or "",
         "score": score,
         "decision": summary.get("decision") or "",
+        "threshold": summary.get("threshold"),
         "tumor_area_mm2": summary.get("tumor_area_mm2"),
         "flags": flags,
         "needs_review": bool((summary.get("qc") or {}).get("needs_review")),
@@ -339,10 +340,15 @@ def archive_figures(views: list[dict]) -> list[dict[str, str]]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from matplotlib.ticker import MaxNLocator
+
     def figure():
         fig = Figure(figsize=(4.2, 3.0), dpi=120, layout="constrained")
         FigureCanvasAgg(fig)
-        return fig, fig.add_subplot()
+        ax = fig.add_subplot()
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of slides
+        ax.spines[["top", "right"]].set_visible(False)
+        return fig, ax
 
     scores = [v["score"] for v in views if v["score"] is not None]
     areas = [v["tumor_area_mm2"] for v in views if v["tumor_area_mm2"] is not None]
@@ -350,11 +356,16 @@ def archive_figures(views: list[dict]) -> list[dict[str, str]]:
 
     fig, ax = figure()
     ax.hist(scores, bins=np.linspace(0, 1, 21), color="#4575b4", edgecolor="white")
+    for t in sorted({v["threshold"] for v in views if v["threshold"] is not None}):
+        ax.axvline(t, color="0.2", linestyle="--", linewidth=1)
+        ax.annotate("threshold", (t, 1), xycoords=("data", "axes fraction"), xytext=(3, -10),
+                    textcoords="offset points", fontsize=7, color="0.2")
     ax.set(xlabel="slide score (top-k mean probability)", ylabel="slides", xlim=(0, 1))
     out.append({"title": "Score distribution", "src": _figure_uri(fig)})
 
     fig, ax = figure()
-    ax.hist(areas, bins=20 if areas else 1, color="#d73027", edgecolor="white")
+    top = max(areas, default=0.0) or 1.0
+    ax.hist(areas, bins=np.linspace(0, top * 1.05, 21), color="#d73027", edgecolor="white")
     ax.set(xlabel="tumor area (mm²)", ylabel="slides")
     out.append({"title": "Tumor area distribution", "src": _figure_uri(fig)})
 
