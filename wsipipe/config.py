@@ -104,7 +104,7 @@ class QCConfig(_Section):
         20.0, ge=0.0, description="Patches whose Laplacian variance (grey, 2x downscaled) is below this are blurred."
     )
     relative_focus: float = Field(
-        0.1, ge=0.0, le=1.0, description="... and so are patches below this fraction of the slide's 75th-percentile focus."
+        0.15, ge=0.0, le=1.0, description="... and so are patches below this fraction of the slide's 75th-percentile focus."
     )
     max_blur_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Flag the slide above this fraction of blurred tissue patches.")
     pen_patch_fraction: float = Field(0.1, gt=0.0, le=1.0, description="A patch with this fraction of ink-coloured pixels has a pen mark.")

@@ -1,10 +1,10 @@
 """Slide quality control: per-patch measures computed while tiling, per-slide flags.
 
-Per patch (pure, on the chunk of patches tiling already holds in memory, on a 2x
-downscaled copy so it costs a small fraction of the read):
+Per patch (pure, on the chunk of patches tiling already holds in memory; colour on a
+sparse pixel grid, focus on a 2x binned channel, so it costs a small fraction of the read):
 
-- ``focus``: variance of the Laplacian of the grey image of the tissue pixels
-  (low = blurred). Measured only where the patch has tissue; background is flat anyway.
+- ``focus``: variance of the Laplacian of the 2x2-binned green channel over the tissue
+  pixels (low = blurred). Measured only where the patch has tissue; glass is flat anyway.
 - ``pen_fraction``: fraction of pixels in marker-ink colours H&E does not produce:
   saturated blue/green/cyan hues, and near-black.
 - ``background_fraction``: fraction of near-white (glass) pixels.
@@ -29,17 +29,24 @@ QC_GROUP = "qc"
 MEASURES = ("focus", "pen_fraction", "background_fraction", "saturation")
 # Brightness (0..255 grey) above which a pixel is glass; matches TissueConfig.max_brightness ≈ 0.94.
 WHITE_LEVEL = 235.0
+COLOUR_STEP = 8  # colour measures sample every 8th pixel of every 8th row
 
 # Flag severities: "fail" = the result is not usable as is; "review" = a person must look.
 FAIL, REVIEW, INFO = "fail", "review", "info"
 
 
-def _downscale2(patches: np.ndarray) -> np.ndarray:
-    """(N, P, P, 3) uint8 -> (N, P//2, P//2, 3) float32 by 2x2 block means."""
-    n, h, w, c = patches.shape
-    h2, w2 = h // 2, w // 2
-    blocks = patches[:, : h2 * 2, : w2 * 2].reshape(n, h2, 2, w2, 2, c).astype(np.float32)
-    return blocks.mean(axis=(2, 4))
+def _green_sum2(patches: np.ndarray) -> np.ndarray:
+    """(N, P, P, 3) uint8 -> (N, P//2, P//2) float32: sums of 2x2 blocks of the green channel.
+
+    Green carries most of H&E's contrast (both stains absorb it) and integer block sums
+    avoid converting the full patches to float, which is most of the cost otherwise."""
+    n, h, w, _ = patches.shape
+    g = patches[:, : h // 2 * 2, : w // 2 * 2, 1]
+    total = g[:, 0::2, 0::2].astype(np.uint16)
+    total += g[:, 1::2, 0::2]
+    total += g[:, 0::2, 1::2]
+    total += g[:, 1::2, 1::2]
+    return total.astype(np.float32)
 
 
 def _hue_saturation(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -63,9 +70,11 @@ def patch_qc(patches: np.ndarray) -> dict[str, np.ndarray]:
     n = len(patches)
     if n == 0 or patches.shape[1] < 4:
         return {name: np.zeros(n, dtype=np.float32) for name in MEASURES}
-    rgb = _downscale2(patches)
-    grey = rgb.mean(axis=-1)
-    background = grey >= WHITE_LEVEL
+    # Colour on a grid of every 8th pixel (784 samples of a 224 patch: plenty for fractions of
+    # 5 % and up, at 1/64 of the work); focus on the 2x2-binned green channel, since fine
+    # detail is exactly what defocus removes.
+    rgb = patches[:, COLOUR_STEP // 2 :: COLOUR_STEP, COLOUR_STEP // 2 :: COLOUR_STEP].astype(np.float32)
+    background = rgb.min(axis=-1) >= WHITE_LEVEL
     hue, sat, value = _hue_saturation(rgb)
     tissue = ~background
     n_tissue = tissue.sum(axis=(1, 2))
@@ -79,16 +88,20 @@ def patch_qc(patches: np.ndarray) -> dict[str, np.ndarray]:
     black = (value < 60.0) & (sat < 0.35)
     inked = green | blue | black
 
-    # Laplacian (4-neighbour) on interior pixels; variance over pixels whose 3x3 block is tissue.
+    # Laplacian (4-neighbour) on interior pixels; variance over pixels whose neighbourhood is tissue.
+    grey = _green_sum2(patches) * 0.25
+    sharp_tissue = (grey < WHITE_LEVEL).astype(np.float32)
     lap = grey[:, 1:-1, 2:] + grey[:, 1:-1, :-2] + grey[:, 2:, 1:-1] + grey[:, :-2, 1:-1] - 4.0 * grey[:, 1:-1, 1:-1]
-    inner = tissue[:, 1:-1, 1:-1] & tissue[:, 1:-1, 2:] & tissue[:, 1:-1, :-2] & tissue[:, 2:, 1:-1] & tissue[:, :-2, 1:-1]
+    inner = sharp_tissue[:, 1:-1, 1:-1] * sharp_tissue[:, 1:-1, 2:] * sharp_tissue[:, 1:-1, :-2]
+    inner *= sharp_tissue[:, 2:, 1:-1] * sharp_tissue[:, :-2, 1:-1]
     m = inner.sum(axis=(1, 2))
-    s1 = np.where(inner, lap, 0.0).sum(axis=(1, 2))
-    s2 = np.where(inner, lap * lap, 0.0).sum(axis=(1, 2))
+    lap *= inner
+    s1 = lap.sum(axis=(1, 2))
+    s2 = np.einsum("nij,nij->n", lap, lap)
     mean = s1 / np.maximum(m, 1)
     focus = np.where(m >= 16, s2 / np.maximum(m, 1) - mean * mean, np.nan)
 
-    px = float(grey.shape[1] * grey.shape[2])
+    px = float(rgb.shape[1] * rgb.shape[2])
     return {
         "focus": focus.astype(np.float32),
         "pen_fraction": (inked.sum(axis=(1, 2)) / px).astype(np.float32),
