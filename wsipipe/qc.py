@@ -209,25 +209,22 @@ def slide_flags(
     if measures is not None and n:
         pf = patch_flags(measures, cfg)
         tissue_patches = max(1, int(np.count_nonzero(measures["background_fraction"] <= 0.5)))
-        blur_frac = int(pf["blur"].sum()) / tissue_patches
-        if blur_frac > cfg.max_blur_fraction:
-            flags.append(_flag(
-                "out_of_focus", REVIEW,
-                f"{blur_frac:.0%} of tissue patches are out of focus (limit {cfg.max_blur_fraction:.0%})",
-                value=round(blur_frac, 4), patches=int(pf["blur"].sum()),
-            ))
+        shares = (
+            ("out_of_focus", "blur", cfg.max_blur_fraction, "are out of focus"),
+            ("colour_outliers", "colour", cfg.max_colour_outlier_fraction,
+             f"have unusual colour saturation (> {cfg.max_saturation:g})"),
+        )
+        for code, reason, limit, what in shares:
+            count = int(pf[reason].sum())
+            share = count / tissue_patches
+            if share > limit:
+                flags.append(_flag(
+                    code, REVIEW, f"{share:.0%} of tissue patches {what} (limit {limit:.0%})",
+                    value=round(share, 4), patches=count,
+                ))
         n_pen = int(pf["pen"].sum())
         if n_pen >= cfg.min_pen_patches:
-            flags.append(_flag(
-                "pen_marks", REVIEW, f"marker ink on {n_pen} patches", patches=n_pen,
-            ))
-        colour_frac = int(pf["colour"].sum()) / tissue_patches
-        if colour_frac > cfg.max_colour_outlier_fraction:
-            flags.append(_flag(
-                "colour_outliers", REVIEW,
-                f"{colour_frac:.0%} of tissue patches have unusual colour saturation (> {cfg.max_saturation:g})",
-                value=round(colour_frac, 4), patches=int(pf["colour"].sum()),
-            ))
+            flags.append(_flag("pen_marks", REVIEW, f"marker ink on {n_pen} patches", patches=n_pen))
 
     if score is not None and abs(float(score) - threshold) < cfg.review_margin:
         flags.append(_flag(
