@@ -301,7 +301,7 @@ def _row_view(row: dict, base: Path) -> dict[str, Any]:
     flags = [f.get("code", "?") for f in (summary.get("qc") or {}).get("flags", [])]
     link = None
     if row.get("out_dir"):
-        target = Path(row["out_dir"]) / REPORT_NAME
+        target = Path(row["out_dir"]).resolve() / REPORT_NAME
         if target.is_file():
             link = Path(os.path.relpath(target, base)).as_posix()
     slide = str(row.get("slide") or "")
