@@ -180,7 +180,7 @@ def stitch(
 
     cfg = _config(config, **{"stitch.threshold": threshold})
     with _progress() as update:
-        summary = stitch_store(store_path, out, cfg.stitch, progress=_one("stitch", update))
+        summary = stitch_store(store_path, out, cfg.stitch, progress=_one("stitch", update), qc_cfg=cfg.qc)
     _print_summary(summary)
     out_console_paths({"outputs": out})
 
@@ -278,6 +278,18 @@ def archive(
     else:
         _error_line("archive run failed: ", state.message or state.type)
     raise typer.Exit(EXIT_ERROR)
+
+
+@app.command()
+def report(
+    slide_dir: Path = typer.Argument(..., metavar="SLIDE_OUTPUT_DIR", help="A slide's output folder (with summary.json)."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Write the slide's self-contained QA report (report.html) into its output folder."""
+    from wsipipe.report import write_slide_report
+
+    qc_cfg = _config(config).qc if config else None  # default: the thresholds the run used
+    out_console_paths({"report": write_slide_report(slide_dir, qc_cfg)})
 
 
 def _print_summary(summary: dict) -> None:

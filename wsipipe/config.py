@@ -178,6 +178,24 @@ class TrainConfig(_Section):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     registry: Path = Field(Path("models"), description="Model registry folder.")
+class QCConfig(_Section):
+    """Slide quality control: per-patch thresholds and per-slide flag limits (see wsipipe.qc)."""
+
+    min_focus: float = Field(
+        20.0, ge=0.0, description="Patches whose Laplacian variance (grey, 2x downscaled) is below this are blurred."
+    )
+    relative_focus: float = Field(
+        0.15, ge=0.0, le=1.0, description="... and so are patches below this fraction of the slide's 75th-percentile focus."
+    )
+    max_blur_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Flag the slide above this fraction of blurred tissue patches.")
+    pen_patch_fraction: float = Field(0.1, gt=0.0, le=1.0, description="A patch with this fraction of ink-coloured pixels has a pen mark.")
+    min_pen_patches: int = Field(2, ge=1, description="Flag pen marks from this many marked patches.")
+    max_saturation: float = Field(0.75, gt=0.0, le=1.0, description="Mean tissue saturation above this is a colour outlier.")
+    max_colour_outlier_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Flag the slide above this fraction of colour outliers.")
+    min_tissue_area_mm2: float = Field(1.0, ge=0.0, description="Flag slides with less tissue than this, mm².")
+    mpp_range: tuple[float, float] = Field((0.1, 2.0), description="Level-0 µm/px outside this range is suspicious.")
+    review_margin: float = Field(0.1, ge=0.0, le=0.5, description="Slide scores this close to the threshold need review.")
+    report_patches: int = Field(12, ge=0, le=200, description="Patches per gallery in the slide report.")
 
 
 class PipelineConfig(_Section):
@@ -191,6 +209,7 @@ class PipelineConfig(_Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    qc: QCConfig = Field(default_factory=QCConfig)
     mpp_override: float | None = Field(None, gt=0.01, le=1000.0, description="Force the slide's level-0 mpp.")
 
     def section_hash(self, *sections: str) -> str:

@@ -47,11 +47,12 @@ def run_slide(
     client=None,
     progress: StageProgress | None = None,
 ) -> SlideOutputs:
-    """Tile, classify and stitch one slide into ``out_dir/<name>-<id>/``.
+    """Tile, classify and stitch one slide into ``out_dir/<name>-<id>/``, then write its report.html.
 
     Each stage is skipped when its outputs exist for the same inputs, so a rerun is cheap."""
     from wsipipe.inference import infer_store
     from wsipipe.model import load_model
+    from wsipipe.report import write_slide_report
     from wsipipe.stitch import stitch_store
     from wsipipe.tiling import tile_slide
 
@@ -72,7 +73,8 @@ def run_slide(
     t0 = time.perf_counter()
     tile_slide(slide_path, store_path, cfg, client=client, progress=stage("tile"))
     infer_store(store_path, model, info, cfg.inference, progress=stage("infer"))
-    summary = stitch_store(store_path, slide_dir, cfg.stitch, progress=stage("stitch"))
+    summary = stitch_store(store_path, slide_dir, cfg.stitch, progress=stage("stitch"), qc_cfg=cfg.qc)
+    write_slide_report(slide_dir, cfg.qc)
     log.info("%s: done in %.1f s -> %s", slide_path.name, time.perf_counter() - t0, slide_dir)
     return SlideOutputs(out_dir=slide_dir, store=store_path, summary=summary)
 

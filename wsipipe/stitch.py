@@ -31,8 +31,8 @@ import shapely
 from shapely.geometry import MultiPolygon, box
 from skimage import morphology
 
-from wsipipe import __version__, store
-from wsipipe.config import StitchConfig
+from wsipipe import __version__, qc, store
+from wsipipe.config import QCConfig, StitchConfig
 from wsipipe.errors import NoTissueError, StoreError
 from wsipipe.export import write_atomic, write_geojson
 from wsipipe.geometry import as_multipolygon, mask_to_polygons
@@ -412,6 +412,7 @@ def stitch_store(
     progress: Progress | None = None,
     *,
     chunk_patches: int = CHUNK_PATCHES,
+    qc_cfg: QCConfig | None = None,
 ) -> dict:
     """Heatmap, tumor mask, QuPath GeoJSON and summary.json from a classified store.
 
@@ -426,7 +427,8 @@ def stitch_store(
     store.require_complete(group, "tile", store_path)
     store.require_complete(group, "infer", store_path)
     identity = stitch_identity(group, cfg)
-    identity_hash = _identity_hash(identity)
+    qc_cfg = qc_cfg or QCConfig()
+    identity_hash = _identity_hash({**identity, "qc_config": qc_cfg.model_dump(mode="json")})
     if store.is_complete(group, STAGE, identity):
         existing = _existing_summary(out_dir, identity_hash)
         if existing is not None:
@@ -572,6 +574,7 @@ def stitch_store(
             STAGE: round(seconds, 3),
         },
         "files": files,
+        "qc": qc.slide_qc(group, meta, scores["top_k_mean"], cfg.threshold, qc_cfg),
     }
     write_atomic(out_dir / files["summary"], json.dumps(summary, indent=2))
     store.set_stage(

@@ -26,7 +26,7 @@ from zarr.codecs import ZstdCodec
 from dask.callbacks import Callback
 from PIL import Image
 
-from wsipipe import __version__, store
+from wsipipe import __version__, qc, store
 from wsipipe.config import PipelineConfig
 from wsipipe.errors import NoTissueError, StoreError
 from wsipipe.slide import Slide, cached_slide, open_slide
@@ -197,7 +197,9 @@ def _tile_chunk(
     slide = cached_slide(slide_path, mpp_override)
     group = zarr.open_group(store_path, mode="r+")
     grid_ij = group["grid_ij"][sl]
-    group["patches"][sl] = read_patches(slide, spec, grid_ij, fast)
+    patches = read_patches(slide, spec, grid_ij, fast)
+    group["patches"][sl] = patches
+    qc.write_chunk(group, sl, patches)  # per-patch QC measures from the pixels already in memory
     # The flag goes after the data: a chunk is never marked done before it is on disk.
     group[f"_progress/{STAGE}"][index] = True
     return sl.stop - sl.start
@@ -311,6 +313,7 @@ def _plan_store(group: zarr.Group, slide: Slide, cfg: PipelineConfig, identity: 
         # writes 1.6x faster than zarr's default level 3 for the same size.
         compressors=[ZstdCodec(level=1)],
     )
+    qc.create_arrays(group, n, chunk)
     store.update_meta(
         group,
         version=__version__,

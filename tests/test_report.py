@@ -1,0 +1,287 @@
+"""QA reports rendered in a real headless Chromium: images load, values match summary.json,
+the archive table sorts and filters, metadata is escaped, screenshots are taken.
+
+Slides: a generated slide with a planted tumor (probabilities set from its ground truth, so
+the report's tumor regions are known), the real CMU-1 through ``run_slide`` (which writes
+the report itself), and a real broken file as the failed row of the archive."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+import torch
+
+from slide_helpers import synthetic_rgb, write_pyramid_tiff
+from wsipipe import store
+from wsipipe.config import load_config
+from wsipipe.errors import WsipipeError
+from wsipipe.inference import infer_store
+from wsipipe.model import build_model, load_model, save_weights
+from wsipipe.pipeline import run_slide
+from wsipipe.report import archive_markdown, write_archive_report, write_slide_report
+from wsipipe.stitch import stitch_store
+from wsipipe.tiling import tile_slide
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--hide-scrollbars", "--virtual-time-budget=5000",
+]
+# Untrusted text planted in the slide's metadata: if it were not escaped it would run.
+EVIL_DESCRIPTION = '<script>document.title="pwned"</script> H&E <b>bold</b>'
+EVIL_NAME = "planted<img src=x onerror=document.title='pwned'>.tif"
+
+
+def chromium(tmp_path: Path, *args: str) -> str:
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.fail("chromium not installed: `make test` installs it (apt-get install -y chromium)")
+    profile = tmp_path / "chromium-profile"
+    res = subprocess.run(
+        [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def probe(page: Path, tmp_path: Path, body: str) -> dict:
+    """Load ``page`` in Chromium with ``body`` (JS returning a JSON-able value) run after load;
+    return that value, read back from the dumped DOM."""
+    script = (
+        '<script>window.addEventListener("load", function () { var out = (function () {' + body + "})();"
+        'var pre = document.createElement("pre"); pre.id = "probe-result"; pre.textContent = JSON.stringify(out);'
+        "document.body.appendChild(pre); });</script>"
+    )
+    copy = page.with_name(page.stem + ".probe.html")  # same folder: relative links resolve the same
+    copy.write_text(page.read_text().replace("</body>", script + "</body>"))
+    try:
+        dom = chromium(tmp_path, "--dump-dom", copy.as_uri())
+    finally:
+        copy.unlink()
+    found = re.search(r'<pre id="probe-result">(.*?)</pre>', dom, re.S)
+    assert found, dom[-2000:]
+    return json.loads(html.unescape(found.group(1)))
+
+
+def screenshot(page: Path, out: Path, tmp_path: Path, height: int = 2600) -> Path:
+    from PIL import Image
+
+    chromium(tmp_path, f"--screenshot={out}", f"--window-size=1400,{height}", page.as_uri())
+    pixels = np.asarray(Image.open(out).convert("L"), dtype=np.float32)
+    assert pixels.shape == (height, 1400) and pixels.std() > 20  # a rendered page, not a blank one
+    print(f"screenshot: {out}")
+    return out
+
+
+IMAGES_JS = """
+var imgs = Array.from(document.images);
+return {
+  n: imgs.length,
+  broken: imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).map(function (i) { return i.alt; }),
+  external: imgs.filter(function (i) { return !i.src.startsWith("data:"); }).length,
+  scripts: document.scripts.length,
+  title: document.title,
+"""
+
+SLIDE_JS = IMAGES_JS + """
+  text: Object.fromEntries(["decision", "score", "tumor-area", "n-patches", "meta-path", "meta-vendor", "meta-dimensions",
+        "meta-mpp", "meta-identity", "model-sha", "qc-status"].map(function (id) {
+        var el = document.getElementById(id); return [id, el ? el.textContent.trim() : null]; })),
+  flags: Array.from(document.querySelectorAll("#qc-flags li")).map(function (li) { return li.dataset.code; }),
+  regions: Array.from(document.querySelectorAll("#regions tbody tr")).map(function (tr) { return tr.cells[1].textContent; }),
+  top: Array.from(document.querySelectorAll("#top-patches figcaption")).map(function (c) { return c.textContent; }),
+  flagged: document.querySelectorAll("#flagged-patches figure").length,
+  properties: document.getElementById("properties") ? document.getElementById("properties").textContent : "",
+  timings: Array.from(document.querySelectorAll("#timings [data-stage]")).map(function (td) { return td.dataset.stage; })
+};
+"""
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, slides_dir):
+    """Three slides processed for real; the archive rows (interfaces §1) of the run."""
+    tmp = tmp_path_factory.mktemp("report")
+    cfg = load_config(None, {})
+    weights = tmp / "tiny.safetensors"
+    torch.manual_seed(0)
+    save_weights(build_model("resnet18", 1), weights, "resnet18", 1)  # random init: scores are irrelevant here
+    results = tmp / "results"
+    rows = []
+
+    # 1. Generated slide with a planted tumor; patch probabilities from its ground truth.
+    t0 = time.perf_counter()
+    rgb, synth = synthetic_rgb(tmp, 4000, 3000, seed=5, n_tissue=2, n_tumor=1)
+    slide_path = write_pyramid_tiff(tmp / EVIL_NAME, rgb, description=EVIL_DESCRIPTION)
+    planted_dir = results / "planted"
+    store_path = planted_dir / "patches.zarr"
+    tile_slide(slide_path, store_path, cfg)
+    model, info = load_model(weights)
+    infer_store(store_path, model, info, cfg.inference)
+    group = store.open_store(store_path, mode="r+")
+    xy = group["coords"][:]
+    squares = shapely.box(xy[:, 0], xy[:, 1], xy[:, 0] + 224, xy[:, 1] + 224)
+    tumor_fraction = shapely.area(shapely.intersection(squares, synth.tumor)) / 224**2
+    group["probabilities"][:] = (0.02 + 0.96 * tumor_fraction).astype(np.float32)
+    small = load_config(None, {"qc.min_tissue_area_mm2": 0.25}).qc  # ~0.7 mm² of tissue: not a QC finding here
+    summary = stitch_store(store_path, planted_dir, cfg.stitch, qc_cfg=small)
+    write_slide_report(planted_dir)
+    rows.append({"slide": str(slide_path), "name": "planted", "status": "ok", "error": None,
+                 "out_dir": str(planted_dir), "summary": summary, "seconds": time.perf_counter() - t0})
+
+    # 2. A real slide through the whole pipeline, which writes its report itself.
+    t0 = time.perf_counter()
+    real = run_slide(slides_dir / "cmu-1-small-region.svs", results, cfg, weights)
+    rows.append({"slide": str(slides_dir / "cmu-1-small-region.svs"), "name": real.out_dir.name, "status": "ok",
+                 "error": None, "out_dir": str(real.out_dir), "summary": real.summary, "seconds": time.perf_counter() - t0})
+
+    # 3. A real broken file: the failure as process_archive records it.
+    t0 = time.perf_counter()
+    with pytest.raises(WsipipeError) as failure:
+        run_slide(slides_dir / "broken.svs", results, cfg, weights)
+    rows.append({"slide": str(slides_dir / "broken.svs"), "name": None, "status": "failed",
+                 "error": str(failure.value).splitlines()[0], "out_dir": None, "summary": None,
+                 "seconds": time.perf_counter() - t0})
+    return {"tmp": tmp, "planted": planted_dir, "truth": synth, "real": real.out_dir, "rows": rows}
+
+
+def _check_slide_page(page: dict, summary: dict) -> None:
+    assert page["n"] >= 4 and page["broken"] == [] and page["external"] == 0
+    text = page["text"]
+    assert text["decision"] == summary["decision"]
+    assert float(text["score"]) == pytest.approx(summary["slide_score"]["top_k_mean"], abs=5e-4)
+    assert float(text["tumor-area"]) == pytest.approx(summary["tumor_area_mm2"], rel=1e-3, abs=1e-4)
+    assert int(text["n-patches"].replace(" ", "")) == summary["n_patches"]
+    assert text["meta-dimensions"] == f"{summary['slide']['width']} × {summary['slide']['height']} px"
+    assert text["meta-mpp"].startswith(f"{summary['slide']['mpp']:.4g} µm/px")
+    assert text["meta-identity"] == summary["slide"]["identity"]
+    assert text["model-sha"] == summary["provenance"]["model"]["sha256"]
+    assert page["flags"] == [f["code"] for f in summary["qc"]["flags"]]
+    assert len(page["regions"]) == summary["n_tumor_regions"]
+    assert sum(float(a) for a in page["regions"]) == pytest.approx(summary["tumor_area_mm2"], rel=1e-2)
+    assert set(page["timings"]) == {"tile", "infer", "stitch"}
+
+
+def test_planted_tumor_report_in_chromium(outputs):
+    planted = outputs["planted"]
+    summary = json.loads((planted / "summary.json").read_text())
+    page = probe(planted / "report.html", outputs["tmp"], SLIDE_JS)
+    _check_slide_page(page, summary)
+    # The planted tumor is found where it was planted, and the report says so.
+    truth_mm2 = outputs["truth"].tumor.area * 0.5**2 / 1e6
+    assert summary["decision"] == "tumor" and page["text"]["decision"] == "tumor"
+    assert summary["tumor_area_mm2"] == pytest.approx(truth_mm2, rel=0.35)
+    assert summary["qc"]["flags"] == [] and page["text"]["qc-status"] == "no flags"
+    # Gallery: the 12 most probable patches, each captioned with its probability and level-0 x, y.
+    group = store.open_store(planted / "patches.zarr")
+    probs, xy = group["probabilities"][:], group["coords"][:]
+    shown = [re.search(r"p = ([\d.]+)\s*x (\d+), y (\d+)", c).groups() for c in page["top"]]
+    assert len(shown) == 12
+    for p, x, y in shown:
+        i = int(np.flatnonzero((xy[:, 0] == int(x)) & (xy[:, 1] == int(y)))[0])
+        assert float(p) == pytest.approx(probs[i], abs=5e-3) and probs[i] >= np.sort(probs)[-12] - 1e-6
+    # Metadata from the file is shown as text, never run: no injected script or image.
+    assert page["title"] == f"wsipipe slide report — {EVIL_NAME}"  # as text; run, it would read "pwned"
+    assert page["scripts"] == 1  # the probe's own
+    assert EVIL_DESCRIPTION in page["properties"]
+    assert "<img src=x onerror=" in page["text"]["meta-path"]
+    raw = (planted / "report.html").read_text()
+    assert "<script>document.title" not in raw and "&lt;script&gt;document.title" in raw
+    assert not re.search(r'(src|href)="https?:', raw)  # nothing fetched from a network
+    screenshot(planted / "report.html", outputs["tmp"] / "slide-report-planted.png", outputs["tmp"])
+
+
+def test_real_slide_report_written_by_run_slide(outputs):
+    real = outputs["real"]
+    summary = json.loads((real / "summary.json").read_text())
+    assert (real / "report.html").is_file()  # run_slide wrote it
+    page = probe(real / "report.html", outputs["tmp"], SLIDE_JS)
+    _check_slide_page(page, summary)
+    assert page["text"]["meta-vendor"] == "aperio" and page["text"]["meta-path"].endswith("cmu-1-small-region.svs")
+    assert "tissue_small" in page["flags"]  # a 0.6 mm² crop, below the default 1 mm²
+    assert page["text"]["qc-status"] == "needs review"
+    assert "aperio.AppMag" in page["properties"]
+    screenshot(real / "report.html", outputs["tmp"] / "slide-report-cmu1.png", outputs["tmp"])
+
+
+ARCHIVE_JS = IMAGES_JS + """
+  names: function () { return Array.from(document.querySelectorAll("#slides tbody tr")).map(function (r) {
+         return r.cells[0].querySelector("b").textContent; }); },
+};
+"""
+
+
+def test_archive_report_sorts_filters_and_links(outputs):
+    rows = outputs["rows"]
+    out = outputs["tmp"] / "archive" / "archive-report.html"
+    assert write_archive_report(rows, out) == out
+    js = """
+    var table = document.getElementById("slides");
+    var names = function () { return Array.from(table.tBodies[0].rows).map(function (r) {
+        return r.cells[0].querySelector("b").textContent; }); };
+    var visible = function () { return Array.from(table.tBodies[0].rows).filter(function (r) { return !r.hidden; }).length; };
+    var header = function (label) { return Array.from(table.tHead.rows[0].cells).filter(function (th) {
+        return th.textContent.trim() === label; })[0]; };
+    var result = {initial: names()};
+    header("score").click(); result.score_asc = names();
+    header("score").click(); result.score_desc = names();
+    header("slide").click(); result.name_asc = names();
+    var status = document.getElementById("status-filter");
+    status.value = "failed"; status.dispatchEvent(new Event("change")); result.failed_visible = visible();
+    result.failed_text = Array.from(table.tBodies[0].rows).filter(function (r) { return !r.hidden; })
+        .map(function (r) { return r.textContent; }).join("");
+    status.value = ""; status.dispatchEvent(new Event("change"));
+    var text = document.getElementById("filter");
+    text.value = "cmu-1"; text.dispatchEvent(new Event("input")); result.cmu_visible = visible();
+    result.links = Array.from(document.querySelectorAll("#slides a")).map(function (a) { return a.getAttribute("href"); });
+    result.scores = Object.fromEntries(Array.from(table.tBodies[0].rows).map(function (r) {
+        return [r.cells[0].querySelector("b").textContent, r.cells[2].textContent.trim()]; }));
+    result.counts = ["slides", "ok", "failed", "tumor", "normal", "review"].map(function (k) {
+        return document.getElementById("count-" + k).textContent; });
+    var imgs = Array.from(document.images);
+    result.n = imgs.length;
+    result.broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).map(function (i) { return i.alt; });
+    return result;
+    """
+    page = probe(out, outputs["tmp"], js)
+    names = [r["name"] or Path(r["slide"]).name for r in rows]
+    scores = {n: (r["summary"] or {}).get("slide_score", {}).get("top_k_mean") for n, r in zip(names, rows)}
+    assert page["initial"] == names
+    by_score = sorted((n for n in names if scores[n] is not None), key=lambda n: scores[n])
+    assert page["score_asc"] == by_score + ["broken.svs"]  # no score: last either way
+    assert page["score_desc"] == by_score[::-1] + ["broken.svs"]
+    assert page["name_asc"] == sorted(names, key=str.lower)
+    assert page["failed_visible"] == 1 and rows[2]["error"] in html.unescape(page["failed_text"])
+    assert page["cmu_visible"] == 1
+    for name, r in zip(names, rows):
+        shown = page["scores"][name]
+        assert (shown == "—") if scores[name] is None else float(shown) == pytest.approx(scores[name], abs=5e-4)
+    decisions = [(r["summary"] or {}).get("decision") for r in rows]
+    assert page["counts"] == ["3", "2", "1", str(decisions.count("tumor")), str(decisions.count("normal")), "1"]
+    assert len(page["links"]) == 2 and all((out.parent / href).resolve().is_file() for href in page["links"])
+    assert page["n"] == 3 and page["broken"] == []
+    screenshot(out, outputs["tmp"] / "archive-report.png", outputs["tmp"], height=1500)
+
+    md = archive_markdown(rows, out)
+    assert out.resolve().as_uri() in md and "| 3 | 2 | 0 | 1 |" in md and "broken.svs" in md
+
+
+def test_report_cli(outputs, tmp_path):
+    env_cmd = [sys.executable, "-m", "wsipipe.cli", "report"]
+    planted = outputs["planted"]
+    before = (planted / "report.html").stat().st_mtime_ns
+    res = subprocess.run([*env_cmd, str(planted)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "report.html" in res.stdout and (planted / "report.html").stat().st_mtime_ns > before
+    empty = tmp_path / "not-a-slide-output"
+    empty.mkdir()
+    res = subprocess.run([*env_cmd, str(empty)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "summary.json" in res.stderr and "not-a-slide-output" in res.stderr

@@ -1,0 +1,414 @@
+"""QA reports: one self-contained HTML file per slide and one per archive run.
+
+Everything a reader needs is inside the file (images as ``data:`` URIs, a few lines of
+inline JavaScript for sorting and filtering), so a report can be mailed, archived or
+opened from a USB stick without a server or a network. Pages are Jinja2 templates in
+``wsipipe/templates`` with autoescaping on: slide metadata comes from files we do not
+control and is always rendered as text.
+
+The figures are drawn with matplotlib's object API (no pyplot global state).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from wsipipe import __version__, qc, store
+from wsipipe.config import QCConfig
+from wsipipe.errors import StoreError
+from wsipipe.export import read_geojson, write_atomic
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+# Slide properties shown in the report (the rest are many and of little use to a reader).
+MAX_PROPERTIES = 80
+MAX_PROPERTY_CHARS = 300
+
+
+# --------------------------------------------------------------------------- encoding helpers
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _jpeg_uri(rgb: np.ndarray, quality: int = 88) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format="JPEG", quality=quality)
+    return data_uri(buf.getvalue(), "image/jpeg")
+
+
+def _figure_uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return data_uri(buf.getvalue(), "image/png")
+
+
+def _environment():
+    from jinja2 import Environment, PackageLoader
+
+    env = Environment(
+        loader=PackageLoader("wsipipe", "templates"),
+        autoescape=True,  # every template, whatever its name: metadata is untrusted text
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = _num
+    return env
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    """A number for people: fixed significant digits, '—' for missing."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "—"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f"{int(value):,}".replace(",", " ")
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.{digits}g}" if abs(value) < 10 ** digits else f"{float(value):,.0f}".replace(",", " ")
+    return str(value)
+
+
+# --------------------------------------------------------------------------- slide report: data
+
+
+def _tumor_regions(geojson: Path, mpp: float) -> tuple[list[dict], Any]:
+    from shapely.geometry import MultiPolygon
+
+    tumor = read_geojson(geojson).get("Tumor", MultiPolygon()) if geojson.is_file() else MultiPolygon()
+    polys = sorted(tumor.geoms, key=lambda p: -p.area)
+    regions = []
+    for k, poly in enumerate(polys, start=1):
+        x0, y0, x1, y1 = poly.bounds
+        c = poly.representative_point()
+        regions.append({
+            "index": k, "area_mm2": poly.area * mpp**2 / 1e6, "centre_l0": (int(c.x), int(c.y)),
+            "bounds_l0": (int(x0), int(y0), int(x1), int(y1)),
+        })
+    return regions, MultiPolygon(polys)
+
+
+def _slide_properties(path: str | None) -> tuple[list[tuple[str, str]], str | None]:
+    """The slide file's properties (key, value), or a note why they are not shown."""
+    if not path or not Path(path).is_file():
+        return [], "slide file not available where it was read"
+    try:
+        import openslide
+
+        with openslide.OpenSlide(path) as handle:
+            items = sorted(handle.properties.items())
+    except Exception as exc:  # a file replaced or damaged since the run: the report still renders
+        return [], f"cannot read the slide's properties: {exc}"
+    shown = [(k, v if len(v) <= MAX_PROPERTY_CHARS else v[:MAX_PROPERTY_CHARS] + "…") for k, v in items[:MAX_PROPERTIES]]
+    note = f"{len(items) - MAX_PROPERTIES} more not shown" if len(items) > MAX_PROPERTIES else None
+    return shown, note
+
+
+def _patch_cards(group, indices: Iterable[int], probs: np.ndarray | None, reasons: dict[int, str] | None = None) -> list[dict]:
+    indices = [int(i) for i in indices]
+    if not indices:
+        return []
+    order = np.argsort(indices)  # zarr wants increasing indices
+    sorted_idx = np.asarray(indices)[order]
+    pixels = group["patches"].get_orthogonal_selection((sorted_idx,))
+    coords = group["coords"].get_orthogonal_selection((sorted_idx,))
+    cards: list[dict | None] = [None] * len(indices)
+    for pos, k in enumerate(order):
+        i = int(sorted_idx[pos])
+        cards[int(k)] = {
+            "index": i,
+            "x": int(coords[pos, 0]),
+            "y": int(coords[pos, 1]),
+            "probability": None if probs is None else float(probs[i]),
+            "reason": (reasons or {}).get(i, ""),
+            "src": _jpeg_uri(pixels[pos]),
+        }
+    return [c for c in cards if c is not None]
+
+
+def _tumor_probabilities(group, class_index: int) -> np.ndarray | None:
+    if "probabilities" not in group:
+        return None
+    probs = np.asarray(group["probabilities"][:], dtype=np.float32)
+    return probs if probs.ndim == 1 else probs[:, class_index]
+
+
+# --------------------------------------------------------------------------- slide report: figures
+
+
+def overview_figure(
+    thumbnail: np.ndarray,
+    thumb_downsample: float,
+    tissue_wkt: str | None,
+    tumor,
+    flagged_xy: dict[str, np.ndarray],
+    patch_size_l0: float,
+) -> str:
+    """Thumbnail with the tissue outline, numbered tumor regions and QC-flagged patches (PNG data URI)."""
+    import shapely
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    th, tw = thumbnail.shape[:2]
+    ds = float(thumb_downsample)
+    width_in = 7.0
+    fig = Figure(figsize=(width_in, min(max(width_in * th / max(tw, 1), 2.5), 10.0)), dpi=130, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(thumbnail, extent=(0, tw, th, 0))
+    handles, labels = [], []
+
+    def rings(geom):
+        for poly in getattr(geom, "geoms", [geom]):
+            if poly.is_empty:
+                continue
+            yield from (poly.exterior, *poly.interiors)
+
+    if tissue_wkt:
+        tissue = shapely.from_wkt(tissue_wkt)
+        for ring in rings(tissue):
+            xy = np.asarray(ring.coords) / ds
+            ax.plot(xy[:, 0], xy[:, 1], color="#1a9850", linewidth=1.2)
+        handles.append(Line2D([], [], color="#1a9850", linewidth=1.2))
+        labels.append("tissue")
+    for k, poly in enumerate(tumor.geoms, start=1):
+        for ring in rings(poly):
+            xy = np.asarray(ring.coords) / ds
+            ax.plot(xy[:, 0], xy[:, 1], color="white", linewidth=2.2)
+            ax.plot(xy[:, 0], xy[:, 1], color="#b2182b", linewidth=1.1)
+        p = poly.representative_point()
+        ax.annotate(str(k), (p.x / ds, p.y / ds), color="white", fontsize=9, fontweight="bold", ha="center",
+                    va="center", bbox={"boxstyle": "circle,pad=0.2", "fc": "#b2182b", "ec": "white", "lw": 0.8})
+    if len(tumor.geoms):
+        handles.append(Line2D([], [], color="#b2182b", linewidth=1.6))
+        labels.append("tumor region (numbered)")
+    colours = {"pen": "#2166ac", "blur": "#f58d16", "colour": "#c51b7d"}
+    for reason, xy in flagged_xy.items():
+        for x, y in xy[:400]:  # enough to show where; the gallery lists them
+            ax.add_patch(Rectangle((x / ds, y / ds), patch_size_l0 / ds, patch_size_l0 / ds, fill=False,
+                                   ec=colours[reason], lw=0.9))
+        if len(xy):
+            handles.append(Rectangle((0, 0), 1, 1, fill=False, ec=colours[reason], lw=1.2))
+            labels.append(f"QC: {reason} ({len(xy)} patches)")
+    ax.set_xlim(0, tw)
+    ax.set_ylim(th, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if handles:
+        ax.legend(handles, labels, loc="lower right", fontsize=7, framealpha=0.85)
+    return _figure_uri(fig)
+
+
+# --------------------------------------------------------------------------- slide report
+
+
+def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None) -> dict[str, Any]:
+    """Everything the slide template shows, read from a slide output folder."""
+    slide_dir = Path(slide_dir)
+    summary_path = slide_dir / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text())
+    except FileNotFoundError:
+        raise StoreError(summary_path, "no summary.json in the slide output folder; run the pipeline (or stitch) first") from None
+    except json.JSONDecodeError as exc:
+        raise StoreError(summary_path, f"summary.json is not valid JSON: {exc}") from None
+    store_path = slide_dir / "patches.zarr"
+    if not (store_path / "zarr.json").is_file():
+        store_path = Path(summary.get("store") or store_path)
+    group = store.open_store(store_path)
+    meta = store.meta(group)
+    slide, tile, tissue = meta.get("slide") or {}, meta.get("tile") or {}, meta.get("tissue") or {}
+    qc_section = summary.get("qc") or {}
+    if qc_cfg is None:  # the thresholds the flags were computed with
+        qc_cfg = QCConfig(**qc_section["config"]) if qc_section.get("config") else QCConfig()
+    mpp = float(summary.get("slide", {}).get("mpp") or slide.get("mpp") or 0.0)
+
+    regions, tumor = _tumor_regions(slide_dir / "tumor.geojson", mpp)
+    config = summary.get("config") or {}
+    probs = _tumor_probabilities(group, int(config.get("class_index", -1)))
+    n_gallery = qc_cfg.report_patches
+    top = [] if probs is None or not len(probs) else np.argsort(-probs, kind="stable")[:n_gallery]
+    measures = qc.read_measures(group)
+    flagged: list[tuple[int, str]] = []
+    flagged_xy: dict[str, np.ndarray] = {}
+    if measures is not None and len(measures["focus"]):
+        flagged = qc.flagged_patches(measures, qc_cfg, n_gallery)
+        coords = np.asarray(group["coords"][:])
+        flagged_xy = {reason: coords[mask] for reason, mask in qc.patch_flags(measures, qc_cfg).items()}
+
+    thumbnail = np.asarray(group["thumbnail"][...])
+    heatmap_png = slide_dir / "heatmap.png"
+    properties, properties_note = _slide_properties(slide.get("path"))
+    score = summary.get("slide_score") or {}
+    seconds = {k: v for k, v in (summary.get("seconds") or {}).items() if v is not None}
+    return {
+        "title": f"wsipipe slide report — {slide.get('name') or summary.get('slide', {}).get('name')}",
+        "version": __version__,
+        "summary": summary,
+        "slide": slide,
+        "tile": tile,
+        "tissue": tissue,
+        "levels": list(zip(slide.get("level_dimensions") or [], slide.get("level_downsamples") or [])),
+        "properties": properties,
+        "properties_note": properties_note,
+        "score": score,
+        "decision": summary.get("decision"),
+        "threshold": summary.get("threshold"),
+        "tumor_area_mm2": summary.get("tumor_area_mm2"),
+        "regions": regions,
+        "flags": qc_section.get("flags", []),
+        "qc_measured": qc_section.get("measured", False),
+        "flag_counts": qc_section.get("flagged_patches", {}),
+        "seconds": seconds,
+        "total_seconds": sum(float(v) for v in seconds.values()),
+        "provenance": summary.get("provenance") or {},
+        "overview_src": overview_figure(
+            thumbnail, float(tile.get("thumb_downsample", 1.0)), tissue.get("polygon_wkt"), tumor, flagged_xy,
+            float(tile.get("patch_size_l0", 0.0)),
+        ),
+        "heatmap_src": data_uri(heatmap_png.read_bytes(), "image/png") if heatmap_png.is_file() else None,
+        "top_patches": _patch_cards(group, top, probs),
+        "flagged_patches": _patch_cards(group, [i for i, _ in flagged], probs, dict(flagged)),
+    }
+
+
+def write_slide_report(slide_dir: str | Path, qc_cfg: QCConfig | None = None) -> Path:
+    """Write ``slide_dir/report.html`` (self-contained) from a slide output folder; returns its path."""
+    slide_dir = Path(slide_dir)
+    html = _environment().get_template("slide.html.j2").render(**slide_report_context(slide_dir, qc_cfg))
+    return write_atomic(slide_dir / REPORT_NAME, html)
+
+
+# --------------------------------------------------------------------------- archive report
+
+
+def _row_view(row: dict, base: Path) -> dict[str, Any]:
+    """One archive row (interfaces §1) flattened for the table; ``base`` = the report's folder."""
+    summary = row.get("summary") or {}
+    score = (summary.get("slide_score") or {}).get("top_k_mean")
+    flags = [f.get("code", "?") for f in (summary.get("qc") or {}).get("flags", [])]
+    link = None
+    if row.get("out_dir"):
+        target = Path(row["out_dir"]).resolve() / REPORT_NAME
+        if target.is_file():
+            link = Path(os.path.relpath(target, base)).as_posix()
+    slide = str(row.get("slide") or "")
+    return {
+        "slide": slide,
+        "name": row.get("name") or Path(slide).name,
+        "status": row.get("status") or "failed",
+        "error": row.get("error") or "",
+        "score": score,
+        "decision": summary.get("decision") or "",
+        "threshold": summary.get("threshold"),
+        "tumor_area_mm2": summary.get("tumor_area_mm2"),
+        "flags": flags,
+        "needs_review": bool((summary.get("qc") or {}).get("needs_review")),
+        "seconds": row.get("seconds"),
+        "link": link,
+    }
+
+
+def archive_counts(rows: list[dict]) -> dict[str, int]:
+    """Counts for the archive summary: by status, by decision, and slides that need review."""
+    counts = {"slides": len(rows), "ok": 0, "failed": 0, "skipped": 0, "tumor": 0, "normal": 0, "needs_review": 0}
+    for row in rows:
+        status = row.get("status") or "failed"
+        counts[status] = counts.get(status, 0) + 1
+        summary = row.get("summary") or {}
+        if summary.get("decision") in ("tumor", "normal"):
+            counts[summary["decision"]] += 1
+        if (summary.get("qc") or {}).get("needs_review"):
+            counts["needs_review"] += 1
+    return counts
+
+
+def archive_figures(views: list[dict]) -> list[dict[str, str]]:
+    """Score distribution, tumor area distribution, throughput over the run (PNG data URIs)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from matplotlib.ticker import MaxNLocator
+
+    def figure():
+        fig = Figure(figsize=(4.2, 3.0), dpi=120, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of slides
+        ax.spines[["top", "right"]].set_visible(False)
+        return fig, ax
+
+    scores = [v["score"] for v in views if v["score"] is not None]
+    areas = [v["tumor_area_mm2"] for v in views if v["tumor_area_mm2"] is not None]
+    out = []
+
+    fig, ax = figure()
+    ax.hist(scores, bins=np.linspace(0, 1, 21), color="#4575b4", edgecolor="white")
+    for t in sorted({v["threshold"] for v in views if v["threshold"] is not None}):
+        ax.axvline(t, color="0.2", linestyle="--", linewidth=1)
+        ax.annotate("threshold", (t, 1), xycoords=("data", "axes fraction"), xytext=(3, -10),
+                    textcoords="offset points", fontsize=7, color="0.2")
+    ax.set(xlabel="slide score (top-k mean probability)", ylabel="slides", xlim=(0, 1))
+    out.append({"title": "Score distribution", "src": _figure_uri(fig)})
+
+    fig, ax = figure()
+    top = max(areas, default=0.0) or 1.0
+    ax.hist(areas, bins=np.linspace(0, top * 1.05, 21), color="#d73027", edgecolor="white")
+    ax.set(xlabel="tumor area (mm²)", ylabel="slides")
+    out.append({"title": "Tumor area distribution", "src": _figure_uri(fig)})
+
+    fig, ax = figure()
+    # Rows are in processing order; time on the x axis is the summed wall time of the slides.
+    elapsed = np.cumsum([float(v["seconds"] or 0.0) for v in views])
+    ok = np.cumsum([v["status"] in ("ok", "skipped") for v in views])
+    failed = np.cumsum([v["status"] == "failed" for v in views])
+    ax.step(np.r_[0, elapsed], np.r_[0, ok], where="post", color="#1a9850", label="done")
+    ax.step(np.r_[0, elapsed], np.r_[0, failed], where="post", color="#b2182b", label="failed")
+    ax.set(xlabel="processing time (s)", ylabel="slides")
+    ax.legend(fontsize=8)
+    out.append({"title": "Throughput over the run", "src": _figure_uri(fig)})
+    return out
+
+
+def write_archive_report(rows: list[dict], out_path: str | Path, title: str = "wsipipe archive report") -> Path:
+    """Write one self-contained HTML page for an archive run (rows per interfaces §1); returns its path."""
+    out_path = Path(out_path)
+    views = [_row_view(row, out_path.parent.resolve()) for row in rows]
+    html = _environment().get_template("archive.html.j2").render(
+        title=title, version=__version__, rows=views, counts=archive_counts(rows), figures=archive_figures(views),
+        total_seconds=sum(float(v["seconds"] or 0.0) for v in views),
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(out_path, html)
+
+
+def archive_markdown(rows: list[dict], report_path: str | Path) -> str:
+    """Markdown for a Prefect artifact: summary counts and a link to the archive report."""
+    c = archive_counts(rows)
+    uri = Path(report_path).resolve().as_uri()
+    lines = [
+        "## wsipipe archive report",
+        "",
+        f"[Open the report]({uri})",
+        "",
+        "| slides | ok | skipped | failed | tumor | normal | needs review |",
+        "|---|---|---|---|---|---|---|",
+        f"| {c['slides']} | {c['ok']} | {c['skipped']} | {c['failed']} | {c['tumor']} | {c['normal']} | {c['needs_review']} |",
+    ]
+    failed = [r for r in rows if r.get("status") == "failed"]
+    if failed:
+        lines += ["", "Failed slides:"]
+        lines += [f"- `{Path(str(r.get('slide'))).name}`: {str(r.get('error') or '').replace('|', '/')}" for r in failed[:20]]
+    return "\n".join(lines) + "\n"
