@@ -169,6 +169,10 @@ def _read_run(slide: Slide, spec: GridSpec, cells: np.ndarray, out: np.ndarray, 
     if not spec.needs_resize:
         # Exact level: patches are integer offsets inside the level's pixel grid.
         lx, ly = c0 * spec.stride, row * spec.stride
+        if fast and slide.fast_reader(spec.level) is not None:  # decoded tiles straight into each patch
+            for k, col in enumerate(cells[:, 1]):
+                slide.read_level(spec.level, int(col) * spec.stride, ly, p, p, out=out[k])
+            return
         region = slide.read_level(spec.level, lx, ly, (c1 - c0) * spec.stride + p, p, fast=fast)
         for k, col in enumerate(cells[:, 1]):
             off = (int(col) - c0) * spec.stride
@@ -264,9 +268,13 @@ def tile_slide(
     if progress:
         progress(done, n)
 
+    run_token = dask.base.tokenize(str(store_path), identity)  # unique per store on a shared cluster
     tasks = [
         dask.delayed(_tile_chunk)(
-            str(slide_path), cfg.mpp_override, spec, str(store_path), i, slices[i], cfg.tile.reader == "auto"
+            str(slide_path), cfg.mpp_override, spec, str(store_path), i, slices[i], cfg.tile.reader == "auto",
+            # Ordered names: Dask runs independent tasks in key order, so chunks go top to bottom
+            # and each tile row is still in the reader's cache when the next patch row needs it.
+            dask_key_name=f"wsipipe-tile-{run_token}-{i:09d}",
         )
         for i in todo
     ]
