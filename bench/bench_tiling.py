@@ -135,6 +135,10 @@ def bench_resolution(slide: Path, work: Path, mpp: float, repeats: int, naive_ma
         "wsipipe read_patches, 1 thread, no writes": lambda: read_only(slide, spec, grid_ij)[0],
         "wsipipe tile, 1 worker: chunk phase": lambda: timed_tile(slide, work / "w1.zarr", 1, overrides),
         "wsipipe tile, 2 workers: chunk phase": lambda: timed_tile(slide, work / "w2.zarr", 2, overrides),
+        "wsipipe tile, 1 worker, tile.codec=jpeg: chunk phase": lambda: timed_tile(
+            slide, work / "j1.zarr", 1, {**overrides, "tile.codec": "jpeg"}),
+        "wsipipe tile, 2 workers, tile.codec=jpeg: chunk phase": lambda: timed_tile(
+            slide, work / "j2.zarr", 2, {**overrides, "tile.codec": "jpeg"}),
         "naive read_region loop, 1 thread, no writes": lambda: naive_loop(slide, sample, spec),
     }
     counts = {k: (len(sample) if k.startswith("naive") else n) for k in variants}
@@ -155,6 +159,7 @@ def bench_resolution(slide: Path, work: Path, mpp: float, repeats: int, naive_ma
     bound = "raw decode bound (needed tiles once), 1 thread"
     ratio = lambda a, b: statistics.median(rd[a] / rd[b] for rd in rounds)  # noqa: E731
     w1, w2 = "wsipipe tile, 1 worker: chunk phase", "wsipipe tile, 2 workers: chunk phase"
+    j1, j2 = (f"wsipipe tile, {k}, tile.codec=jpeg: chunk phase" for k in ("1 worker", "2 workers"))
     naive, reads = "naive read_region loop, 1 thread, no writes", "wsipipe read_patches, 1 thread, no writes"
     return {
         "mpp": mpp, "level": spec.level, "needs_resize": spec.needs_resize, "patches": n,
@@ -166,6 +171,9 @@ def bench_resolution(slide: Path, work: Path, mpp: float, repeats: int, naive_ma
             "tile 1 worker / decode bound": ratio(w1, bound),
             "read_patches / decode bound": ratio(reads, bound),
             "tile 2 workers / 1 worker": ratio(w2, w1),
+            "tile jpeg 1 worker / naive": ratio(j1, naive),
+            "tile jpeg 1 worker / decode bound": ratio(j1, bound),
+            "tile jpeg 2 workers / 1 worker": ratio(j2, j1),
         },
         "warmup_seconds": ref["seconds"],
     }
