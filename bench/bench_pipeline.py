@@ -90,6 +90,7 @@ def main() -> None:
             print(f"generated {slide.name} in {time.perf_counter() - t0:.1f} s", flush=True)
         load0 = os.getloadavg()[0]
         tiling = child("tile", slide, work / f"tile-{size}", weights, overrides)
+        shutil.rmtree(work / f"tile-{size}")  # ~10 GB at 100k²: free the disk before the pipeline writes its own
         pipe = child("pipeline", slide, work / f"pipe-{size}", weights, overrides)
         rows.append({"size": size, "tiling": tiling, "pipeline": pipe, "loadavg": [load0, os.getloadavg()[0]],
                      "slides_per_hour": 3600.0 / pipe["seconds"]})
