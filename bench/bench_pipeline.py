@@ -21,15 +21,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsipipe.mosaic import write_mosaic_slide  # noqa: E402
-
-SOURCE = ROOT.parent / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
+from benchutil import mosaic_slide, write_results  # noqa: E402
 
 # Runs in the child: the whole pipeline or tiling alone; prints one JSON line.
 CHILD = r"""
@@ -83,11 +80,7 @@ def main() -> None:
     overrides = {"tile.mpp": 0.5, "tile.patch_size": 224, "inference.precision": args.precision}
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
-        slide = work / f"mosaic-{size}.svs"
-        if not slide.exists():
-            t0 = time.perf_counter()
-            write_mosaic_slide(slide, size, size, SOURCE, mpp=0.5, seed=7)
-            print(f"generated {slide.name} in {time.perf_counter() - t0:.1f} s", flush=True)
+        slide = mosaic_slide(work, size)
         load0 = os.getloadavg()[0]
         tiling = child("tile", slide, work / f"tile-{size}", weights, overrides)
         shutil.rmtree(work / f"tile-{size}")  # ~10 GB at 100k²: free the disk before the pipeline writes its own
@@ -109,9 +102,7 @@ def main() -> None:
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "gpu": None},
                "precision": args.precision, "rows": rows}
-    out_dir = ROOT / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"pipeline-{args.sizes.replace(',', '-')}.json").write_text(json.dumps(results, indent=2))
+    write_results(f"pipeline-{args.sizes.replace(',', '-')}", results)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

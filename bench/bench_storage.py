@@ -14,7 +14,6 @@ Prints a table and writes bench/results/storage.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -33,10 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from wsipipe import store  # noqa: E402
 from wsipipe.config import load_config  # noqa: E402
-from wsipipe.mosaic import write_mosaic_slide  # noqa: E402
 from wsipipe.tiling import tile_slide  # noqa: E402
+from benchutil import mosaic_slide, write_results  # noqa: E402
 
-SOURCE = ROOT.parent / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
 ZARR_CODECS = {
     "none (raw)": None,
     "zstd level 1 (wsipipe default)": [ZstdCodec(level=1)],
@@ -90,9 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="wsipipe-bench-store-"))
     work.mkdir(parents=True, exist_ok=True)
-    slide = work / f"mosaic-{args.size}.svs"
-    if not slide.exists():
-        write_mosaic_slide(slide, args.size, args.size, SOURCE, mpp=0.5, seed=7)
+    slide = mosaic_slide(work, args.size)
     tiles = work / "tiles.zarr"
     tile_slide(slide, tiles, load_config(None, {"tile.mpp": 0.5}))
     patches = store.open_store(tiles)["patches"][: args.n]
@@ -119,10 +115,7 @@ def main() -> None:
         psnr = "lossless" if row["psnr_db"] is None or row["max_abs_err"] == 0 else f"{row['psnr_db']:.1f}"
         print(f"{name:32s} {row['bytes_per_patch'] / 1024:9.1f} {row['ratio']:9.2f}x {row['write_patches_per_s']:15.0f} "
               f"{row['read_patches_per_s']:14.0f} {row['max_abs_err']:7d} {row['mean_abs_err']:8.2f} {psnr:>7s}")
-    out_dir = ROOT / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "storage.json").write_text(json.dumps({"n": n, "raw_bytes_per_patch": raw / n, "rows": rows,
-                                                      "loadavg": os.getloadavg()}, indent=2))
+    write_results("storage", {"n": n, "raw_bytes_per_patch": raw / n, "rows": rows, "loadavg": os.getloadavg()})
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

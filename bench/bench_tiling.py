@@ -20,7 +20,6 @@ Prints a table and writes bench/results/tiling-<size>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -40,11 +39,9 @@ sys.path.insert(0, str(ROOT))
 from wsipipe import slide as slide_mod  # noqa: E402
 from wsipipe import store  # noqa: E402
 from wsipipe.config import load_config  # noqa: E402
-from wsipipe.mosaic import write_mosaic_slide  # noqa: E402
 from wsipipe.slide import open_slide  # noqa: E402
 from wsipipe.tiling import GridSpec, read_patches, tile_slide  # noqa: E402
-
-SOURCE = ROOT.parent / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
+from benchutil import mosaic_slide, write_results  # noqa: E402
 
 
 def forget_slides() -> int:
@@ -189,11 +186,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="wsipipe-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    slide = work / f"mosaic-{args.size}.svs"
-    if not slide.exists():
-        t0 = time.perf_counter()
-        write_mosaic_slide(slide, args.size, args.size, SOURCE, mpp=0.5, seed=7)
-        print(f"generated {slide} in {time.perf_counter() - t0:.1f} s")
+    slide = mosaic_slide(work, args.size)
     load = os.getloadavg()
     results = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_at_start": load,
@@ -213,9 +206,7 @@ def main() -> None:
             print(f"  {name:40s} {v:6.2f}x")
     results["loadavg_at_end"] = os.getloadavg()
     print(f"\nload average at start {load[0]:.1f}, at end {results['loadavg_at_end'][0]:.1f} (2 cores shared)")
-    out_dir = ROOT / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"tiling-{args.size}.json").write_text(json.dumps(results, indent=2))
+    write_results(f"tiling-{args.size}", results)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 
