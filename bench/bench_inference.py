@@ -1,6 +1,6 @@
 """Inference throughput: Zarr store -> probabilities, against the model alone, side by side.
 
-    python bench/bench_inference.py                     # 256 patches, bf16 and fp32, ~1 min on 2 cores
+    python bench/bench_inference.py                     # 256 patches, bf16 and fp32, batch 32/64/128, a few min
     python bench/bench_inference.py --n 1024 --repeats 3   # steadier numbers, ~6 min
     python bench/bench_inference.py --train 1000           # also: time a from-scratch fit
 
@@ -10,6 +10,8 @@ repeat by repeat so that load from other processes hits every row alike:
   * wsipipe infer_store: opens the store, reads and decodes Zarr chunks, normalises,
     runs the model, writes probabilities and progress flags, marks the stage complete
   * sequential loop: the same work without the prefetch thread (read, then compute)
+  * model alone in NCHW memory format (what channels_last gains), and with ``--compile``
+    torch.compile (inductor) of the channels_last model
 The patches are 224-px crops of wsipipe.synth's H&E-like textures, written the way
 `wsipipe tile` writes them (zstd level 1, 64 patches per chunk).
 
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -121,7 +124,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=256, help="patches")
     ap.add_argument("--size", type=int, default=224, help="patch edge, px")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", default="32,64,128", help="comma list of batch sizes (swept)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (inductor; compiles for minutes)")
     ap.add_argument("--chunk", type=int, default=64, help="patches per Zarr chunk")
     ap.add_argument("--prefetch", type=int, default=3, help="batches read ahead")
     ap.add_argument("--precision", default="bf16,fp32", help="comma list of bf16, fp32, auto")
@@ -137,46 +141,64 @@ def main() -> None:
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     net = prepare_model(build_model("resnet18", 1), cpu)
-    batches = [to_tensor(patches[b : b + args.batch], cpu).contiguous(memory_format=torch.channels_last)
-               for b in range(0, args.n, args.batch)]
-    cfg = InferenceConfig(batch_size=args.batch, prefetch_batches=args.prefetch, device="cpu")
-
-    runs: dict[tuple[str, str], list[float]] = {}
+    plain = build_model("resnet18", 1).eval()  # same architecture, default NCHW memory format
+    plain.load_state_dict(net.state_dict())
+    compiled = torch.compile(net) if args.compile else None
+    sizes = [int(b) for b in args.batch.split(",")]
     precisions = args.precision.split(",")
-    # Warm-up, untimed: oneDNN builds its kernels on the first call per dtype, and the first
-    # store access starts Zarr's I/O threads (~0.5 s once per process).
+
+    def batches_of(b: int, channels_last: bool = True) -> list[torch.Tensor]:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return [to_tensor(patches[i : i + b], cpu).contiguous(memory_format=fmt) for i in range(0, args.n, b)]
+
+    def methods(p: str, b: int, rep: int) -> list[tuple[str, Callable[[], float]]]:
+        dtype = resolve_precision(p, cpu)
+        pcfg = InferenceConfig(batch_size=b, prefetch_batches=args.prefetch, device="cpu", precision=p)
+        cl, nchw = batches_of(b), batches_of(b, channels_last=False)
+        out = [
+            ("model alone (in-memory tensors)", lambda: model_alone(net, cl, dtype)),
+            ("wsipipe infer_store (Zarr -> probabilities)", lambda: end_to_end(path, net, pcfg, f"{p}-{b}-{rep}")),
+            ("sequential loop, no prefetch", lambda: sequential(path, net, b, dtype)),
+            ("model alone, NCHW (no channels_last)", lambda: model_alone(plain, nchw, dtype)),
+        ]
+        if compiled is not None:
+            out.append(("model alone, torch.compile", lambda: model_alone(compiled, cl, dtype)))
+        return out
+
+    runs: dict[tuple[str, int, str], list[float]] = {}
+    # Warm-up, untimed: oneDNN builds its kernels on the first call per dtype and shape (and
+    # torch.compile compiles), and the first store access starts Zarr's I/O threads.
     warm = work / "warm.zarr"
-    make_store(warm, args.batch, args.size, args.chunk, quiet=True)
+    make_store(warm, max(sizes), args.size, args.chunk, quiet=True)
     for p in precisions:
-        model_alone(net, batches[:1], resolve_precision(p, cpu))
-        end_to_end(warm, net, cfg.model_copy(update={"precision": p}), f"warm-{p}")
-        sequential(warm, net, args.batch, resolve_precision(p, cpu))
+        for b in sizes:
+            dtype = resolve_precision(p, cpu)
+            for model in (net, plain) + ((compiled,) if compiled is not None else ()):
+                fmt = torch.contiguous_format if model is plain else torch.channels_last
+                model_alone(model, [batches_of(b)[0].contiguous(memory_format=fmt)], dtype)
+            end_to_end(warm, net, InferenceConfig(batch_size=b, device="cpu", precision=p), f"warm-{p}-{b}")
     for rep in range(args.repeats):
         for p in precisions:
-            dtype = resolve_precision(p, cpu)
-            pcfg = cfg.model_copy(update={"precision": p})
-            methods = [
-                ("model alone (in-memory tensors)", lambda: model_alone(net, batches, dtype)),
-                ("wsipipe infer_store (Zarr -> probabilities)", lambda: end_to_end(path, net, pcfg, f"{p}-{rep}")),
-                ("sequential loop, no prefetch", lambda: sequential(path, net, args.batch, dtype)),
-            ]
-            for method, fn in methods[rep % 3 :] + methods[: rep % 3]:  # rotate: no method always goes first
-                runs.setdefault((p, method), []).append(args.n / fn())
+            for b in sizes:
+                ms = methods(p, b, rep)
+                for method, fn in ms[rep % len(ms) :] + ms[: rep % len(ms)]:  # rotate: no method always first
+                    runs.setdefault((p, b, method), []).append(args.n / fn())
 
-    print(f"\nResNet18, {args.n} patches of {args.size} px, batch {args.batch}, chunk {args.chunk}, "
-          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, {args.repeats} repeats (img/s)")
-    print(f"{'precision':9s} {'method':45s} {'median':>8s} {'best':>8s} {'vs model':>9s}")
+    print(f"\nResNet18, {args.n} patches of {args.size} px, chunk {args.chunk}, {torch.get_num_threads()} torch "
+          f"threads, {os.cpu_count()} CPUs, no GPU, {args.repeats} repeats, load {os.getloadavg()[0]:.1f} (img/s)")
+    print(f"{'precision':9s} {'batch':>5s} {'method':45s} {'median':>8s} {'best':>8s} {'vs model':>9s}")
     rows = []
     for p in precisions:
-        alone = runs[(p, "model alone (in-memory tensors)")]
-        for method in ("model alone (in-memory tensors)", "wsipipe infer_store (Zarr -> probabilities)",
-                       "sequential loop, no prefetch"):
-            speeds = runs[(p, method)]
-            # Paired ratio per repeat (neighbours in time), then the median over repeats.
-            ratio = statistics.median(s / a for s, a in zip(speeds, alone))
-            rows.append({"precision": p, "method": method, "images_per_s": speeds,
-                         "median": statistics.median(speeds), "best": max(speeds), "ratio_vs_model": ratio})
-            print(f"{p:9s} {method:45s} {statistics.median(speeds):8.1f} {max(speeds):8.1f} {ratio:8.0%}")
+        for b in sizes:
+            alone = runs[(p, b, "model alone (in-memory tensors)")]
+            for (pp, bb, method), speeds in runs.items():
+                if (pp, bb) != (p, b):
+                    continue
+                # Paired ratio per repeat (neighbours in time), then the median over repeats.
+                ratio = statistics.median(s / a for s, a in zip(speeds, alone))
+                rows.append({"precision": p, "batch": b, "method": method, "images_per_s": speeds,
+                             "median": statistics.median(speeds), "best": max(speeds), "ratio_vs_model": ratio})
+                print(f"{p:9s} {b:5d} {method:45s} {statistics.median(speeds):8.1f} {max(speeds):8.1f} {ratio:8.0%}")
     if args.train:
         fit = time_fit(args.train, args.size)
         print(f"\nfit_classifier: ResNet18 from scratch, {fit['patches']} patches of {args.size} px, 3 epochs: "

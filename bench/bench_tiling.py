@@ -1,24 +1,29 @@
-"""Tiling throughput and memory, side by side in one run on the same slide.
+"""Tiling throughput against the naive loop and the JPEG-decode bound, side by side in one run.
 
-    python bench/bench_tiling.py                   # 20k x 20k generated slide, ~2 min
-    python bench/bench_tiling.py --size 100000     # the 100k x 100k memory check (slow: generation)
+    python bench/bench_tiling.py                   # 20k x 20k mosaic of real H&E tiles, a few minutes
+    python bench/bench_tiling.py --size 100000     # 100k x 100k (generation ~15 s, runs much longer)
 
-Prints a table and writes bench/results/tiling.json. Compares, on the same patch list:
-  * wsipipe tile_slide (Dask threads, 1 and 2 workers): tissue detection, reads, Zarr writes
-  * wsipipe read_patches alone (the read path: direct tile decode for SVS/TIFF)
-  * naive loop: one openslide read_region per patch, converted to RGB (the way CLAM /
-    TIAToolbox / WSInfer extract), with no writes at all (so it is flattered)
-and the peak RSS of a tiling process (measured by the OS, in a child process).
+The slide is a mosaic of real JPEG tiles of cmu-1-small-region.svs (wsipipe.mosaic), so
+decode cost and compression are those of real H&E. For each resolution (native 0.5 µm/px,
+and 1.0 µm/px = 2x downsampling from level 0) and on the same patch list it measures:
+  * raw decode bound: every tile of the needed level that a patch touches, read and decoded
+    once (os.pread + libjpeg-turbo), nothing else, 1 thread
+  * wsipipe read_patches alone (the read path, 1 thread, no writes)
+  * wsipipe tile_slide with 1 and 2 Dask workers: the chunk phase (reads + Zarr writes) and
+    the whole stage (plus thumbnail and tissue detection)
+  * naive loop: one openslide read_region per patch, converted to RGB (and Lanczos-resized
+    at 2x), the way CLAM / TIAToolbox / WSInfer extract, without any writes
+Variants run in a rotating order for ``--repeats`` rounds; ratios are taken within a round.
+Prints a table and writes bench/results/tiling-<size>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -26,101 +31,184 @@ from pathlib import Path
 
 import numpy as np
 import openslide
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from wsipipe import slide as slide_mod  # noqa: E402
 from wsipipe import store  # noqa: E402
 from wsipipe.config import load_config  # noqa: E402
-from wsipipe.synth import write_synthetic_slide  # noqa: E402
 from wsipipe.slide import open_slide  # noqa: E402
 from wsipipe.tiling import GridSpec, read_patches, tile_slide  # noqa: E402
+from benchutil import mosaic_slide, write_results  # noqa: E402
 
 
-def naive_loop(slide_path: Path, coords: np.ndarray, size: int) -> float:
+def forget_slides() -> int:
+    """Close the tiler's shared slide handles (cold tile caches for the next run); return the
+    tiles their direct readers decoded."""
+    decoded = 0
+    with slide_mod._cache_lock:
+        for s in slide_mod._cache.values():
+            decoded += sum(r.decoded for r in s._fast.values() if r is not None)
+            s.close()
+        slide_mod._cache.clear()
+    return decoded
+
+
+def needed_tiles(spec: GridSpec, coords: np.ndarray, tile: int) -> np.ndarray:
+    """Row-major indices of the level tiles that the patches touch."""
+    ds = spec.level_downsample
+    x0, y0 = np.floor(coords / ds).astype(np.int64).T
+    edge = int(np.ceil(spec.patch_size_l0 / ds)) + 1
+    cols = -(-int(np.ceil(spec.slide_width / ds)) // tile)
+    found = set()
+    for x, y in zip(x0.tolist(), y0.tolist()):
+        for ty in range(y // tile, (y + edge - 1) // tile + 1):
+            for tx in range(x // tile, min((x + edge - 1) // tile, cols - 1) + 1):
+                found.add(ty * cols + tx)
+    return np.array(sorted(found))
+
+
+def decode_bound(slide_path: Path, spec: GridSpec, tiles: np.ndarray) -> tuple[float, int]:
+    """Seconds to pread + decode each needed tile once, 1 thread; and the pixels decoded."""
+    with open_slide(slide_path) as s:
+        level = s.fast_reader(spec.level)
+        fd = os.open(slide_path, os.O_RDONLY)
+        try:
+            t0 = time.perf_counter()
+            for i in tiles.tolist():
+                data = os.pread(fd, int(level.counts[i]), int(level.offsets[i]))
+                level._decode(data, i, jpegtables=level.jpegtables)
+            seconds = time.perf_counter() - t0
+        finally:
+            os.close(fd)
+        return seconds, len(tiles) * level.tile_h * level.tile_w
+
+
+def naive_loop(slide_path: Path, coords: np.ndarray, spec: GridSpec) -> float:
+    size_l0, p = int(round(spec.patch_size_l0)), spec.patch_size
     with openslide.OpenSlide(str(slide_path)) as s:
         t0 = time.perf_counter()
         for x, y in coords:
-            np.asarray(s.read_region((int(x), int(y)), 0, (size, size)).convert("RGB"))
+            img = s.read_region((int(x), int(y)), 0, (size_l0, size_l0)).convert("RGB")
+            if size_l0 != p:
+                img = img.resize((p, p), Image.Resampling.LANCZOS)
+            np.asarray(img)
         return time.perf_counter() - t0
 
 
-def timed_tile(slide: Path, out: Path, workers: int, overrides: dict) -> tuple[float, int]:
+def timed_tile(slide: Path, out: Path, workers: int, overrides: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # a complete store would be skipped, not re-tiled
     cfg = load_config(None, {**overrides, "dask.num_workers": workers})
+    marks: list[float] = []
     t0 = time.perf_counter()
-    stats = tile_slide(slide, out, cfg)
-    return time.perf_counter() - t0, stats["n_patches"]
+    stats = tile_slide(slide, out, cfg, progress=lambda done, total: marks.append(time.perf_counter()))
+    total = time.perf_counter() - t0
+    decoded = forget_slides()
+    return {"seconds": total, "chunk_seconds": total - (marks[0] - t0), "n": stats["n_patches"], "decoded": decoded}
 
 
-def peak_rss_child(slide: Path, out: Path, overrides: dict) -> float:
-    """Tile in a fresh process and return its peak RSS in MiB (the child's own VmHWM;
-    ru_maxrss would carry this parent's RSS across fork/exec)."""
-    shutil.rmtree(out, ignore_errors=True)
-    code = (
-        "import sys, json; from wsipipe.config import load_config; from wsipipe.tiling import tile_slide;"
-        f"tile_slide({str(slide)!r}, {str(out)!r}, load_config(None, json.loads(sys.argv[1])));"
-        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
-    )
-    res = subprocess.run([sys.executable, "-c", code, json.dumps(overrides)], check=True, cwd=ROOT,
-                         capture_output=True, text=True)
-    return int(res.stdout.strip().splitlines()[-1]) / 1024.0
+def read_only(slide: Path, spec: GridSpec, grid_ij: np.ndarray) -> tuple[float, int]:
+    with open_slide(slide) as s:
+        t0 = time.perf_counter()
+        read_patches(s, spec, grid_ij)
+        seconds = time.perf_counter() - t0
+        return seconds, s.fast_reader(spec.level).decoded
+
+
+def bench_resolution(slide: Path, work: Path, mpp: float, repeats: int, naive_max: int) -> dict:
+    overrides = {"tile.mpp": mpp, "tile.patch_size": 224}
+    ref = timed_tile(slide, work / "ref.zarr", 1, overrides)  # warm-up run; also gives the patch list
+    group = store.open_store(work / "ref.zarr")
+    coords, grid_ij = group["coords"][:], group["grid_ij"][:]
+    spec = GridSpec(**{k: v for k, v in store.meta(group)["tile"].items() if k in GridSpec.__annotations__})
+    with open_slide(slide) as s:
+        tile_px = s.fast_reader(spec.level).tile_w
+    tiles = needed_tiles(spec, coords, tile_px)
+    n, sample = len(coords), coords[:: max(1, len(coords) // naive_max)][:naive_max]
+    variants = {
+        "raw decode bound (needed tiles once), 1 thread": lambda: decode_bound(slide, spec, tiles)[0],
+        "wsipipe read_patches, 1 thread, no writes": lambda: read_only(slide, spec, grid_ij)[0],
+        "wsipipe tile, 1 worker: chunk phase": lambda: timed_tile(slide, work / "w1.zarr", 1, overrides),
+        "wsipipe tile, 2 workers: chunk phase": lambda: timed_tile(slide, work / "w2.zarr", 2, overrides),
+        "wsipipe tile, 1 worker, tile.codec=jpeg: chunk phase": lambda: timed_tile(
+            slide, work / "j1.zarr", 1, {**overrides, "tile.codec": "jpeg"}),
+        "wsipipe tile, 2 workers, tile.codec=jpeg: chunk phase": lambda: timed_tile(
+            slide, work / "j2.zarr", 2, {**overrides, "tile.codec": "jpeg"}),
+        "naive read_region loop, 1 thread, no writes": lambda: naive_loop(slide, sample, spec),
+    }
+    counts = {k: (len(sample) if k.startswith("naive") else n) for k in variants}
+    rounds: list[dict] = []
+    names = list(variants)
+    for r in range(repeats):
+        got = {}
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            res = variants[name]()
+            if isinstance(res, dict):
+                got[name] = counts[name] / res["chunk_seconds"]
+                got[name.replace("chunk phase", "whole stage")] = counts[name] / res["seconds"]
+                got[name + " decoded"] = res["decoded"]
+            else:
+                got[name] = counts[name] / res
+        rounds.append(got)
+    per_s = {k: statistics.median(rd[k] for rd in rounds) for k in rounds[0] if not k.endswith("decoded")}
+    bound = "raw decode bound (needed tiles once), 1 thread"
+    ratio = lambda a, b: statistics.median(rd[a] / rd[b] for rd in rounds)  # noqa: E731
+    w1, w2 = "wsipipe tile, 1 worker: chunk phase", "wsipipe tile, 2 workers: chunk phase"
+    j1, j2 = (f"wsipipe tile, {k}, tile.codec=jpeg: chunk phase" for k in ("1 worker", "2 workers"))
+    naive, reads = "naive read_region loop, 1 thread, no writes", "wsipipe read_patches, 1 thread, no writes"
+    return {
+        "mpp": mpp, "level": spec.level, "needs_resize": spec.needs_resize, "patches": n,
+        "tiles_needed": len(tiles), "tiles_decoded_by_tile_1_worker": rounds[-1][w1 + " decoded"],
+        "patches_per_s": per_s,
+        "ratios": {
+            "tile 1 worker / naive": ratio(w1, naive),
+            "read_patches / naive": ratio(reads, naive),
+            "tile 1 worker / decode bound": ratio(w1, bound),
+            "read_patches / decode bound": ratio(reads, bound),
+            "tile 2 workers / 1 worker": ratio(w2, w1),
+            "tile jpeg 1 worker / naive": ratio(j1, naive),
+            "tile jpeg 1 worker / decode bound": ratio(j1, bound),
+            "tile jpeg 2 workers / 1 worker": ratio(j2, j1),
+        },
+        "warmup_seconds": ref["seconds"],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=20000, help="edge of the generated slide, level-0 px")
+    ap.add_argument("--size", type=int, default=20000, help="edge of the generated mosaic slide, level-0 px")
+    ap.add_argument("--mpp", default="0.5,1.0", help="comma list of patch resolutions, µm/px")
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--naive-max", type=int, default=2000, help="patches timed in the naive loop")
+    ap.add_argument("--naive-max", type=int, default=1000, help="patches timed in the naive loop")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="wsipipe-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    slide = work / f"bench-{args.size}.svs"
-    if not slide.exists():
-        t0 = time.perf_counter()
-        write_synthetic_slide(slide, args.size, args.size, mpp=0.5, seed=7, n_tissue=4, n_tumor=3)
-        print(f"generated {slide} in {time.perf_counter() - t0:.1f} s")
-    overrides = {"tile.mpp": 0.5, "tile.patch_size": 224}
-
-    rows = []
-    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "slide": str(slide)}
-    for workers in (1, 2):
-        out = work / f"tiles-w{workers}.zarr"
-        seconds, n = timed_tile(slide, out, workers, overrides)
-        rows.append((f"wsipipe tile, {workers} worker(s)", n, seconds))
-    group = store.open_store(work / "tiles-w1.zarr")
-    coords, grid_ij = group["coords"][:], group["grid_ij"][:]
-    spec = GridSpec(**{k: v for k, v in store.meta(group)["tile"].items() if k in GridSpec.__annotations__})
-    with open_slide(slide) as s:
-        t0 = time.perf_counter()
-        read_patches(s, spec, grid_ij)
-        rows.append(("wsipipe read_patches only, 1 thread (no writes)", len(grid_ij), time.perf_counter() - t0))
-    sample = coords[: args.naive_max]
-    naive_s = naive_loop(slide, sample, 224)
-    rows.append(("naive read_region loop, 1 thread (no writes)", len(sample), naive_s))
-
-    print(f"\nTiling {slide.name} ({args.size} x {args.size} px, 0.5 µm/px, 224-px patches)")
-    print(f"{'method':48s} {'patches':>8s} {'seconds':>8s} {'patches/s':>10s} {'Mpx/s':>7s}")
-    for name, n, s in rows:
-        print(f"{name:48s} {n:8d} {s:8.2f} {n / s:10.1f} {n * 224 * 224 / s / 1e6:7.1f}")
-    per_s = {name: n / s for name, n, s in rows}
-    w1, w2 = per_s[rows[0][0]], per_s[rows[1][0]]
-    reads, naive = per_s[rows[2][0]], per_s[rows[3][0]]
-    print(
-        f"\nreads: wsipipe / naive {reads / naive:.2f}x;  whole tiling (reads + Zarr writes + tissue), "
-        f"1 worker / naive reads {w1 / naive:.2f}x;  2 workers / 1 worker {w2 / w1:.2f}x"
-    )
-
-    rss = peak_rss_child(slide, work / "tiles-rss.zarr", overrides)
-    print(f"peak RSS of a tiling process: {rss:.0f} MiB")
-    results.update(
-        rows=[{"method": n, "patches": k, "seconds": s, "patches_per_s": k / s} for n, k, s in rows],
-        read_ratio_vs_naive=reads / naive, tile_ratio_vs_naive=w1 / naive, scaling_2_workers=w2 / w1,
-        peak_rss_mib=rss, size=args.size,
-    )
-    out_dir = ROOT / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"tiling-{args.size}.json").write_text(json.dumps(results, indent=2))
+    slide = mosaic_slide(work, args.size)
+    load = os.getloadavg()
+    results = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_at_start": load,
+                    "gpu": None},
+        "slide": str(slide), "size": args.size, "runs": [],
+    }
+    for mpp in (float(m) for m in args.mpp.split(",")):
+        res = bench_resolution(slide, work, mpp, args.repeats, args.naive_max)
+        results["runs"].append(res)
+        print(f"\nTiling {args.size}² mosaic of real H&E at {mpp} µm/px (level {res['level']}, "
+              f"{'resampled' if res['needs_resize'] else 'native'}), {res['patches']} patches of 224 px; "
+              f"{res['tiles_needed']} tiles needed, tile (1 worker) decoded {res['tiles_decoded_by_tile_1_worker']}")
+        print(f"{'method':52s} {'patches/s':>10s} {'Mpx/s':>8s}")
+        for name, v in res["patches_per_s"].items():
+            print(f"{name:52s} {v:10.1f} {v * 224 * 224 / 1e6:8.1f}")
+        for name, v in res["ratios"].items():
+            print(f"  {name:40s} {v:6.2f}x")
+    results["loadavg_at_end"] = os.getloadavg()
+    print(f"\nload average at start {load[0]:.1f}, at end {results['loadavg_at_end'][0]:.1f} (2 cores shared)")
+    write_results(f"tiling-{args.size}", results)
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,9 @@ class Slide:
             ) from None
         return composite_bgra(bgra, self.background)
 
-    def read_level(self, level: int, x: int, y: int, width: int, height: int, fast: bool = True) -> np.ndarray:
+    def read_level(
+        self, level: int, x: int, y: int, width: int, height: int, fast: bool = True, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """RGB (height, width, 3) at *level pixel* coordinates (x, y) of ``level``.
 
         With ``fast`` (default) TIFF-family slides are decoded tile by tile without OpenSlide
@@ -142,13 +144,17 @@ class Slide:
         reader = self.fast_reader(level) if fast else None
         if reader is not None:
             try:
-                return reader.read(int(x), int(y), int(width), int(height))
+                return reader.read(int(x), int(y), int(width), int(height), out=out)
             except Exception as exc:
                 raise SlideReadError(
                     self.path, f"decoding tiles for {width}x{height} px at level {level} ({x}, {y}) failed: {exc}"
                 ) from None
         ds = self.level_downsamples[level]
-        return self.read_region(round(x * ds), round(y * ds), level, width, height)
+        region = self.read_region(round(x * ds), round(y * ds), level, width, height)
+        if out is None:
+            return region
+        out[...] = region
+        return out
 
     def fast_reader(self, level: int):
         """The direct tile reader for ``level``, or None when OpenSlide must read it."""
