@@ -43,3 +43,7 @@ class ModelLoadError(WsipipeError):
 
 class ConfigError(WsipipeError):
     """A configuration file or parameter is invalid (names the field and value)."""
+
+
+class OutputWriteError(WsipipeError):
+    """Writing an output failed (volume full, file too large, no permission); earlier outputs stay intact."""
