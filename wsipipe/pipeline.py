@@ -15,7 +15,7 @@ from typing import Callable
 
 from wsipipe import store
 from wsipipe.config import PipelineConfig
-from wsipipe.errors import ConfigError
+from wsipipe.errors import ConfigError, writing_outputs
 from wsipipe.slide import open_slide
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,10 @@ def run_slide(
         return (lambda done, total: progress(name, done, total)) if progress else None
 
     t0 = time.perf_counter()
-    tile_slide(slide_path, store_path, cfg, client=client, progress=stage("tile"))
-    infer_store(store_path, model, info, cfg.inference, progress=stage("infer"))
-    summary = stitch_store(store_path, slide_dir, cfg.stitch, progress=stage("stitch"))
+    with writing_outputs(slide_dir):
+        tile_slide(slide_path, store_path, cfg, client=client, progress=stage("tile"))
+        infer_store(store_path, model, info, cfg.inference, progress=stage("infer"))
+        summary = stitch_store(store_path, slide_dir, cfg.stitch, progress=stage("stitch"))
     log.info("%s: done in %.1f s -> %s", slide_path.name, time.perf_counter() - t0, slide_dir)
     return SlideOutputs(out_dir=slide_dir, store=store_path, summary=summary)
 
