@@ -35,7 +35,7 @@ def slide_output_name(slide_path: Path, identity: str) -> str:
     """Folder name for a slide's outputs: its sanitised stem plus identity prefix.
 
     Only [A-Za-z0-9._-] survive, so a slide name can never escape the output folder."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", slide_path.stem).strip("._") or "slide"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", slide_path.stem).strip("._-") or "slide"  # no hidden/option-like names
     return f"{stem[:80]}-{identity[:8]}"
 
 
@@ -50,7 +50,7 @@ def run_slide(
     """Tile, classify and stitch one slide into ``out_dir/<name>-<id>/``.
 
     Each stage is skipped when its outputs exist for the same inputs, so a rerun is cheap."""
-    from wsipipe.inference import infer_store
+    from wsipipe.inference import infer_store, resolve_device, resolve_precision
     from wsipipe.model import load_model
     from wsipipe.stitch import stitch_store
     from wsipipe.tiling import tile_slide
@@ -61,6 +61,7 @@ def run_slide(
         raise ConfigError(None, "model.weights: no model weights given (use --model WEIGHTS or model.weights)")
     # Fail fast on bad weights or architecture, before any tiling work.
     model, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
+    resolve_precision(cfg.inference.precision, resolve_device(cfg.inference.device))
     with open_slide(slide_path, cfg.mpp_override) as slide:
         name = slide_output_name(slide_path, slide.identity)
     slide_dir = Path(out_dir) / name
