@@ -48,9 +48,21 @@ SMALL = {
 }
 
 
+# One math thread per process: on a shared machine OpenMP threads spinning against each
+# other cost several times the work itself.
+ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def cli(*args, timeout=150):
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([*WSIPIPE, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([*WSIPIPE, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def stderr_lines(res) -> list[str]:
@@ -70,8 +82,8 @@ def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("faults")
     slide = write_synthetic_slide(d / "gen.svs", 3000, 2000, mpp=0.5, seed=5, n_tissue=2, n_tumor=1).path
     torch.manual_seed(0)
-    weights = d / "w.safetensors"
-    save_weights(build_model("resnet18", 1), weights, "resnet18", 1)
+    weights = d / "w.safetensors"  # a small real architecture keeps inference to about a second
+    save_weights(build_model("shufflenet_v2_x0_5", 1), weights, "shufflenet_v2_x0_5", 1)
     cfg_path = write_yaml(d / "small.yaml", SMALL)
     return {"dir": d, "slide": slide, "weights": weights, "cfg_path": cfg_path, "cfg": load_config(cfg_path)}
 
@@ -325,7 +337,7 @@ def test_kill_9_at_random_points_then_rerun_gives_identical_outputs(work, refere
     want = rng.randint(1, n_chunks - 2)
     out = tmp_path / "out"
     args = [*WSIPIPE, "run", work["slide"], "--model", work["weights"], "--out", out, "-c", work["cfg_path"]]
-    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     flags = out / reference.name / "patches.zarr" / "_progress" / stage / "c"
     caught = _wait_for_flags(proc, flags, want)
     os.kill(proc.pid, signal.SIGKILL)
@@ -338,8 +350,7 @@ def test_kill_9_at_random_points_then_rerun_gives_identical_outputs(work, refere
     assert done >= want and done < n_chunks or stage == "infer"
     assert not (slide_dir / "summary.json").exists()
 
-    res = cli("run", work["slide"], "--model", work["weights"], "--out", out, "-c", work["cfg_path"])
-    assert res.returncode == 0, res.stderr
+    assert run_slide(work["slide"], out, work["cfg"], work["weights"]).out_dir == slide_dir
     assert_same_outputs(reference, slide_dir)
     entry = store.stage_entry(store.open_store(slide_dir / "patches.zarr"), stage)
     if stage == "tile":
@@ -418,17 +429,16 @@ def _digests(folder: Path) -> dict[str, str]:
 def test_full_output_volume_is_a_clear_error_and_the_run_resumes(work, slides_dir, tmp_path):
     """A real 3 MiB tmpfs as the output folder. With it full, the second slide fails with one
     line naming the file and 'No space left on device'; the first slide's outputs are
-    untouched; once space is freed the same command finishes, matching a run on a roomy disk."""
+    untouched; once space is freed the run finishes, matching a run on a roomy disk."""
     vol = tmp_path / "vol"
     if not _mount_tmpfs(vol, "3m"):
         pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
     try:
-        cfg_path = write_yaml(tmp_path / "tiny.yaml", {**SMALL, "tile": {"mpp": 2.0, "patch_size": 32, "chunk_patches": 16}})
+        tiny = {**SMALL, "tile": {"mpp": 2.0, "patch_size": 32, "chunk_patches": 16}}
+        cfg_path, cfg = write_yaml(tmp_path / "tiny.yaml", tiny), load_config(None, tiny)
         first, second = work["slide"], slides_dir / "cmu-1-small-region.svs"
         out = vol / "out"
-        res = cli("run", first, "--model", work["weights"], "--out", out, "-c", cfg_path)
-        assert res.returncode == 0, res.stderr
-        (first_dir,) = list(out.iterdir())
+        first_dir = run_slide(first, out, cfg, work["weights"]).out_dir
         before = _digests(first_dir)
         free = os.statvfs(vol).f_bavail * os.statvfs(vol).f_frsize
         filler = vol / "filler"
@@ -438,21 +448,19 @@ def test_full_output_volume_is_a_clear_error_and_the_run_resumes(work, slides_di
         assert res.returncode == 2, res.stderr
         failed = [ln for ln in stderr_lines(res) if ln.startswith("failed: ")]
         assert len(failed) == 1 and "No space left on device" in failed[0] and str(out) in failed[0], res.stderr
+        assert "1 of 2 slides failed" in res.stderr and "Traceback" not in res.stderr
         assert _digests(first_dir) == before
-        second_dirs = [p for p in out.iterdir() if p != first_dir]
-        for d in second_dirs:
-            assert not (d / "summary.json").exists()
-            if (d / "patches.zarr" / "zarr.json").exists():
-                assert not store.is_complete(store.open_store(d / "patches.zarr"), "tile")
+        (second_dir,) = [p for p in out.iterdir() if p != first_dir]
+        assert not (second_dir / "summary.json").exists()
+        if (second_dir / "patches.zarr" / "zarr.json").exists():
+            assert not store.is_complete(store.open_store(second_dir / "patches.zarr"), "tile")
 
         filler.unlink()
-        res = cli("run", first, second, "--model", work["weights"], "--out", out, "-c", cfg_path)
-        assert res.returncode == 0, res.stderr
+        for slide in (first, second):
+            run_slide(slide, out, cfg, work["weights"])
         assert _digests(first_dir) == before
-        roomy = tmp_path / "roomy"
-        assert cli("run", second, "--model", work["weights"], "--out", roomy, "-c", cfg_path).returncode == 0
-        (got,) = [p for p in out.iterdir() if p != first_dir]
-        assert_same_outputs(roomy / got.name, got)
+        roomy = run_slide(second, tmp_path / "roomy", cfg, work["weights"]).out_dir
+        assert_same_outputs(roomy, second_dir)
     finally:
         subprocess.run(["umount", "-l", str(vol)], check=False)
 
@@ -503,8 +511,8 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_probabilities(tmp_pat
     group.create_array("coords", data=np.zeros((n, 2), np.int64), chunks=(n, 2))
     store.set_stage(group, "tile", {"slide": "hand-built"}, True, n_patches=n)
     torch.manual_seed(1)
-    model = build_model("resnet18", 1).eval()
-    info = ModelInfo(arch="resnet18", num_classes=1, sha256="1" * 64, path=None)
+    model = build_model("shufflenet_v2_x0_5", 1).eval()  # BatchNorm in eval: batch-independent
+    info = ModelInfo(arch="shufflenet_v2_x0_5", num_classes=1, sha256="1" * 64, path=None)
     want = predict_patches(model, group["patches"][:], torch.device("cpu"), None, batch_size=32)
 
     flaky = OutOfMemoryAbove(model, max_batch=6)
@@ -523,19 +531,39 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_probabilities(tmp_pat
 # --------------------------------------------------------------------------- configuration
 
 
-BAD_CONFIG = [
+BAD_FIELDS = [
+    ({"tile": {"mpp": 1000}}, "tile.mpp=1000"),
+    ({"mpp_override": 0}, "mpp_override=0"),
+    ({"tile": {"patch_size": -5}}, "tile.patch_size=-5"),
+    ({"tile": {"stride": 0}}, "tile.stride=0"),
+    ({"tile": {"chunk_patches": 0}}, "tile.chunk_patches=0"),
+    ({"tile": {"min_tissue": 1.5}}, "tile.min_tissue=1.5"),
+    ({"tile": {"on_corrupt_tile": "ignore"}}, "tile.on_corrupt_tile='ignore'"),
+    ({"tile": {"patchsize": 64}}, "tile.patchsize=64"),
+    ({"tissue": {"thumb_mpp": 0.5}}, "tissue.thumb_mpp=0.5"),
+    ({"inference": {"batch_size": 0}}, "inference.batch_size=0"),
+    ({"inference": {"precision": "int4"}}, "inference.precision='int4'"),
+    ({"stitch": {"threshold": 1.5}}, "stitch.threshold=1.5"),
+    ({"model": {"arch": "Not A Model"}}, "model.arch='Not A Model'"),
+    ({"model": {"num_classes": 0}}, "model.num_classes=0"),
+    ({"dask": {"num_workers": -1}}, "dask.num_workers=-1"),
+]
+
+
+@pytest.mark.parametrize("data,named", BAD_FIELDS, ids=[b[1] for b in BAD_FIELDS])
+def test_every_invalid_field_is_named_with_its_value(tmp_path, data, named):
+    from wsipipe.errors import ConfigError
+
+    path = write_yaml(tmp_path / "bad.yaml", data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert named in str(err.value) and str(path) in str(err.value)
+
+
+# Through the command line: exit 2, one line, and nothing written (not even the output folder).
+BAD_RUNS = [
     (["--mpp", "1000"], None, "tile.mpp=1000.0"),
-    (["--mpp-override", "0"], None, "mpp_override=0.0"),
     ([], {"tile": {"patch_size": -5}}, "tile.patch_size=-5"),
-    ([], {"tile": {"stride": 0}}, "tile.stride=0"),
-    ([], {"tile": {"on_corrupt_tile": "ignore"}}, "tile.on_corrupt_tile='ignore'"),
-    ([], {"tile": {"patchsize": 64}}, "tile.patchsize=64"),
-    ([], {"inference": {"batch_size": 0}}, "inference.batch_size=0"),
-    ([], {"stitch": {"threshold": 1.5}}, "stitch.threshold=1.5"),
-    ([], {"tissue": {"thumb_mpp": 0.5}}, "tissue.thumb_mpp=0.5"),
-    ([], {"model": {"arch": "Not A Model"}}, "model.arch='Not A Model'"),
-    ([], {"model": {"arch": "notamodel"}}, "notamodel"),
-    ([], {"inference": {"device": "tpu:9"}}, "inference.device='tpu:9'"),
     (["--model", "/nonexistent/w.safetensors"], None, "/nonexistent/w.safetensors: weights file not found"),
     (["--config", "/nonexistent/c.yaml"], None, "/nonexistent/c.yaml: config file not found"),
     (["/nonexistent/slide.svs"], None, "/nonexistent/slide.svs: file not found"),
@@ -543,8 +571,8 @@ BAD_CONFIG = [
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("extra,yaml_data,named", BAD_CONFIG, ids=[b[2][:30] for b in BAD_CONFIG])
-def test_invalid_parameter_fails_before_any_work_naming_field_and_value(work, tmp_path, extra, yaml_data, named):
+@pytest.mark.parametrize("extra,yaml_data,named", BAD_RUNS, ids=[b[2][:30] for b in BAD_RUNS])
+def test_invalid_parameter_fails_before_any_work(work, tmp_path, extra, yaml_data, named):
     out = tmp_path / "out"
     args = ["run", work["slide"], *extra, "--out", out]
     if "--model" not in extra:
@@ -555,7 +583,18 @@ def test_invalid_parameter_fails_before_any_work_naming_field_and_value(work, tm
     assert res.returncode == 2, (res.returncode, res.stderr)
     lines = stderr_lines(res)
     assert len(lines) == 1 and named in lines[0], res.stderr
-    assert not out.exists()  # nothing written, not even the output folder
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("over,named", [({"model.arch": "notamodel"}, "notamodel"),
+                                         ({"inference.device": "tpu:9"}, "inference.device='tpu:9'")])
+def test_model_and_device_are_checked_before_any_work(work, tmp_path, over, named):
+    """Checked when the run starts (they need torch), still before the output folder exists."""
+    from wsipipe.errors import WsipipeError
+
+    with pytest.raises(WsipipeError, match=re.escape(named)):
+        run_slide(work["slide"], tmp_path / "out", load_config(work["cfg_path"], over), work["weights"])
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- hostile names
