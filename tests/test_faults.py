@@ -46,6 +46,7 @@ SMALL = {
     "inference": {"batch_size": 16, "device": "cpu", "precision": "fp32"},
     "dask": {"num_workers": 1},
 }
+TINY = {**SMALL, "tile": {"mpp": 2.0, "patch_size": 32, "chunk_patches": 16}}  # a few hundred patches
 
 
 # One math thread per process: on a shared machine OpenMP threads spinning against each
@@ -85,7 +86,9 @@ def work(tmp_path_factory):
     weights = d / "w.safetensors"  # a small real architecture keeps inference to about a second
     save_weights(build_model("shufflenet_v2_x0_5", 1), weights, "shufflenet_v2_x0_5", 1)
     cfg_path = write_yaml(d / "small.yaml", SMALL)
-    return {"dir": d, "slide": slide, "weights": weights, "cfg_path": cfg_path, "cfg": load_config(cfg_path)}
+    tiny_path = write_yaml(d / "tiny.yaml", TINY)
+    return {"dir": d, "slide": slide, "weights": weights, "cfg_path": cfg_path, "cfg": load_config(cfg_path),
+            "tiny_path": tiny_path, "tiny": load_config(tiny_path)}
 
 
 @pytest.fixture(scope="module")
@@ -203,17 +206,22 @@ def _patches_touching(coords: np.ndarray, size: int, boxes) -> set[tuple[int, in
     return hit
 
 
+@pytest.fixture(scope="module")
+def pyramid_slide(tmp_path_factory):
+    """Long side 4000 px: a level at downsample 4 (the thumbnail reads there, not at level 0)."""
+    return write_synthetic_slide(tmp_path_factory.mktemp("pyr") / "good.svs", 4000, 1600, mpp=0.5, seed=3).path
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("reader", ["auto", "openslide"])
-def test_corrupt_tiles_fail_or_skip_as_configured(tmp_path, reader):
+def test_corrupt_tiles_fail_or_skip_as_configured(pyramid_slide, tmp_path, reader):
     """Level-0 tiles with undecodable JPEG data inside an otherwise good slide (it has a
     pyramid level, so the thumbnail still reads). fail: the slide fails, naming the count and
     the level-0 coordinates; skip: the rest is tiled exactly and the skipped patches are
     recorded in the store and summary.json, and left out of the heatmap."""
-    good = write_synthetic_slide(tmp_path / "good.svs", 5000, 4000, mpp=0.5, seed=3).path
-    bad = tmp_path / "bad tiles.svs"
+    good, bad = pyramid_slide, tmp_path / "bad tiles.svs"
     shutil.copyfile(good, bad)
-    boxes = _corrupt_tiles(bad, [(5, 7), (9, 3)])
+    boxes = _corrupt_tiles(bad, [(2, 7), (5, 3)])
     over = {"tile.min_tissue": 0.0, "tile.reader": reader, "tile.chunk_patches": 16}
     ref = tmp_path / "good.zarr"
     tile_slide(good, ref, load_config(None, over))
@@ -294,12 +302,12 @@ def test_a_batch_of_bad_slides_never_stops_the_run(work, slides_dir, tmp_path):
     ones (under hostile names) finish, the exit code says some failed."""
     good = tmp_path / "my slide ü ..\\..\\x.svs"
     shutil.copyfile(work["slide"], good)
-    glass = write_synthetic_slide(tmp_path / "glass.svs", 3000, 2000, seed=1, n_tissue=0, n_tumor=0).path
+    glass = write_synthetic_slide(tmp_path / "glass.svs", 1500, 1000, seed=1, n_tissue=0, n_tumor=0).path
     bad = [p for p, _ in _not_slides(tmp_path, slides_dir)[:4]] + [
         slides_dir / "tcga-cr-7395-01a-01-ts1.svs", slides_dir / "openslide-fixtures" / "unreadable.svs", glass,
     ]
     out = tmp_path / "out"
-    res = cli("run", good, *bad, "--model", work["weights"], "--out", out, "-c", work["cfg_path"])
+    res = cli("run", good, *bad, "--model", work["weights"], "--out", out, "-c", work["tiny_path"])
     assert res.returncode == 2, res.stderr
     assert f"{len(bad)} of {len(bad) + 1} slides failed" in res.stderr
     failed = [ln for ln in stderr_lines(res) if ln.startswith("failed: ")]
@@ -434,8 +442,7 @@ def test_full_output_volume_is_a_clear_error_and_the_run_resumes(work, slides_di
     if not _mount_tmpfs(vol, "3m"):
         pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
     try:
-        tiny = {**SMALL, "tile": {"mpp": 2.0, "patch_size": 32, "chunk_patches": 16}}
-        cfg_path, cfg = write_yaml(tmp_path / "tiny.yaml", tiny), load_config(None, tiny)
+        cfg_path, cfg = work["tiny_path"], work["tiny"]
         first, second = work["slide"], slides_dir / "cmu-1-small-region.svs"
         out = vol / "out"
         first_dir = run_slide(first, out, cfg, work["weights"]).out_dir
