@@ -342,7 +342,7 @@ def test_kill_9_at_random_points_then_rerun_gives_identical_outputs(work, refere
     stage = "tile" if seed == 0 else "infer"
     ref_store = store.open_store(reference / "patches.zarr")
     n_chunks = ref_store[f"_progress/{stage}"].shape[0]
-    want = rng.randint(1, n_chunks - 2)
+    want = rng.randint(1, n_chunks // 2)  # room left: a busy machine may poll late
     out = tmp_path / "out"
     args = [*WSIPIPE, "run", work["slide"], "--model", work["weights"], "--out", out, "-c", work["cfg_path"]]
     proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
@@ -355,7 +355,7 @@ def test_kill_9_at_random_points_then_rerun_gives_identical_outputs(work, refere
     g = store.open_store(slide_dir / "patches.zarr")
     assert not store.is_complete(g, stage) and not store.is_complete(g, "stitch")
     done = int(g[f"_progress/{stage}"][:].sum())
-    assert done >= want and done < n_chunks or stage == "infer"
+    assert want <= done < n_chunks
     assert not (slide_dir / "summary.json").exists()
 
     assert run_slide(work["slide"], out, work["cfg"], work["weights"]).out_dir == slide_dir

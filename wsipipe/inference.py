@@ -176,13 +176,15 @@ def forward_with_backoff(net: nn.Module, x: torch.Tensor, limit: BatchLimit) -> 
         try:
             outs.append(_probabilities(net(x[start : start + size])))
             start += size
+            continue
         except torch.OutOfMemoryError:
             if size == 1:
                 raise
-            limit.size, limit.backoffs = size // 2, limit.backoffs + 1
-            log.warning("out of memory at batch size %d; retrying at %d", size, limit.size)
-            if x.device.type == "cuda":
-                torch.cuda.empty_cache()  # give back what the failed forward pass had cached
+        # Outside the except block: the traceback (and the tensors its frames hold) is gone.
+        limit.size, limit.backoffs = size // 2, limit.backoffs + 1
+        log.warning("out of memory at batch size %d; retrying at %d", size, limit.size)
+        if x.device.type == "cuda":
+            torch.cuda.empty_cache()  # give back what the failed forward pass had cached
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
