@@ -20,7 +20,7 @@ from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from wsipipe.config import PipelineConfig, load_config
-from wsipipe.errors import NoTissueError, WsipipeError
+from wsipipe.errors import NoTissueError, SlideOpenError, WsipipeError, writing_outputs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Whole-slide image pipeline.")
 err = Console(stderr=True)
@@ -143,7 +143,8 @@ def tile(
                    "tile.min_tissue": min_tissue, "mpp_override": mpp_override, "dask.scheduler_address": scheduler},
     )
     with _progress() as update:
-        stats = tile_slide(slide, out, cfg, progress=_one("tile", update))
+        with writing_outputs(out):
+            stats = tile_slide(slide, out, cfg, progress=_one("tile", update))
     note = " (already complete)" if stats.get("skipped") else ""
     out_console_paths({f"{stats['n_patches']} patches{note}": out})
 
@@ -164,7 +165,8 @@ def infer(
     cfg = _config(config, **{"model.arch": arch, "inference.batch_size": batch_size, "inference.device": device})
     net, info = load_model(model, arch, None)
     with _progress() as update:
-        stats = infer_store(store_path, net, info, cfg.inference, progress=_one("infer", update))
+        with writing_outputs(store_path):
+            stats = infer_store(store_path, net, info, cfg.inference, progress=_one("infer", update))
     out_console_paths({f"probabilities ({stats.get('n', '?')} patches)": store_path})
 
 
@@ -180,7 +182,8 @@ def stitch(
 
     cfg = _config(config, **{"stitch.threshold": threshold})
     with _progress() as update:
-        summary = stitch_store(store_path, out, cfg.stitch, progress=_one("stitch", update), qc_cfg=cfg.qc)
+        with writing_outputs(out):
+            summary = stitch_store(store_path, out, cfg.stitch, progress=_one("stitch", update), qc_cfg=cfg.qc)
     _print_summary(summary)
     out_console_paths({"outputs": out})
 
@@ -199,6 +202,11 @@ def run(
     from wsipipe.pipeline import run_slide
 
     cfg = _config(config, **{"tile.mpp": mpp, "mpp_override": mpp_override, "dask.scheduler_address": scheduler})
+    # A path that is not there is a typo, not a bad slide: fail before any work.
+    missing = [p for p in slides if not p.exists()]
+    if missing:
+        more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise SlideOpenError(missing[0], f"file not found{more}")
     failed = 0
     for path in slides:
         try:
@@ -223,6 +231,7 @@ def demo(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Embedded default: generate slides, fit ResNet18 on one, run the pipeline on the other, score vs truth."""
+    from wsipipe.export import write_atomic
     from wsipipe.pipeline import run_demo
 
     cfg = _config(config)
@@ -230,7 +239,7 @@ def demo(
         result = run_demo(out, cfg, progress=update)
     _print_summary(result.summary)
     gt = result.summary.get("ground_truth", {})
-    out.joinpath("demo-summary.txt").write_text(json.dumps(result.summary, indent=2))
+    write_atomic(out / "demo-summary.txt", json.dumps(result.summary, indent=2))
     out_console_paths({
         "outputs": result.out_dir,
         "heatmap": result.out_dir / "heatmap.png",

@@ -54,6 +54,11 @@ class TileConfig(_Section):
     reader: Literal["auto", "openslide"] = Field(
         "auto", description="auto = decode TIFF/SVS tiles directly (same pixels, ~5x faster); openslide = always OpenSlide."
     )
+    on_corrupt_tile: Literal["fail", "skip"] = Field(
+        "fail",
+        description="Patches whose tile data cannot be decoded: fail = the slide fails, naming them; "
+        "skip = they are left out of the results and listed in the store and summary.json.",
+    )
 
     codec: Literal["zstd", "jpeg"] = Field(
         "zstd", description="Stored patches: zstd = lossless (~1.15x on real H&E); jpeg = lossy, ~4x smaller at quality 95."

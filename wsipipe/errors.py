@@ -5,7 +5,10 @@ The CLI turns any :class:`WsipipeError` into one line on stderr and a non-zero e
 
 from __future__ import annotations
 
+import errno
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 class WsipipeError(Exception):
@@ -51,3 +54,23 @@ class AnnotationError(WsipipeError):
 
 class RegistryError(WsipipeError):
     """The model registry refused an operation (unknown version, a worse model, a different test split)."""
+
+
+class OutputWriteError(WsipipeError):
+    """Writing an output failed (volume full, file too large, no permission); earlier outputs stay intact."""
+
+
+# Errors that mean "the output volume refused the write", not "the input is bad".
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+
+
+@contextmanager
+def writing_outputs(path: str | Path) -> Iterator[None]:
+    """Turn a full / read-only output volume into an :class:`OutputWriteError` naming the file
+    (or ``path`` when the OS did not say which)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise OutputWriteError(exc.filename or path, f"cannot write output: {exc.strerror or exc}") from exc

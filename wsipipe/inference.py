@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
@@ -35,6 +37,7 @@ from wsipipe.errors import ConfigError, StoreError
 from wsipipe.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 
 STAGE = "infer"
+log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
 
@@ -152,6 +155,39 @@ def predict_patches(
     return torch.cat(outs).cpu().numpy().astype(np.float32, copy=False)
 
 
+@dataclass
+class BatchLimit:
+    """The largest batch the model has run without running out of memory (shrinks, never grows)."""
+
+    size: int
+    backoffs: int = 0
+
+
+def forward_with_backoff(net: nn.Module, x: torch.Tensor, limit: BatchLimit) -> torch.Tensor:
+    """Probabilities for the batch ``x``, in slices of at most ``limit.size``. On an out-of-memory
+    error (CUDA or any other device: torch.cuda.OutOfMemoryError is torch.OutOfMemoryError) the
+    slice is halved and retried, and the smaller size is kept for the batches that follow; a
+    single patch that still does not fit re-raises. Each patch's result does not depend on
+    the slicing (eval mode: no batch statistics)."""
+    outs = []
+    start = 0
+    while start < len(x):
+        size = min(limit.size, len(x) - start)
+        try:
+            outs.append(_probabilities(net(x[start : start + size])))
+            start += size
+            continue
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+        # Outside the except block: the traceback (and the tensors its frames hold) is gone.
+        limit.size, limit.backoffs = size // 2, limit.backoffs + 1
+        log.warning("out of memory at batch size %d; retrying at %d", size, limit.size)
+        if x.device.type == "cuda":
+            torch.cuda.empty_cache()  # give back what the failed forward pass had cached
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def infer_identity(group, info: ModelInfo) -> dict:
     """What the probabilities depend on: the tiled patches and the model."""
     tile = store.stage_entry(group, "tile") or {}
@@ -201,6 +237,7 @@ def infer_store(
     if progress:
         progress(done, n)
 
+    limit = BatchLimit(cfg.batch_size)
     waiting = collections.deque(units)  # units whose probabilities are not all written yet
     outs: list[torch.Tensor] = []  # probabilities computed but not yet written, in stream order
     buffered = 0
@@ -208,7 +245,7 @@ def infer_store(
     # closing: on an error the reader thread stops now, not when the traceback is freed.
     with contextlib.closing(batches), torch.inference_mode(), _autocast(device, dtype):
         for host in batches:
-            outs.append(_probabilities(net(device_batch(host, device))))
+            outs.append(forward_with_backoff(net, device_batch(host, device), limit))
             buffered += len(outs[-1])
             # One device->host sync per unit, not per batch.
             while waiting and buffered >= waiting[0].stop - waiting[0].start:
@@ -228,6 +265,7 @@ def infer_store(
     store.set_stage(
         group, STAGE, identity, True, seconds=round(seconds, 3), n_patches=n, computed=computed,
         device=str(device), precision=str(dtype).removeprefix("torch.") if dtype else "fp32",
+        batch_size=limit.size, oom_backoffs=limit.backoffs,
         model={"sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes,
                "path": str(info.path) if info.path else None},
     )

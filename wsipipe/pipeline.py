@@ -15,7 +15,7 @@ from typing import Callable
 
 from wsipipe import store
 from wsipipe.config import PipelineConfig
-from wsipipe.errors import ConfigError
+from wsipipe.errors import ConfigError, writing_outputs
 from wsipipe.slide import open_slide
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def slide_output_name(slide_path: Path, identity: str) -> str:
     """Folder name for a slide's outputs: its sanitised stem plus identity prefix.
 
     Only [A-Za-z0-9._-] survive, so a slide name can never escape the output folder."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", slide_path.stem).strip("._") or "slide"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", slide_path.stem).strip("._-") or "slide"  # no hidden/option-like names
     return f"{stem[:80]}-{identity[:8]}"
 
 
@@ -50,7 +50,7 @@ def run_slide(
     """Tile, classify and stitch one slide into ``out_dir/<name>-<id>/``, then write its report.html.
 
     Each stage is skipped when its outputs exist for the same inputs, so a rerun is cheap."""
-    from wsipipe.inference import infer_store
+    from wsipipe.inference import infer_store, resolve_device, resolve_precision
     from wsipipe.model import load_model
     from wsipipe.report import write_slide_report
     from wsipipe.stitch import stitch_store
@@ -62,6 +62,7 @@ def run_slide(
         raise ConfigError(None, "model.weights: no model weights given (use --model WEIGHTS or model.weights)")
     # Fail fast on bad weights or architecture, before any tiling work.
     model, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
+    resolve_precision(cfg.inference.precision, resolve_device(cfg.inference.device))
     with open_slide(slide_path, cfg.mpp_override) as slide:
         name = slide_output_name(slide_path, slide.identity)
     slide_dir = Path(out_dir) / name
@@ -71,10 +72,11 @@ def run_slide(
         return (lambda done, total: progress(name, done, total)) if progress else None
 
     t0 = time.perf_counter()
-    tile_slide(slide_path, store_path, cfg, client=client, progress=stage("tile"))
-    infer_store(store_path, model, info, cfg.inference, progress=stage("infer"))
-    summary = stitch_store(store_path, slide_dir, cfg.stitch, progress=stage("stitch"), qc_cfg=cfg.qc)
-    write_slide_report(slide_dir, cfg.qc)
+    with writing_outputs(slide_dir):
+        tile_slide(slide_path, store_path, cfg, client=client, progress=stage("tile"))
+        infer_store(store_path, model, info, cfg.inference, progress=stage("infer"))
+        summary = stitch_store(store_path, slide_dir, cfg.stitch, progress=stage("stitch"), qc_cfg=cfg.qc)
+        write_slide_report(slide_dir, cfg.qc)
     log.info("%s: done in %.1f s -> %s", slide_path.name, time.perf_counter() - t0, slide_dir)
     return SlideOutputs(out_dir=slide_dir, store=store_path, summary=summary)
 

@@ -354,3 +354,11 @@ def cached_slide(path: str | Path, mpp_override: float | None = None) -> Slide:
             slide = open_slide(path, mpp_override)
             _cache[key] = slide
         return slide
+
+
+def forget_cached_slide(path: str | Path, mpp_override: float | None = None) -> None:
+    """Drop this process's shared handle(s) for ``path`` (after a read left one unusable)."""
+    resolved = str(Path(path).resolve())
+    with _cache_lock:
+        for key in [k for k in _cache if k[0] == resolved and k[1] == mpp_override]:
+            del _cache[key]  # not closed: another thread may still be reading through it

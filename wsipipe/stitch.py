@@ -465,10 +465,15 @@ def stitch_store(
     heat = HeatmapAccumulator(grid_shape, r)
     score = ScoreAccumulator(cfg.top_k)
     n_tumor_patches = 0
+    # Patches tiling skipped for corrupt tile data (tile.on_corrupt_tile: skip) carry no result.
+    corrupt_arr = group["corrupt"] if "corrupt" in group else None
     for sl in store.chunk_slices(n, step):
         ij = np.asarray(grid_arr[sl])
         p = _tumor_column(np.asarray(prob_arr[sl], dtype=np.float32), cfg.class_index, store_path)
-        if not np.isfinite(p).all() or p.min() < 0.0 or p.max() > 1.0:
+        if corrupt_arr is not None:
+            keep = ~np.asarray(corrupt_arr[sl], dtype=bool)
+            ij, p = ij[keep], p[keep]
+        if len(p) and (not np.isfinite(p).all() or p.min() < 0.0 or p.max() > 1.0):
             raise StoreError(
                 store_path,
                 f"probabilities of patches {sl.start}..{sl.stop - 1} are not all in [0, 1] "
@@ -554,6 +559,7 @@ def stitch_store(
         },
         "config": identity["stitch_config"],
         "n_patches": n,
+        "skipped_patches": stages.get("tile", {}).get("corrupt_patches"),
         "n_tumor_patches": n_tumor_patches,
         "threshold": cfg.threshold,
         "slide_score": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()},

@@ -24,12 +24,13 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 from dask.callbacks import Callback
+from openslide import OpenSlideError
 from PIL import Image
 
 from wsipipe import __version__, qc, store
 from wsipipe.config import PipelineConfig, TileConfig
-from wsipipe.errors import NoTissueError, StoreError
-from wsipipe.slide import Slide, cached_slide, open_slide
+from wsipipe.errors import NoTissueError, SlideReadError, StoreError
+from wsipipe.slide import Slide, cached_slide, forget_cached_slide, open_slide
 from wsipipe.tissue import detect_tissue, patch_tissue_fraction
 from wsipipe.zarrjpeg import JpegPatchCodec
 
@@ -202,7 +203,13 @@ def _tile_chunk(
     slide = cached_slide(slide_path, mpp_override)
     group = zarr.open_group(store_path, mode="r+")
     grid_ij = group["grid_ij"][sl]
-    patches = read_patches(slide, spec, grid_ij, fast)
+    try:
+        patches = read_patches(slide, spec, grid_ij, fast)
+    except (SlideReadError, OpenSlideError):  # the latter: a handle another task's error left unusable
+        # Some tile in this chunk does not decode: read patch by patch and keep what reads.
+        forget_cached_slide(slide_path, mpp_override)  # an OpenSlide error leaves the handle unusable
+        patches, corrupt = read_patches_salvaging(slide_path, mpp_override, spec, grid_ij, fast)
+        group[CORRUPT][sl] = corrupt
     group["patches"][sl] = patches
     qc.write_chunk(group, sl, patches)  # per-patch QC measures from the pixels already in memory
     # The flag goes after the data: a chunk is never marked done before it is on disk.
@@ -211,6 +218,42 @@ def _tile_chunk(
 
 
 STAGE = "tile"
+CORRUPT = "corrupt"  # (N,) bool array: the patch's tile data did not decode (stored as background)
+
+
+def read_patches_salvaging(
+    slide_path: str, mpp_override: float | None, spec: GridSpec, grid_ij: np.ndarray, fast: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """One read per patch after a failed run read: (patches, corrupt mask). Unreadable patches
+    are filled with the background colour. OpenSlide errors are sticky (every later read on
+    that handle fails too), so a failure is followed by a fresh handle."""
+    out = np.empty((len(grid_ij), spec.patch_size, spec.patch_size, 3), dtype=np.uint8)
+    corrupt = np.zeros(len(grid_ij), dtype=bool)
+    slide = open_slide(slide_path, mpp_override)
+    background = slide.background  # read now: an errored handle fails even on properties
+    try:
+        for k in range(len(grid_ij)):
+            try:
+                _read_run(slide, spec, grid_ij[k : k + 1], out[k : k + 1], fast)
+            except (SlideReadError, OpenSlideError):
+                corrupt[k] = True
+                out[k] = background
+                slide.close()
+                slide = open_slide(slide_path, mpp_override)
+    finally:
+        slide.close()
+    return out, corrupt
+
+
+def corrupt_report(group: zarr.Group, limit: int = 20) -> dict | None:
+    """``{"count", "coords_l0"}`` of patches with undecodable tile data (first ``limit`` coords), or None."""
+    if CORRUPT not in group:
+        return None
+    idx = np.flatnonzero(group[CORRUPT][:])
+    if not len(idx):
+        return None
+    xy = group["coords"].get_orthogonal_selection((idx[:limit],))
+    return {"count": int(len(idx)), "coords_l0": [[int(x), int(y)] for x, y in xy]}
 
 
 class _DaskProgress(Callback):
@@ -251,6 +294,7 @@ def tile_slide(
     group = store.open_store(store_path, mode="a")
     entry = store.stage_entry(group, STAGE)
     if entry and entry.get("identity") == identity and entry.get("complete"):
+        _check_corrupt(slide_path, entry.get("corrupt_patches"), int(group["coords"].shape[0]), cfg.tile.on_corrupt_tile)
         stats = {"skipped": True, "n_patches": int(group["coords"].shape[0]), **_stage_stats(entry)}
         if stats["n_patches"] == 0:
             raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
@@ -285,11 +329,29 @@ def tile_slide(
 
     if n and store.pending_chunks(group[f"_progress/{STAGE}"]):
         raise StoreError(store_path, "some chunks were not written; rerun to resume")
+    corrupt = corrupt_report(group)
+    _check_corrupt(slide_path, corrupt, n, cfg.tile.on_corrupt_tile)
     seconds = time.perf_counter() - t0
-    store.set_stage(group, STAGE, identity, True, seconds=round(seconds, 3), n_patches=n, resumed=resume)
+    store.set_stage(
+        group, STAGE, identity, True, seconds=round(seconds, 3), n_patches=n, resumed=resume, corrupt_patches=corrupt,
+    )
     if n == 0:
         raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
     return {"skipped": False, "n_patches": n, "seconds": seconds, "resumed": resume}
+
+
+def _check_corrupt(slide_path: Path, corrupt: dict | None, n: int, mode: str) -> None:
+    """Fail the slide (mode "fail", or every patch corrupt) naming the corrupt patches."""
+    if not corrupt:
+        return
+    where = ", ".join(f"({x}, {y})" for x, y in corrupt["coords_l0"][:5])
+    more = " ..." if corrupt["count"] > 5 else ""
+    what = f"{corrupt['count']} of {n} patches have corrupt tile data (level-0 x, y: {where}{more})"
+    if mode == "fail":
+        raise SlideReadError(slide_path, f"{what}; set tile.on_corrupt_tile: skip to leave them out")
+    if corrupt["count"] == n:
+        raise SlideReadError(slide_path, f"{what}: nothing readable left")
+    log.warning("%s: %s; skipped", slide_path, what)
 
 
 def _stage_stats(entry: dict) -> dict:
@@ -315,6 +377,8 @@ def _plan_store(group: zarr.Group, slide: Slide, cfg: PipelineConfig, identity: 
     group.create_array("coords", data=coords.reshape(n, 2), chunks=(rows, 2))
     group.create_array("grid_ij", data=grid_ij.reshape(n, 2), chunks=(rows, 2))
     group.create_array("tissue_fraction", data=frac, chunks=(rows,))
+    # Chunked like patches, so each tiling task writes its own flags.
+    group.create_array(CORRUPT, shape=(n,), chunks=(max(1, chunk),), dtype="bool", fill_value=False)
     group.create_array(
         "patches", shape=(n, p, p, 3), chunks=(chunk, p, p, 3), dtype="uint8", fill_value=0,
         dimension_names=["patch", "y", "x", "channel"], **patch_codecs(cfg.tile),
