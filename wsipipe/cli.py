@@ -179,7 +179,7 @@ def stitch(
 
     cfg = _config(config, **{"stitch.threshold": threshold})
     with _progress() as update:
-        summary = stitch_store(store_path, out, cfg.stitch, progress=_one("stitch", update))
+        summary = stitch_store(store_path, out, cfg.stitch, progress=_one("stitch", update), export=cfg.export)
     _print_summary(summary)
     out_console_paths({"outputs": out})
 

@@ -43,3 +43,7 @@ class ModelLoadError(WsipipeError):
 
 class ConfigError(WsipipeError):
     """A configuration file or parameter is invalid (names the field and value)."""
+
+
+class ExportError(WsipipeError):
+    """An output for another tool (GeoJSON, OME-Zarr, OME-TIFF) does not meet its format."""
