@@ -42,7 +42,7 @@ def _nodes(path):
 
 def test_omezarr_heatmap_opens_with_ome_zarr_reader_at_slide_scale(outputs):
     out, summary = outputs
-    assert summary["files"]["heatmap_ome_zarr"] == "heatmap.ome.zarr"
+    assert summary["exports"]["heatmap_ome_zarr"] == "heatmap.ome.zarr"
     image = _nodes(out / "heatmap.ome.zarr")[0]
     assert any(isinstance(s, Multiscales) for s in image.specs)
     assert image.metadata["name"] == "heatmap"
@@ -90,7 +90,7 @@ def test_omezarr_tumor_label_matches_the_geojson_polygons(outputs):
 
 def test_ometiff_mask_is_pyramidal_with_physical_size_and_aligned(outputs):
     out, summary = outputs
-    path = out / summary["files"]["tumor_mask_ome_tiff"]
+    path = out / summary["exports"]["tumor_mask_ome_tiff"]
     with tifffile.TiffFile(path) as tif:
         assert tif.is_ome
         series = tif.series[0]
@@ -153,7 +153,7 @@ def test_exports_follow_the_config_and_a_deleted_export_is_rewritten(tmp_path):
     out = tmp_path / "out"
     off = load_config(None, {"export.ome_zarr": False}).export
     summary = stitch_store(store_path, out, CFG, export=off)
-    assert not (out / "heatmap.ome.zarr").exists() and "heatmap_ome_zarr" not in summary["files"]
+    assert not (out / "heatmap.ome.zarr").exists() and "heatmap_ome_zarr" not in summary["exports"]
     assert not (out / "tumor_mask.ome.tif").exists()  # off by default
     stitch_store(store_path, out, CFG)  # defaults: OME-Zarr on -> a new identity, written
     assert (out / "heatmap.ome.zarr" / "zarr.json").is_file()
@@ -161,7 +161,7 @@ def test_exports_follow_the_config_and_a_deleted_export_is_rewritten(tmp_path):
 
     shutil.rmtree(out / "heatmap.ome.zarr")
     again = stitch_store(store_path, out, CFG)
-    assert (out / "heatmap.ome.zarr" / "zarr.json").is_file() and again["files"]["heatmap_ome_zarr"]
+    assert (out / "heatmap.ome.zarr" / "zarr.json").is_file() and again["exports"]["heatmap_ome_zarr"]
 
 
 def test_level_transforms_and_pooling_are_exact():

@@ -391,7 +391,7 @@ def _existing_summary(out_dir: Path, identity_hash: str) -> dict | None:
         return None
     if not isinstance(summary, dict) or summary.get("provenance", {}).get("stitch_identity") != identity_hash:
         return None  # outputs of another store or older settings in the same folder
-    if not all((out_dir / name).exists() for name in (summary.get("files") or {}).values()):
+    if not all((out_dir / name).exists() for name in (summary.get("exports") or {}).values()):
         return None  # an export (e.g. heatmap.ome.zarr) was deleted
     return summary
 
@@ -459,8 +459,10 @@ def stitch_store(
     store.require_complete(group, "tile", store_path)
     store.require_complete(group, "infer", store_path)
     export = export or ExportConfig()
-    identity = {**stitch_identity(group, cfg), "export": export.model_dump(mode="json")}
-    identity_hash = _identity_hash(identity)
+    identity = stitch_identity(group, cfg)
+    # Export settings decide which files exist, not their content: they are in the summary's
+    # hash (so a changed setting rewrites the outputs) but not in the store's stage identity.
+    identity_hash = _identity_hash({**identity, "export": export.model_dump(mode="json")})
     if store.is_complete(group, STAGE, identity):
         existing = _existing_summary(out_dir, identity_hash)
         if existing is not None:
@@ -567,11 +569,11 @@ def stitch_store(
     write_atomic(out_dir / files["heatmap_png"], heatmap_png)
     write_atomic(out_dir / files["tumor_mask_png"], mask_png(mask_thumb))
     write_geojson(out_dir / files["tumor_geojson"], {"Tumor": polygons}, properties=geojson_props)
-    files.update(_write_exports(
+    exports = _write_exports(
         out_dir, export, heatmap, mask, polygons, stride_l0, origin, slide_mpp, bounds,
         provenance={"wsipipe_version": __version__, "slide_identity": slide.get("identity"),
                     "model_sha256": model.get("sha256"), "threshold": cfg.threshold},
-    ))
+    )
     seconds = time.perf_counter() - t0
     summary = {
         "version": __version__,
@@ -611,6 +613,7 @@ def stitch_store(
             STAGE: round(seconds, 3),
         },
         "files": files,
+        "exports": exports,  # outputs for other tools (directories included), by kind
     }
     write_atomic(out_dir / files["summary"], json.dumps(summary, indent=2))
     store.set_stage(
