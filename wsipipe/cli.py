@@ -198,6 +198,9 @@ def run(
     from wsipipe.pipeline import run_slide
 
     cfg = _config(config, **{"tile.mpp": mpp, "mpp_override": mpp_override, "dask.scheduler_address": scheduler})
+    if cfg.dask.scheduler_address:
+        _run_on_cluster(slides, out, cfg, model)
+        return
     failed = 0
     for path in slides:
         try:
@@ -237,6 +240,27 @@ def demo(
         "summary": result.out_dir / "summary.json",
     })
     console.print(f"tumor Dice vs ground truth: [bold]{gt.get('tumor_dice')}[/]")
+
+
+def _run_on_cluster(slides: list[Path], out: Path, cfg, model: Optional[Path]) -> None:
+    """`run --scheduler`: one slide per worker, inference on the workers with the GPU resource."""
+    from wsipipe.cluster import dask_client, run_slides
+
+    with dask_client(cfg.dask) as client:
+        console.print(f"dask cluster: [cyan]{client.scheduler.address}[/]", highlight=False)
+        rows = run_slides(slides, out, cfg, model, client)
+    failed = [r for r in rows if r["status"] == "failed"]
+    for row in rows:
+        if row["status"] == "failed":
+            _error_line("failed: ", row["error"])
+            continue
+        _print_summary(row["summary"])
+        workers = ", ".join(f"{stage} on {addr}" for stage, addr in row["workers"].items())
+        console.print(f"{row['status']} in {row['seconds']:.1f} s ({workers})", highlight=False)
+        out_console_paths({Path(row["slide"]).name: row["out_dir"]})
+    if failed:
+        err.print(f"[red]{len(failed)} of {len(rows)} slides failed[/]")
+        raise typer.Exit(EXIT_ERROR)
 
 
 def _print_summary(summary: dict) -> None:
