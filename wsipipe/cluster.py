@@ -29,12 +29,12 @@ GPU = "GPU"  # the worker resource name that marks a GPU worker
 
 
 @contextlib.contextmanager
-def connect(address: str) -> Iterator:
+def connect(address: str, timeout: str = "20s") -> Iterator:
     """A client of the scheduler at ``address``; a scheduler that can't be reached is a ConfigError."""
     from distributed import Client
 
     try:
-        client = Client(address, timeout="20s")
+        client = Client(address, timeout=timeout)
     except (OSError, TimeoutError) as exc:
         raise ConfigError(None, f"dask.scheduler_address={address!r}: cannot reach the scheduler ({exc})") from None
     with client:
