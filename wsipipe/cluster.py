@@ -51,7 +51,7 @@ def dask_client(cfg: DaskConfig) -> Iterator:
     from distributed import Client, LocalCluster
 
     n = cfg.num_workers or os.cpu_count() or 1
-    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             yield client
 
