@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install bench clean chromium
 
-$(STAMP): pyproject.toml requirements.lock
+# scripts/install.sh is the one install path: the Dockerfile runs the same two steps.
+$(STAMP): pyproject.toml requirements.lock scripts/install.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	scripts/install.sh $(PY) deps
+	scripts/install.sh $(PY) package --editable
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -183,7 +183,9 @@ def stitch(
     cfg = _config(config, **{"stitch.threshold": threshold})
     with _progress() as update:
         with writing_outputs(out):
-            summary = stitch_store(store_path, out, cfg.stitch, progress=_one("stitch", update), qc_cfg=cfg.qc)
+            summary = stitch_store(
+                store_path, out, cfg.stitch, progress=_one("stitch", update), qc_cfg=cfg.qc, export=cfg.export
+            )
     _print_summary(summary)
     out_console_paths({"outputs": out})
 
@@ -207,6 +209,9 @@ def run(
     if missing:
         more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
         raise SlideOpenError(missing[0], f"file not found{more}")
+    if cfg.dask.scheduler_address:
+        _run_on_cluster(slides, out, cfg, model)
+        return
     failed = 0
     for path in slides:
         try:
@@ -299,6 +304,27 @@ def report(
 
     qc_cfg = _config(config).qc if config else None  # default: the thresholds the run used
     out_console_paths({"report": write_slide_report(slide_dir, qc_cfg)})
+
+
+def _run_on_cluster(slides: list[Path], out: Path, cfg, model: Optional[Path]) -> None:
+    """`run --scheduler`: one slide per worker, inference on the workers with the GPU resource."""
+    from wsipipe.cluster import dask_client, run_slides
+
+    with dask_client(cfg.dask) as client:
+        console.print(f"dask cluster: [cyan]{client.scheduler.address}[/]", highlight=False)
+        rows = run_slides(slides, out, cfg, model, client)
+    failed = [r for r in rows if r["status"] == "failed"]
+    for row in rows:
+        if row["status"] == "failed":
+            _error_line("failed: ", row["error"])
+            continue
+        _print_summary(row["summary"])
+        workers = ", ".join(f"{stage} on {addr}" for stage, addr in row["workers"].items())
+        console.print(f"{row['status']} in {row['seconds']:.1f} s ({workers})", highlight=False)
+        out_console_paths({Path(row["slide"]).name: row["out_dir"]})
+    if failed:
+        err.print(f"[red]{len(failed)} of {len(rows)} slides failed[/]")
+        raise typer.Exit(EXIT_ERROR)
 
 
 def _print_summary(summary: dict) -> None:

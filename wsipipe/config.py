@@ -208,6 +208,15 @@ class QCConfig(_Section):
     report_patches: int = Field(12, ge=0, le=200, description="Patches per gallery in the slide report.")
 
 
+class ExportConfig(_Section):
+    """Outputs for other tools, written beside the stitch outputs."""
+
+    ome_zarr: bool = Field(True, description="heatmap.ome.zarr: heatmap + tumor-mask label, OME-NGFF 0.5 (napari, ome-zarr).")
+    ome_tiff_mask: bool = Field(False, description="tumor_mask.ome.tif: pyramidal OME-TIFF overlay covering the slide.")
+    ome_tiff_mpp: float = Field(2.0, gt=0.05, le=1000.0, description="Pixel size of the OME-TIFF mask's full level, µm.")
+    validate_geojson: bool = Field(True, description="Check tumor.geojson against QuPath's schema and its polygons.")
+
+
 class PipelineConfig(_Section):
     tissue: TissueConfig = Field(default_factory=TissueConfig)
     tile: TileConfig = Field(default_factory=TileConfig)
@@ -220,6 +229,7 @@ class PipelineConfig(_Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     qc: QCConfig = Field(default_factory=QCConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     mpp_override: float | None = Field(None, gt=0.01, le=1000.0, description="Force the slide's level-0 mpp.")
 
     def section_hash(self, *sections: str) -> str:

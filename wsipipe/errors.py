@@ -74,3 +74,7 @@ def writing_outputs(path: str | Path) -> Iterator[None]:
         if exc.errno not in _WRITE_ERRNOS:
             raise
         raise OutputWriteError(exc.filename or path, f"cannot write output: {exc.strerror or exc}") from exc
+
+
+class ExportError(WsipipeError):
+    """An output for another tool (GeoJSON, OME-Zarr, OME-TIFF) does not meet its format."""

@@ -32,7 +32,7 @@ from shapely.geometry import MultiPolygon, box
 from skimage import morphology
 
 from wsipipe import __version__, qc, store
-from wsipipe.config import QCConfig, StitchConfig
+from wsipipe.config import ExportConfig, QCConfig, StitchConfig
 from wsipipe.errors import NoTissueError, StoreError
 from wsipipe.export import write_atomic, write_geojson
 from wsipipe.geometry import as_multipolygon, mask_to_polygons
@@ -391,7 +391,38 @@ def _existing_summary(out_dir: Path, identity_hash: str) -> dict | None:
         return None
     if not isinstance(summary, dict) or summary.get("provenance", {}).get("stitch_identity") != identity_hash:
         return None  # outputs of another store or older settings in the same folder
+    if not all((out_dir / name).exists() for name in (summary.get("exports") or {}).values()):
+        return None  # an export (e.g. heatmap.ome.zarr) was deleted
     return summary
+
+
+def _write_exports(
+    out_dir: Path, export: ExportConfig, heatmap: np.ndarray, mask: np.ndarray, polygons: MultiPolygon,
+    stride_l0: float, origin: tuple, slide_mpp: float, bounds: tuple[float, float] | None, provenance: dict,
+) -> dict[str, str]:
+    """Outputs for other tools (see wsipipe.omezarr, wsipipe.ometiff, wsipipe.qupath); their file names."""
+    files = {}
+    if export.validate_geojson:
+        from wsipipe.qupath import validate_qupath_geojson
+
+        validate_qupath_geojson(out_dir / OUTPUT_FILES["tumor_geojson"], expected={"Tumor": polygons})
+    if export.ome_zarr:
+        from wsipipe.omezarr import write_heatmap_omezarr
+
+        files["heatmap_ome_zarr"] = "heatmap.ome.zarr"
+        write_heatmap_omezarr(out_dir / files["heatmap_ome_zarr"], heatmap, mask, stride_l0, origin, slide_mpp, provenance)
+    if export.ome_tiff_mask and bounds is not None:
+        from wsipipe.ometiff import write_mask_ometiff
+
+        downsample = export.ome_tiff_mpp / slide_mpp
+        shape = (math.ceil(bounds[1] / downsample), math.ceil(bounds[0] / downsample))
+        files["tumor_mask_ome_tiff"] = "tumor_mask.ome.tif"
+        write_mask_ometiff(
+            out_dir / files["tumor_mask_ome_tiff"],
+            grid_to_thumbnail(mask, shape, downsample, stride_l0, origin, fill=False),
+            export.ome_tiff_mpp,
+        )
+    return files
 
 
 def _tumor_column(probs: np.ndarray, class_index: int, store_path: Path) -> np.ndarray:
@@ -413,6 +444,7 @@ def stitch_store(
     *,
     chunk_patches: int = CHUNK_PATCHES,
     qc_cfg: QCConfig | None = None,
+    export: ExportConfig | None = None,
 ) -> dict:
     """Heatmap, tumor mask, QuPath GeoJSON and summary.json from a classified store.
 
@@ -420,15 +452,21 @@ def stitch_store(
     everything is computed (each file via a temporary name; summary.json last), then marks
     the ``stitch`` stage complete. A rerun with the same inputs and all outputs present
     returns the existing summary without recomputing. Returns the summary dict.
+    ``export`` (default: :class:`ExportConfig` defaults) adds outputs for other tools.
     """
     t0 = time.perf_counter()
     store_path, out_dir = Path(store_path), Path(out_dir)
     group = store.open_store(store_path, mode="r+")
     store.require_complete(group, "tile", store_path)
     store.require_complete(group, "infer", store_path)
+    export = export or ExportConfig()
     identity = stitch_identity(group, cfg)
     qc_cfg = qc_cfg or QCConfig()
-    identity_hash = _identity_hash({**identity, "qc_config": qc_cfg.model_dump(mode="json")})
+    # Export settings decide which files exist, not their content: they are in the summary's
+    # hash (so a changed setting rewrites the outputs) but not in the store's stage identity.
+    identity_hash = _identity_hash(
+        {**identity, "qc_config": qc_cfg.model_dump(mode="json"), "export": export.model_dump(mode="json")}
+    )
     if store.is_complete(group, STAGE, identity):
         existing = _existing_summary(out_dir, identity_hash)
         if existing is not None:
@@ -540,6 +578,11 @@ def stitch_store(
     write_atomic(out_dir / files["heatmap_png"], heatmap_png)
     write_atomic(out_dir / files["tumor_mask_png"], mask_png(mask_thumb))
     write_geojson(out_dir / files["tumor_geojson"], {"Tumor": polygons}, properties=geojson_props)
+    exports = _write_exports(
+        out_dir, export, heatmap, mask, polygons, stride_l0, origin, slide_mpp, bounds,
+        provenance={"wsipipe_version": __version__, "slide_identity": slide.get("identity"),
+                    "model_sha256": model.get("sha256"), "threshold": cfg.threshold},
+    )
     seconds = time.perf_counter() - t0
     summary = {
         "version": __version__,
@@ -581,6 +624,7 @@ def stitch_store(
         },
         "files": files,
         "qc": qc.slide_qc(group, meta, scores["top_k_mean"], cfg.threshold, qc_cfg),
+        "exports": exports,  # outputs for other tools (directories included), by kind
     }
     write_atomic(out_dir / files["summary"], json.dumps(summary, indent=2))
     store.set_stage(

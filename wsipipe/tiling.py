@@ -417,9 +417,9 @@ def _run_tasks(tasks: list, cfg: PipelineConfig, client, progress: Progress | No
     if not tasks:
         return
     if client is None and cfg.dask.scheduler_address:
-        from distributed import Client
+        from wsipipe.cluster import connect
 
-        with Client(cfg.dask.scheduler_address) as own_client:
+        with connect(cfg.dask.scheduler_address) as own_client:
             return _run_tasks(tasks, cfg, own_client, progress, done, total)
     if client is not None:
         from distributed import as_completed
