@@ -15,7 +15,7 @@ from typing import Any
 
 import flows  # noqa: F401  (offline-safe Prefect settings before prefect is imported)
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.states import Failed
@@ -27,6 +27,7 @@ from wsipipe.archive import (
 )
 from wsipipe.cluster import dask_scheduler
 from wsipipe.config import PipelineConfig
+from wsipipe.report import ARCHIVE_REPORT_NAME, archive_markdown, write_archive_report
 
 
 @task(name="slide", task_run_name="slide {slide}", cache_policy=NO_CACHE)
@@ -86,8 +87,9 @@ def process_archive(
         )
     message = archive_message(rows)
     write_results(rows, out)
-    # report hook: wsipipe.report.write_archive_report(rows, Path(out) / "archive-report.html") goes here.
+    report = write_archive_report(rows, Path(out) / ARCHIVE_REPORT_NAME)
     create_table_artifact(archive_table(rows), key="wsipipe-archive", description=f"wsipipe {archive}: {message}")
+    create_markdown_artifact(archive_markdown(rows, report), key="wsipipe-archive-report", description=str(report))
     log.info("%s", message)
     if status_counts(rows)["failed"]:
         return Failed(message=message)  # the rows are in the table artifact

@@ -1,4 +1,4 @@
-"""``process-slide``: tile -> infer -> stitch for one slide, each stage a Prefect task.
+"""``process-slide``: tile -> infer -> stitch -> report for one slide, each stage a Prefect task.
 
 Stages retry on transient I/O errors (never on a typed wsipipe error such as a corrupt
 slide), time out after ``orchestration.stage_timeout_s``, and skip themselves when their
@@ -78,12 +78,21 @@ def stitch_stage(store_path: str, slide_dir: str, cfg: PipelineConfig, label: st
     from wsipipe.stitch import stitch_store
 
     log = get_run_logger()
-    summary = stitch_store(store_path, slide_dir, cfg.stitch)
+    summary = stitch_store(store_path, slide_dir, cfg.stitch, qc_cfg=cfg.qc, export=cfg.export)
     log.info(
         "slide=%s stage=stitch: %s, top-k mean %s, tumor %s mm²", label, summary["decision"],
         summary["slide_score"].get("top_k_mean"), summary["tumor_area_mm2"],
     )
     return summary
+
+
+@_stage("report")
+def report_stage(slide_dir: str, cfg: PipelineConfig, label: str) -> str:
+    from wsipipe.report import write_slide_report
+
+    path = write_slide_report(slide_dir, cfg.qc)
+    get_run_logger().info("slide=%s stage=report: %s", label, path)
+    return str(path)
 
 
 def run_stages(slide: str | Path, out: str | Path, cfg: PipelineConfig, net, info) -> dict:
@@ -99,7 +108,7 @@ def run_stages(slide: str | Path, out: str | Path, cfg: PipelineConfig, net, inf
     tile_stage.with_options(**opts)(str(slide), store_path, cfg, label=name)
     infer_stage.with_options(**opts, tags=[orch.gpu_tag])(store_path, net, info, cfg, label=name)
     summary = stitch_stage.with_options(**opts)(store_path, str(slide_dir), cfg, label=name)
-    # report hook: wsipipe.report.write_slide_report(slide_dir) goes here once the QA report lands.
+    report_stage.with_options(**opts)(str(slide_dir), cfg, label=name)
     return result_row(slide, "ok", name=name, out_dir=slide_dir, summary=summary, seconds=time.perf_counter() - t0)
 
 

@@ -114,7 +114,8 @@ def done_outputs(
     from wsipipe.inference import infer_identity
     from wsipipe.pipeline import slide_output_name
     from wsipipe.slide import open_slide
-    from wsipipe.stitch import _existing_summary, _identity_hash, stitch_identity
+    from wsipipe.report import REPORT_NAME
+    from wsipipe.stitch import existing_outputs
     from wsipipe.tiling import tile_identity
 
     slide_path = Path(slide_path)
@@ -129,11 +130,10 @@ def done_outputs(
         return None
     if not store.is_complete(group, "infer", infer_identity(group, model_info)):
         return None
-    identity = stitch_identity(group, cfg.stitch)
-    if not store.is_complete(group, "stitch", identity):
+    summary = existing_outputs(group, slide_dir, cfg.stitch, cfg.qc, cfg.export)
+    if summary is None or not (slide_dir / REPORT_NAME).is_file():  # the report is written last
         return None
-    summary = _existing_summary(slide_dir, _identity_hash(identity))
-    return (slide_dir, summary) if summary is not None else None
+    return slide_dir, summary
 
 
 def any_to_compute(slides: list[Path], out_root: str | Path, cfg: PipelineConfig, model_info) -> bool:

@@ -226,11 +226,13 @@ def _infer_task(state: dict, weights: Path, cfg: PipelineConfig) -> dict:
 
 
 def _stitch_task(state: dict, cfg: PipelineConfig) -> dict:
+    from wsipipe.report import write_slide_report
     from wsipipe.stitch import stitch_store
 
     def work(state: dict) -> dict:
         slide_dir = Path(state["out_dir"])
-        summary = stitch_store(slide_dir / "patches.zarr", slide_dir, cfg.stitch, export=cfg.export)
+        summary = stitch_store(slide_dir / "patches.zarr", slide_dir, cfg.stitch, qc_cfg=cfg.qc, export=cfg.export)
+        write_slide_report(slide_dir, cfg.qc)
         return {**state, "summary": summary}
 
     return _stage(state, "stitch", work)

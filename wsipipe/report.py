@@ -29,6 +29,7 @@ from wsipipe.export import read_geojson, write_atomic
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
+ARCHIVE_REPORT_NAME = "archive-report.html"
 # Slide properties shown in the report (the rest are many and of little use to a reader).
 MAX_PROPERTIES = 80
 MAX_PROPERTY_CHARS = 300

@@ -381,6 +381,23 @@ def _identity_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def summary_identity(group, cfg: StitchConfig, qc_cfg: QCConfig, export: ExportConfig) -> str:
+    """Hash of everything summary.json and its files depend on. QC thresholds and export
+    settings decide flags and which files exist, not the heatmap: they are in this hash (a
+    changed setting rewrites the outputs) but not in the store's stitch stage identity."""
+    return _identity_hash(
+        {**stitch_identity(group, cfg), "qc_config": qc_cfg.model_dump(mode="json"),
+         "export": export.model_dump(mode="json")}
+    )
+
+
+def existing_outputs(group, out_dir: str | Path, cfg: StitchConfig, qc_cfg: QCConfig, export: ExportConfig) -> dict | None:
+    """The summary of complete stitch outputs in ``out_dir`` made from these very inputs, else None."""
+    if not store.is_complete(group, STAGE, stitch_identity(group, cfg)):
+        return None
+    return _existing_summary(Path(out_dir), summary_identity(group, cfg, qc_cfg, export))
+
+
 def _existing_summary(out_dir: Path, identity_hash: str) -> dict | None:
     """The previous summary when every output is there and was made from the same inputs."""
     if not all((out_dir / name).is_file() for name in OUTPUT_FILES.values()):
@@ -460,18 +477,13 @@ def stitch_store(
     store.require_complete(group, "tile", store_path)
     store.require_complete(group, "infer", store_path)
     export = export or ExportConfig()
-    identity = stitch_identity(group, cfg)
     qc_cfg = qc_cfg or QCConfig()
-    # Export settings decide which files exist, not their content: they are in the summary's
-    # hash (so a changed setting rewrites the outputs) but not in the store's stage identity.
-    identity_hash = _identity_hash(
-        {**identity, "qc_config": qc_cfg.model_dump(mode="json"), "export": export.model_dump(mode="json")}
-    )
-    if store.is_complete(group, STAGE, identity):
-        existing = _existing_summary(out_dir, identity_hash)
-        if existing is not None:
-            log.info("%s: stitch outputs up to date in %s", store_path, out_dir)
-            return existing
+    identity = stitch_identity(group, cfg)
+    identity_hash = summary_identity(group, cfg, qc_cfg, export)
+    existing = existing_outputs(group, out_dir, cfg, qc_cfg, export)
+    if existing is not None:
+        log.info("%s: stitch outputs up to date in %s", store_path, out_dir)
+        return existing
 
     meta = store.meta(group)
     tile, slide = meta.get("tile") or {}, meta.get("slide") or {}
