@@ -28,11 +28,10 @@ from torch import nn
 
 from wsipipe import store
 from wsipipe.config import InferenceConfig, load_config
-from wsipipe.errors import NoTissueError, OutputWriteError, SlideOpenError, SlideReadError, writing_outputs
+from wsipipe.errors import OutputWriteError, SlideOpenError, SlideReadError, writing_outputs
 from wsipipe.inference import BatchLimit, forward_with_backoff, infer_store, predict_patches
 from wsipipe.model import ModelInfo, build_model, save_weights
 from wsipipe.pipeline import run_slide, slide_output_name
-from wsipipe.slide import open_slide
 from wsipipe.stitch import stitch_store
 from wsipipe.synth import write_synthetic_slide
 from wsipipe.tiling import tile_slide
