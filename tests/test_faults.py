@@ -28,11 +28,10 @@ from torch import nn
 
 from wsipipe import store
 from wsipipe.config import InferenceConfig, load_config
-from wsipipe.errors import NoTissueError, OutputWriteError, SlideOpenError, SlideReadError, writing_outputs
+from wsipipe.errors import OutputWriteError, SlideOpenError, SlideReadError, writing_outputs
 from wsipipe.inference import BatchLimit, forward_with_backoff, infer_store, predict_patches
 from wsipipe.model import ModelInfo, build_model, save_weights
 from wsipipe.pipeline import run_slide, slide_output_name
-from wsipipe.slide import open_slide
 from wsipipe.stitch import stitch_store
 from wsipipe.synth import write_synthetic_slide
 from wsipipe.tiling import tile_slide
@@ -424,8 +423,21 @@ def test_every_output_file_is_written_through_write_atomic():
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir()
+    if os.environ.get("WSIPIPE_TEST_NO_TMPFS"):  # to exercise the fallback where mounting works
+        return False
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
     return res.returncode == 0
+
+
+def _file_size_quota(limit: int):
+    """preexec_fn: writes past ``limit`` bytes per file fail with EFBIG (instead of SIGXFSZ)."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -435,26 +447,32 @@ def _digests(folder: Path) -> dict[str, str]:
 
 @pytest.mark.timeout(170)
 def test_full_output_volume_is_a_clear_error_and_the_run_resumes(work, slides_dir, tmp_path):
-    """A real 3 MiB tmpfs as the output folder. With it full, the second slide fails with one
-    line naming the file and 'No space left on device'; the first slide's outputs are
-    untouched; once space is freed the run finishes, matching a run on a roomy disk."""
+    """A real 3 MiB tmpfs as the output folder (where it cannot be mounted: a per-file size
+    quota, RLIMIT_FSIZE, on the run instead). With it full, the second slide fails with one
+    line naming the output and the OS's reason; the first slide's outputs are untouched; once
+    space is freed the run finishes, matching a run on a roomy disk."""
     vol = tmp_path / "vol"
-    if not _mount_tmpfs(vol, "3m"):
-        pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
+    mounted = _mount_tmpfs(vol, "3m")
     try:
         cfg_path, cfg = work["tiny_path"], work["tiny"]
         first, second = work["slide"], slides_dir / "cmu-1-small-region.svs"
         out = vol / "out"
         first_dir = run_slide(first, out, cfg, work["weights"]).out_dir
         before = _digests(first_dir)
-        free = os.statvfs(vol).f_bavail * os.statvfs(vol).f_frsize
         filler = vol / "filler"
-        filler.write_bytes(b"\0" * max(0, free - 48 * 1024))  # leave 48 KiB: the next store fails midway
+        if mounted:
+            free = os.statvfs(vol).f_bavail * os.statvfs(vol).f_frsize
+            filler.write_bytes(b"\0" * max(0, free - 48 * 1024))  # leave 48 KiB: the next store fails midway
+            quota, reason = None, "No space left on device"
+        else:
+            quota, reason = _file_size_quota(16 * 1024), "File too large"
 
-        res = cli("run", first, second, "--model", work["weights"], "--out", out, "-c", cfg_path)
+        args = [*WSIPIPE, "run", first, second, "--model", work["weights"], "--out", out, "-c", cfg_path]
+        res = subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=150, env=ENV,
+                             preexec_fn=quota)
         assert res.returncode == 2, res.stderr
         failed = [ln for ln in stderr_lines(res) if ln.startswith("failed: ")]
-        assert len(failed) == 1 and "No space left on device" in failed[0] and str(out) in failed[0], res.stderr
+        assert len(failed) == 1 and reason in failed[0] and str(out) in failed[0], res.stderr
         assert "1 of 2 slides failed" in res.stderr and "Traceback" not in res.stderr
         assert _digests(first_dir) == before
         (second_dir,) = [p for p in out.iterdir() if p != first_dir]
@@ -462,19 +480,20 @@ def test_full_output_volume_is_a_clear_error_and_the_run_resumes(work, slides_di
         if (second_dir / "patches.zarr" / "zarr.json").exists():
             assert not store.is_complete(store.open_store(second_dir / "patches.zarr"), "tile")
 
-        filler.unlink()
+        filler.unlink(missing_ok=True)
         for slide in (first, second):
             run_slide(slide, out, cfg, work["weights"])
         assert _digests(first_dir) == before
         roomy = run_slide(second, tmp_path / "roomy", cfg, work["weights"]).out_dir
         assert_same_outputs(roomy, second_dir)
     finally:
-        subprocess.run(["umount", "-l", str(vol)], check=False)
+        if mounted:
+            subprocess.run(["umount", "-l", str(vol)], check=False)
 
 
 def test_write_errors_become_a_typed_error_naming_the_file(tmp_path):
-    """EFBIG from a real write past RLIMIT_FSIZE (a file-size quota) and EROFS map to
-    OutputWriteError; an unrelated OSError passes through unchanged."""
+    """EFBIG from a real write past RLIMIT_FSIZE (a file-size quota) maps to OutputWriteError
+    and leaves no temporary file; an unrelated OSError passes through unchanged."""
     code = (
         "import resource, signal, sys\n"
         "from wsipipe.errors import writing_outputs, OutputWriteError\n"

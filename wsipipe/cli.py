@@ -225,6 +225,11 @@ def run(
                 raise
             failed += 1
             _error_line("failed: ", exc)
+        except Exception as exc:  # the unforeseen in one slide must not end a batch either
+            if len(slides) == 1 or _state["debug"]:
+                raise
+            failed += 1
+            _error_line("failed: ", f"{path}: unexpected {type(exc).__name__}: {exc}")
     if failed:
         err.print(f"[red]{failed} of {len(slides)} slides failed[/]")
         raise typer.Exit(EXIT_ERROR)
