@@ -25,7 +25,11 @@ LABEL org.opencontainers.image.title="wsipipe" \
 RUN groupadd --gid 10001 wsipipe \
  && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin wsipipe
 COPY --from=build /opt/venv /opt/venv
+# Flow files and configs at a fixed path: Prefect docker/kubernetes deployments name
+# flows/archive.py:process_archive relative to /opt/wsipipe (README, work pools).
 COPY configs /opt/wsipipe/configs
+COPY flows /opt/wsipipe/flows
+COPY prefect.yaml /opt/wsipipe/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MPLCONFIGDIR=/tmp/matplotlib
