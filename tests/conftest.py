@@ -41,7 +41,7 @@ def labelled_slides(tmp_path_factory):
     return {"slides": slides, "stores": stores, "cfg": cfg, "root": root}
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Training tests run torch on one thread: on a shared 2-core machine, two OpenMP threads
     spin against each other and other processes (measured 5-8x slower steps under load)."""

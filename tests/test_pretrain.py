@@ -22,7 +22,7 @@ ARCH = "shufflenet_v2_x0_5"  # 0.3M parameters: CI-sized
 
 
 @pytest.fixture(scope="module")
-def unlabelled(labelled_slides, slides_dir, tmp_path_factory):
+def unlabelled(labelled_slides, slides_dir, tmp_path_factory, one_torch_thread):
     """Real H&E patches tiled from CMU-1 (small region) plus one generated slide's."""
     out = tmp_path_factory.mktemp("pretrain") / "cmu.zarr"
     tile_slide(slides_dir / "cmu-1-small-region.svs", out, labelled_slides["cfg"])
