@@ -72,7 +72,7 @@ def pretrain_flow(stores: list[str], out: str, probe_stores: list[str] | None = 
 
 
 @flow(name="wsipipe-train")
-def train_flow(stores: list[str], out: str, register: bool = False, promote: bool = False,
+def train_flow(stores: list[str], out: str, add_to_registry: bool = False, promote: bool = False,
                config: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """Retrain on labelled stores; optionally register the model and try to promote it
     (promotion is refused, and logged, when it does not beat production on the same split)."""
@@ -84,7 +84,7 @@ def train_flow(stores: list[str], out: str, register: bool = False, promote: boo
     log = get_run_logger()
     card = train_model(stores, out, cfg)
     result = {"out": str(out), "test_metrics": card["test_metrics"]}
-    if register or promote:
+    if add_to_registry or promote:
         version = registry.register(cfg.train.registry, Path(out))
         result["version"] = version
         if promote:
