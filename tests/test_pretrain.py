@@ -77,6 +77,7 @@ class _Payload:
         return (pathlib.Path.touch, (pathlib.Path(_Payload.marker),))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_checkpoint_is_refused(tmp_path):
     from wsipipe.train import initial_model
 

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 from PIL import Image
 
 from wsipipe import store
@@ -22,12 +21,6 @@ def run(*args, timeout=300):
 
 def test_patches_augment_pretrain_and_registry_commands(labelled_slides, tmp_path):
     g = store.open_store(labelled_slides["stores"][0])
-    before = g["labels"][:]
-    res = run("patches", labelled_slides["stores"][0], "--annotations", labelled_slides["slides"][0].geojson_path,
-              "--classes", "Normal,Tumor")
-    assert res.returncode == 0, res.stderr
-    np.testing.assert_array_equal(store.open_store(labelled_slides["stores"][0])["labels"][:], before)
-
     for k, cls in enumerate(("ADI", "TUM")):  # a Kather-like folder
         (tmp_path / "kather" / cls).mkdir(parents=True)
         for i in range(3):
@@ -52,5 +45,3 @@ def test_patches_augment_pretrain_and_registry_commands(labelled_slides, tmp_pat
 
     res = run("models", "promote", "v0007", "--registry", tmp_path / "models")
     assert res.returncode == 2 and "no model version 'v0007'" in res.stderr
-    res = run("train", tmp_path / "nowhere.zarr", "--out", tmp_path / "m")
-    assert res.returncode == 2 and "nowhere.zarr" in res.stderr and "Traceback" not in res.stderr
