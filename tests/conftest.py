@@ -39,3 +39,15 @@ def labelled_slides(tmp_path_factory):
         slides.append(s)
         stores.append(store_path)
     return {"slides": slides, "stores": stores, "cfg": cfg, "root": root}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Training tests run torch on one thread: on a shared 2-core machine, two OpenMP threads
+    spin against each other and other processes (measured 5-8x slower steps under load)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -332,6 +332,148 @@ def _run_on_cluster(slides: list[Path], out: Path, cfg, model: Optional[Path]) -
         raise typer.Exit(EXIT_ERROR)
 
 
+# --- training side: patches / augment / pretrain / train / models -------------------------------
+
+@contextmanager
+def _loss_progress(label: str) -> Iterator:
+    """One rich bar with the running loss and throughput, fed by (step, total, loss, patches/s)."""
+    bars = Progress(
+        TextColumn("[bold]{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.0f} patches/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err,
+    )
+    with bars:
+        task = bars.add_task(label, total=None, loss=float("nan"), rate=0.0)
+        yield lambda step, total, loss, rate: bars.update(task, completed=step, total=total, loss=loss, rate=rate)
+
+
+@app.command()
+def patches(
+    source: Path = typer.Argument(..., help="A tiled store (with --annotations) or a folder with one sub-folder per class."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", "-a", help="QuPath GeoJSON for a tiled store."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Zarr store to write (folder sets)."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated classes in index order, background first (default: Normal + the GeoJSON's)."),
+    patch_size: Optional[int] = typer.Option(None, help="Resize folder images to this edge (default: the first image's)."),
+    group_regex: Optional[str] = typer.Option(None, help="Source group of a file: first capture group on its name (folder sets)."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Labelled patch set: labels from annotation polygons, or a folder-per-class image set."""
+    import numpy as np
+
+    from wsipipe.patchsets import folder_patch_set, label_store
+
+    cfg = _config(config)
+    if annotations is not None:
+        labels = label_store(source, annotations, classes.split(",") if classes else None,
+                             cfg.train.min_overlap, cfg.train.max_normal_overlap)
+        counts = {int(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
+        out_console_paths({f"labels {counts} (-1 = unlabelled)": source})
+    else:
+        if out is None:
+            raise typer.BadParameter("--out is required for a folder-per-class set")
+        stats = folder_patch_set(source, out, patch_size, group_regex)
+        out_console_paths({f"{stats['n_patches']} patches, classes {stats['classes']}, {stats['n_groups']} groups": out})
+
+
+@app.command()
+def augment(
+    store_path: Path = typer.Argument(..., metavar="STORE.zarr", help="Patch store to augment."),
+    out: Path = typer.Option(..., "--out", "-o", help="Augmented copy (Zarr)."),
+    copies: int = typer.Option(1, help="Augmented draws per patch."),
+    preview: Optional[Path] = typer.Option(None, help="PNG grid: N samples per transform."),
+    samples: int = typer.Option(6, help="Samples per transform in the preview."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Write an augmented copy of a patch set (and a preview grid) to inspect the augmentation config."""
+    from wsipipe.augment import augment_store
+
+    cfg = _config(config)
+    with _progress() as update:
+        stats = augment_store(store_path, out, cfg.augment, copies, preview, samples, progress=_one("augment", update))
+    out_console_paths({f"{stats['n_patches']} patches ({', '.join(stats['transforms'])})": out,
+                       **({"preview": preview} if preview else {})})
+
+
+@app.command()
+def pretrain(
+    stores: list[Path] = typer.Argument(..., help="Patch stores (any number; labels are ignored)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder (resumes when it holds one)."),
+    method: Optional[str] = typer.Option(None, help="simclr or byol (default pretrain.method)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps."),
+    arch: Optional[str] = typer.Option(None, help="torchvision architecture of the encoder."),
+    probe: list[Path] = typer.Option([], help="Labelled stores for a linear probe after training (split by slide)."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Contrastive pretraining (SimCLR / BYOL) of a patch encoder; resumable; optional linear probe."""
+    from wsipipe.pretrain import pretrain as run_pretrain, probe_on_sets
+
+    cfg = _config(config, **{"pretrain.method": method, "pretrain.steps": steps, "pretrain.arch": arch})
+    with _loss_progress(cfg.pretrain.method) as update:
+        result = run_pretrain(stores, out, cfg.pretrain, cfg.augment, progress=update)
+    out_console_paths({f"encoder after {result.steps} steps (resumed from {result.resumed_from})": out})
+    if probe:
+        scores = probe_on_sets(out, probe, cfg.train.seed)
+        console.print(f"linear probe: accuracy {scores['accuracy']:.3f}, AUC {scores['auc']:.3f}")
+
+
+@app.command()
+def train(
+    stores: list[Path] = typer.Argument(..., help="Labelled patch stores (from `wsipipe patches`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for model.safetensors and card.json."),
+    init: Optional[str] = typer.Option(None, help="scratch, encoder, weights or production."),
+    init_path: Optional[Path] = typer.Option(None, help="Encoder checkpoint / weights file for --init."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping on validation AUC)."),
+    arch: Optional[str] = typer.Option(None, help="torchvision architecture."),
+    register: bool = typer.Option(False, help="Add the result to the registry (train.registry) as a new version."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Fine-tune the patch classifier; held-out metrics into a JSON model card."""
+    from wsipipe.train import train_model
+
+    cfg = _config(config, **{"train.init": init, "train.init_path": init_path, "train.epochs": epochs, "train.arch": arch})
+    with _loss_progress("train") as update:
+        card = train_model(stores, out, cfg, progress=update)
+    m = card["test_metrics"]
+    console.print(f"test: AUC {m['auc']:.3f}, accuracy {m['accuracy']:.3f}, sensitivity {m['sensitivity']:.3f}, "
+                  f"specificity {m['specificity']:.3f}, ECE {m['ece']:.3f} (n={m['n']})", highlight=False)
+    out_console_paths({"model": out / "model.safetensors", "model card": out / "card.json"})
+    if register:
+        from wsipipe.registry import register as add
+
+        console.print(f"registered as {add(cfg.train.registry, out)} in {cfg.train.registry}")
+
+
+models_app = typer.Typer(no_args_is_help=True, help="The model registry: list, promote.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(registry_dir: Optional[Path] = typer.Option(None, "--registry", help="Registry folder (default train.registry)."),
+                config: Optional[Path] = ConfigOpt) -> None:
+    """Versions with their test metrics; * marks production."""
+    from wsipipe.registry import list_models
+
+    root = registry_dir or _config(config).train.registry
+    for e in list_models(root):
+        m, card = e["card"].get("test_metrics", {}), e["card"]
+        console.print(f"{'*' if e['production'] else ' '} {e['version']}  {card.get('arch')}  classes {card.get('classes')}  "
+                      f"AUC {m.get('auc', float('nan')):.4f}  acc {m.get('accuracy', float('nan')):.4f}  "
+                      f"split {card.get('test_split_id')}  {card.get('created')}", highlight=False)
+
+
+@models_app.command("promote")
+def models_promote(version: str = typer.Argument(..., help="Version to make production, e.g. v0002."),
+                   registry_dir: Optional[Path] = typer.Option(None, "--registry", help="Registry folder (default train.registry)."),
+                   metric: str = typer.Option("auc", help="Test metric that must improve."),
+                   config: Optional[Path] = ConfigOpt) -> None:
+    """Make a version production only if it beats the current one on the same test split."""
+    from wsipipe.registry import promote
+
+    root = registry_dir or _config(config).train.registry
+    e = promote(root, version, metric)
+    out_console_paths({f"production is now {e['version']}": e["weights"]})
+
+
 def _print_summary(summary: dict) -> None:
     score = summary.get("slide_score", {})
     console.print(

@@ -302,3 +302,18 @@ def linear_probe(encoder: nn.Module, train: tuple[np.ndarray, np.ndarray], test:
         ptr, pte = torch.softmax(head(ftr), 1).numpy(), torch.softmax(head(fte), 1).numpy()
     return {"accuracy": float((pte.argmax(1) == yte).mean()), "auc": auc(pte, yte),
             "train_accuracy": float((ptr.argmax(1) == ytr).mean()), "n_train": int(len(ytr)), "n_test": int(len(yte))}
+
+
+def probe_on_sets(checkpoint: str | Path, labelled: list[str | Path], seed: int = 0) -> dict:
+    """Linear probe of a checkpoint's encoder on labelled stores, split by slide / group
+    (2/3 of the groups fit the probe, 1/3 score it); stored as ``probe.json`` beside it."""
+    from wsipipe.patchsets import load_patch_sets, split_by_group
+
+    encoder, _ = load_encoder(checkpoint)
+    data = load_patch_sets(labelled)
+    splits = split_by_group(data.groups, (2, 0, 1), seed)
+    scores = linear_probe(encoder, (data.patches[splits["train"]], data.labels[splits["train"]]),
+                          (data.patches[splits["test"]], data.labels[splits["test"]]), seed=seed)
+    folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    write_atomic(folder / "probe.json", json.dumps({**scores, "data": data.identity, "stores": [str(p) for p in labelled]}, indent=1))
+    return scores

@@ -322,6 +322,15 @@ def train_model(stores: list, out_dir, cfg, progress: StepLog | None = None) -> 
     num_classes = 1 if len(data.classes) == 2 else len(data.classes)
     model, init = initial_model(tc.arch, num_classes, tc.init, tc.init_path, tc.registry)
     tr, va, te = (data.subset(splits[k]) for k in ("train", "val", "test"))
+    stain = None
+    if cfg.augment.stain_normalise != "none":
+        # fitted on the training slides only: the held-out ones must not shape the preprocessing
+        from wsipipe.stain import fit_stain_normaliser
+
+        ref = np.random.default_rng(tc.seed).choice(len(tr.patches), min(len(tr.patches), 64), replace=False)
+        stain = fit_stain_normaliser(cfg.augment.stain_normalise, tr.patches[np.sort(ref)])
+        for part in (tr, va, te):
+            part.patches = stain.apply(part.patches)
     model, history, best_epoch = retrain((tr.patches, tr.labels), (va.patches, va.labels), tc, num_classes, model,
                                          Augmenter(cfg.augment), progress)
     probs = predict_patches(model, te.patches, resolve_device(tc.device))
@@ -339,6 +348,7 @@ def train_model(stores: list, out_dir, cfg, progress: StepLog | None = None) -> 
                                 "split_id": split_identity(data.groups, v)} for k, v in splits.items()}},
         "test_split_id": split_identity(data.groups, splits["test"]),
         "history": history, "best_epoch": best_epoch, "test_metrics": metrics,
+        "stain_normalisation": stain.to_dict() if stain else None,
     }
     write_atomic(out_dir / "card.json", json.dumps(card, indent=2))
     return card
