@@ -219,6 +219,13 @@ def test_deployment_run_processes_good_slides_and_reports_the_corrupt_one(deploy
     slide_md = artifacts[f"wsipipe-slide-{gen}"]["data"]
     assert f"| patches | {rows['generated.svs']['summary']['n_patches']} |" in slide_md and "tumor.geojson" in slide_md
     assert "Error:" in artifacts["wsipipe-slide-corrupt"]["data"]
+    # The QA reports: one per good slide, one for the archive, linked from an artifact.
+    for name in ("generated.svs", "cmu-1-small-region.svs"):
+        assert "slide score" in (Path(rows[name]["out_dir"]) / "report.html").read_text().lower()
+    archive_html = (Path(out) / "archive-report.html").read_text()
+    assert "corrupt.svs" in archive_html and "SlideOpenError" in archive_html
+    report_md = artifacts["wsipipe-archive-report"]["data"]
+    assert "archive-report.html" in report_md and "| 3 | 2 | 0 | 1 |" in report_md
 
     # Logs carry the slide and the stage.
     logs = _api(env, "/logs/filter", {"logs": {"flow_run_id": {"any_": [first_id]}}, "limit": 200})
@@ -239,7 +246,7 @@ def test_second_deployment_run_processes_nothing_new(deployed_runs):
     assert sorted(r["status"] for r in table) == ["failed", "skipped", "skipped"]
     # No stage task ran in the second run.
     tasks = _api(env, "/task_runs/filter", {"flow_runs": {"id": {"any_": [second_id]}}, "limit": 50})
-    assert tasks and not [t["name"] for t in tasks if t["name"].split()[0] in ("tile", "infer", "stitch")]
+    assert tasks and not [t["name"] for t in tasks if t["name"].split()[0] in ("tile", "infer", "stitch", "report")]
 
 
 def test_slide_deployment_reuses_complete_stages(deployed_runs):
@@ -248,7 +255,7 @@ def test_slide_deployment_reuses_complete_stages(deployed_runs):
     run = _api(env, f"/flow_runs/{one}")
     assert run["state"]["type"] == "COMPLETED"
     tasks = _api(env, "/task_runs/filter", {"flow_runs": {"id": {"any_": [one]}}, "limit": 50})
-    assert sorted(t["name"].split()[0] for t in tasks) == ["infer", "stitch", "tile"]
+    assert sorted(t["name"].split()[0] for t in tasks) == ["infer", "report", "stitch", "tile"]
     assert all(t["state"]["type"] == "COMPLETED" for t in tasks)
     assert all(p.stat().st_mtime_ns == t for p, t in deployed_runs["stamps"].items())  # nothing recomputed
     (key,) = [k for k in _flow_run_artifacts(env, one) if k.startswith("wsipipe-slide-generated")]
@@ -279,7 +286,7 @@ def test_archive_on_dask_processes_matches_local_run(deployed_runs, archive_dir,
             assert done.returncode == 2, done.stdout + done.stderr  # the corrupt slide fails, the others don't
             assert "3 slides: 2 ok, 0 skipped, 1 failed" in done.stdout
             ran = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
-            assert "tile_chunk" in ran  # the chunks were tiled on this cluster (task prefix of _tile_chunk)
+            assert "wsipipe-tile" in ran  # the chunks were tiled on this cluster (tiling's task key prefix)
     finally:
         for p in reversed(procs):
             _stop(p)
