@@ -17,11 +17,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from wsipipe.archive import artifact_key, parse_overrides, result_row, slide_markdown, weights_path
+from wsipipe.archive import artifact_key, parse_overrides, result_row, slide_markdown
 from wsipipe.cluster import dask_scheduler
 from wsipipe.config import PipelineConfig, load_config
 from wsipipe.errors import WsipipeError
-from wsipipe.pipeline import slide_output_name
+from wsipipe.pipeline import slide_output_name, weights_path
 from wsipipe.slide import open_slide
 
 # One inference at a time in this process (the Prefect tag bounds it across processes).

@@ -3,6 +3,7 @@ and the artifact text the flows publish."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -13,7 +14,7 @@ from wsipipe import archive
 from wsipipe.config import load_config
 from wsipipe.errors import ConfigError, SlideOpenError
 from wsipipe.model import build_model, load_model, save_weights
-from wsipipe.pipeline import run_slide
+from wsipipe.pipeline import run_slide, weights_path
 from wsipipe.synth import write_synthetic_slide
 
 TINY = {"tile.mpp": 2.0, "tile.patch_size": 64, "dask.num_workers": 1}
@@ -94,7 +95,29 @@ def test_parse_overrides_and_config_field_errors():
     with pytest.raises(ConfigError, match="orchestration.slides_in_flight"):
         load_config(None, {"orchestration.slides_in_flight": 0})
     with pytest.raises(ConfigError, match="model.weights"):
-        archive.weights_path(None, load_config())
+        weights_path(None, load_config(None, {"train.registry": "/nonexistent/registry"}))
+
+
+def test_weights_default_to_the_registry_production_model(tmp_path):
+    """No --model and no model.weights: the version promoted in the registry is what runs."""
+    from wsipipe.model import build_model, file_sha256, save_weights
+    from wsipipe.registry import promote, register
+
+    trained = tmp_path / "trained"
+    save_weights(build_model("resnet18", 1), trained / "model.safetensors", "resnet18", 1)
+    card = {"arch": "resnet18", "num_classes": 1, "test_metrics": {"auc": 0.9}, "test_split_id": "s",
+            "weights_sha256": file_sha256(trained / "model.safetensors")}
+    (trained / "card.json").write_text(json.dumps(card))
+    registry = tmp_path / "models"
+    cfg = load_config(None, {"train.registry": str(registry)})
+    with pytest.raises(ConfigError, match="promote a model"):
+        weights_path(None, cfg)  # registered nothing yet
+    version = register(registry, trained)
+    with pytest.raises(ConfigError):
+        weights_path(None, cfg)  # registered, not promoted
+    promote(registry, version)
+    assert weights_path(None, cfg) == registry / version / "model.safetensors"
+    assert weights_path(tmp_path / "explicit.safetensors", cfg) == tmp_path / "explicit.safetensors"
 
 
 def test_results_file_roundtrip(tmp_path):

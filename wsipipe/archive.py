@@ -265,14 +265,6 @@ def slide_markdown(row: dict) -> str:
 # --------------------------------------------------------------------------- parameters
 
 
-def weights_path(model: str | Path | None, cfg: PipelineConfig) -> Path:
-    """The weights file a run uses: the explicit one, else ``model.weights`` from the config."""
-    weights = model or cfg.model.weights
-    if not weights:
-        raise ConfigError(None, "model.weights: no model weights given (pass model=WEIGHTS or set model.weights)")
-    return Path(weights)
-
-
 def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     """Dotted config overrides from ``["tile.mpp=1.0", ...]`` (values read as YAML) or a dict."""
     if not items:

@@ -105,10 +105,9 @@ def run_slides(
     seconds) plus ``workers``: the address each stage ran on. A slide that fails is a
     ``failed`` row with the one-line error; the others go on. ``skipped`` = every stage
     was already complete for the same slide, config and model."""
-    weights = Path(model_path) if model_path else cfg.model.weights
-    if weights is None:
-        raise ConfigError(None, "model.weights: no model weights given (use --model WEIGHTS or model.weights)")
-    weights = weights.resolve()
+    from wsipipe.pipeline import weights_path
+
+    weights = weights_path(model_path, cfg).resolve()
     out_dir = Path(out_dir).resolve()
     cpu, gpu = split_workers(client)
     on_cpu = {"workers": cpu, "allow_other_workers": False} if cpu else {}

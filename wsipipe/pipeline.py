@@ -39,6 +39,20 @@ def slide_output_name(slide_path: Path, identity: str) -> str:
     return f"{stem[:80]}-{identity[:8]}"
 
 
+def weights_path(model: str | Path | None, cfg: PipelineConfig) -> Path:
+    """The weights a run uses: the explicit file, else ``model.weights``, else the model
+    registry's production version (``train.registry``, see ``wsipipe models promote``)."""
+    from wsipipe.registry import production_weights
+
+    weights = model or cfg.model.weights or production_weights(cfg.train.registry)
+    if not weights:
+        raise ConfigError(
+            None, "model.weights: no model weights given (pass --model WEIGHTS, set model.weights, "
+            f"or promote a model in the registry {cfg.train.registry})",
+        )
+    return Path(weights)
+
+
 def run_slide(
     slide_path: str | Path,
     out_dir: str | Path,
@@ -57,9 +71,7 @@ def run_slide(
     from wsipipe.tiling import tile_slide
 
     slide_path = Path(slide_path)
-    weights = Path(model_path) if model_path else cfg.model.weights
-    if weights is None:
-        raise ConfigError(None, "model.weights: no model weights given (use --model WEIGHTS or model.weights)")
+    weights = weights_path(model_path, cfg)
     # Fail fast on bad weights or architecture, before any tiling work.
     model, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
     resolve_precision(cfg.inference.precision, resolve_device(cfg.inference.device))
