@@ -252,8 +252,10 @@ def demo(
     write_atomic(out / "demo-summary.txt", json.dumps(result.summary, indent=2))
     out_console_paths({
         "outputs": result.out_dir,
+        "QA report (open in a browser)": result.out_dir / "report.html",
         "heatmap": result.out_dir / "heatmap.png",
         "tumor annotations (QuPath)": result.out_dir / "tumor.geojson",
+        **{f"{kind} (other tools)": result.out_dir / name for kind, name in (result.summary.get("exports") or {}).items()},
         "summary": result.out_dir / "summary.json",
     })
     console.print(f"tumor Dice vs ground truth: [bold]{gt.get('tumor_dice')}[/]")
