@@ -64,17 +64,41 @@ def cpu_ceiling(processes: int) -> float:
     return time.perf_counter() - t0
 
 
-def timed_archive(slides: list[Path], out: Path, cfg, weights: Path, workers: int) -> tuple[float, list[dict]]:
+def _pin(core: int) -> None:
+    """Every thread of this worker process (and those it starts later) on one core. Linux
+    affinity is per thread, so each existing thread is set."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), {core})
+        except OSError:
+            pass  # a thread that ended meanwhile
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_archive(slides: list[Path], out: Path, cfg, weights: Path, workers: int,
+                  pin: bool) -> tuple[float, float, list[dict]]:
+    """(wall seconds, CPU seconds of the workers, rows)."""
     shutil.rmtree(out, ignore_errors=True)  # finished slides would be skipped, not rerun
     with dask_client(DaskConfig(num_workers=workers)) as client:
         client.run(_warm)
+        if pin:
+            for core, address in enumerate(sorted(client.scheduler_info()["workers"])):
+                client.run(_pin, core % (os.cpu_count() or 1), workers=[address])
+        cpu0 = sum(client.run(_cpu_seconds).values())
         t0 = time.perf_counter()
         rows = run_slides(slides, out, cfg, weights, client)
         seconds = time.perf_counter() - t0
+        cpu = sum(client.run(_cpu_seconds).values()) - cpu0
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         raise SystemExit(f"{len(failed)} slides failed: {failed[0]['error']}")
-    return seconds, rows
+    return seconds, cpu, rows
 
 
 def main() -> None:
@@ -84,6 +108,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="repetitions of the (1 worker, 2 workers) pair")
     ap.add_argument("--arch", default="mobilenet_v3_small", help="classifier built from scratch (no downloads)")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--pin", action="store_true",
+                    help="pin each worker process to its own core (1 worker = 1 core; without it a single "
+                    "worker's library threads - zarr codecs, OpenSlide - spread over both cores)")
     args = ap.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="wsipipe-bench-cluster-"))
@@ -102,14 +129,17 @@ def main() -> None:
     load_before = os.getloadavg()
     times: dict[int, list[float]] = {1: [], 2: []}
     spins: dict[int, list[float]] = {1: [], 2: []}
+    cores: dict[int, list[float]] = {1: [], 2: []}
     n_patches = None
     for _ in range(args.rounds):
         for workers in (1, 2):
             spins[workers].append(cpu_ceiling(workers) / workers)  # per unit of work
-            seconds, rows = timed_archive(slides, work / f"out-{workers}", cfg, weights, workers)
+            seconds, cpu, rows = timed_archive(slides, work / f"out-{workers}", cfg, weights, workers, args.pin)
             times[workers].append(seconds)
+            cores[workers].append(cpu / seconds)
             n_patches = sum(r["summary"]["n_patches"] for r in rows)
-            print(f"{workers} worker(s): {seconds:7.2f} s  {len(slides) / seconds:6.3f} slides/s", flush=True)
+            print(f"{workers} worker(s): {seconds:7.2f} s  {len(slides) / seconds:6.3f} slides/s  "
+                  f"{cpu / seconds:4.2f} cores busy", flush=True)
     load_after = os.getloadavg()
     best = {k: min(v) for k, v in times.items()}
     ratio = best[1] / best[2]
@@ -117,6 +147,8 @@ def main() -> None:
     print(f"\n{len(slides)} slides of {w}x{h} px ({n_patches} patches, {args.arch}); cpus={os.cpu_count()}")
     print(f"2 workers vs 1 (best of {args.rounds}): {ratio:.2f}x")
     print(f"machine ceiling now (busy loop, 2 processes vs 1): {ceiling:.2f}x -> pipeline efficiency {ratio / ceiling:.0%}")
+    print(f"cores kept busy by the workers: 1 worker {max(cores[1]):.2f}, 2 workers {max(cores[2]):.2f}"
+          f"{' (pinned: one core each)' if args.pin else ''}")
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (1-min)")
 
     out_dir = ROOT / "bench" / "results"
@@ -124,7 +156,7 @@ def main() -> None:
     (out_dir / "cluster.json").write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "slides": len(slides), "size": [w, h], "patches": n_patches, "arch": args.arch,
-        "seconds": times, "ratio_2_vs_1": round(ratio, 3),
+        "seconds": times, "ratio_2_vs_1": round(ratio, 3), "cores_busy": cores, "pinned": args.pin,
         "busy_loop_seconds_per_unit": spins, "ceiling_2_vs_1": round(ceiling, 3),
         "loadavg_before": load_before, "loadavg_after": load_after,
     }, indent=2))
