@@ -66,12 +66,12 @@ def _all_temps(out: Path) -> list[Path]:
     return found + [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))]
 
 
-def _wait_for(check, timeout: float, what: str) -> None:
+def _wait_for(check, timeout: float, what: str, poll: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
-        time.sleep(0.05)
+        time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -124,10 +124,11 @@ def test_temporary_file_of_a_writer_killed_mid_write_is_removed_by_the_next_run(
     slide_dir = slide_output_dir(slide, out, cfg)
     for target in (slide_dir / "summary.json", out / RESULTS_FILE):
         writer = _python("import sys\nfrom wsipipe.export import write_atomic\n"
-                         "write_atomic(sys.argv[1], b'x' * (1 << 31))\n", target)
+                         "write_atomic(sys.argv[1], b'x' * (1 << 30))\n", target)
         prefix = f".{target.name}."
         _wait_for(lambda: any(p.name.startswith(prefix) for p in target.parent.glob(".*.tmp"))
-                  or writer.poll() is not None, 60, f"{target.name}'s temporary file")
+                  or writer.poll() is not None, 60, f"{target.name}'s temporary file", poll=0.005)
+        assert writer.poll() is None, "the write finished before it could be killed"
         writer.send_signal(signal.SIGKILL)
         writer.wait(30)
         assert [p.name.startswith(prefix) for p in stale_temps(target.parent, zarr_partials=False)] == [True]
