@@ -1,4 +1,4 @@
-"""One writer per slide output folder, across threads, processes and runs.
+"""One writer per output folder (a slide's, or the archive's), across threads, processes and runs.
 
 Two archive runs over the same output folder at once must not write the same slide's
 outputs together. Whoever processes a slide holds an exclusive ``flock`` on
@@ -14,8 +14,14 @@ byte-range locks, which the server arbitrates between clients.
 The lock file stays empty and is never removed: unlinking it could let a third run lock a
 fresh inode while the second still waits on the old one.
 
+The archive-level files (archive-results.json, archive-report.html) are written under the
+same kind of lock on the output folder itself.
+
 Under the lock, nobody else writes the folder, so any temporary file in it was left by a
-writer that died mid-write (:func:`remove_stale_temps`).
+writer that died mid-write (:func:`remove_stale_temps`). One exception: Dask tasks of a run
+whose driving process died may still be running on an external cluster; removing such a
+task's Zarr ``*.partial`` file only fails that orphaned task, and this run writes the chunk
+itself.
 """
 
 from __future__ import annotations
@@ -43,14 +49,14 @@ class HeldLock:
 
 
 @contextmanager
-def folder_lock(slide_dir: str | Path, timeout_s: float | None = None) -> Iterator[HeldLock]:
-    """Hold the exclusive lock of ``slide_dir`` (created if missing) for the ``with`` block.
+def folder_lock(folder: str | Path, timeout_s: float | None = None) -> Iterator[HeldLock]:
+    """Hold the exclusive lock of ``folder`` (created if missing) for the ``with`` block.
 
     Waits while another thread or process holds it (logged once); ``timeout_s`` bounds the
     wait with a :class:`TimeoutError`."""
-    slide_dir = Path(slide_dir)
-    slide_dir.mkdir(parents=True, exist_ok=True)
-    path = slide_dir / LOCK_NAME
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         t0 = time.monotonic()
@@ -63,19 +69,19 @@ def folder_lock(slide_dir: str | Path, timeout_s: float | None = None) -> Iterat
                 # Polling, not a blocking flock: a blocked call cannot honour a timeout and
                 # would hold a thread past Ctrl-C.
                 if not logged:
-                    log.info("slide=%s stage=lock: another run is writing it; waiting", slide_dir.name)
+                    log.info("slide=%s stage=lock: another run is writing it; waiting", folder.name)
                     logged = True
                 if timeout_s is not None and time.monotonic() - t0 > timeout_s:
-                    raise TimeoutError(f"{slide_dir}: still locked by another run after {timeout_s:g} s") from None
+                    raise TimeoutError(f"{folder}: still locked by another run after {timeout_s:g} s") from None
                 time.sleep(POLL_S)
         yield HeldLock(path, round(time.monotonic() - t0, 3))
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
 
 
-def is_locked(slide_dir: str | Path) -> bool:
-    """Whether some thread or process holds ``slide_dir``'s lock now (for tests and logs)."""
-    path = Path(slide_dir) / LOCK_NAME
+def is_locked(folder: str | Path) -> bool:
+    """Whether some thread or process holds ``folder``'s lock now (for tests and logs)."""
+    path = Path(folder) / LOCK_NAME
     if not path.exists():
         return False
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
