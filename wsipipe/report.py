@@ -289,7 +289,10 @@ def write_slide_report(slide_dir: str | Path, qc_cfg: QCConfig | None = None) ->
     """Write ``slide_dir/report.html`` (self-contained) from a slide output folder; returns its path."""
     slide_dir = Path(slide_dir)
     html = _environment().get_template("slide.html.j2").render(**slide_report_context(slide_dir, qc_cfg))
-    return write_atomic(slide_dir / REPORT_NAME, html)
+    path = slide_dir / REPORT_NAME
+    if path.is_file() and path.read_bytes() == html.encode():
+        return path  # a rerun of a finished slide writes nothing (and so works on a full disk)
+    return write_atomic(path, html)
 
 
 # --------------------------------------------------------------------------- archive report
