@@ -91,7 +91,7 @@ def stitch_stage(store_path: str, slide_dir: str, cfg: PipelineConfig, label: st
 def report_stage(slide_dir: str, cfg: PipelineConfig, label: str) -> str:
     from wsipipe.report import write_slide_report
 
-    path = write_slide_report(slide_dir, cfg.qc)
+    path = write_slide_report(slide_dir, cfg.qc, only_if_changed=True)
     get_run_logger().info("slide=%s stage=report: %s", label, path)
     return str(path)
 

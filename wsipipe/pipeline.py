@@ -78,7 +78,7 @@ def run_slide(
         tile_slide(slide_path, store_path, cfg, client=client, progress=stage("tile"))
         infer_store(store_path, model, info, cfg.inference, progress=stage("infer"))
         summary = stitch_store(store_path, slide_dir, cfg.stitch, progress=stage("stitch"), qc_cfg=cfg.qc, export=cfg.export)
-        write_slide_report(slide_dir, cfg.qc)
+        write_slide_report(slide_dir, cfg.qc, only_if_changed=True)
     log.info("%s: done in %.1f s -> %s", slide_path.name, time.perf_counter() - t0, slide_dir)
     return SlideOutputs(out_dir=slide_dir, store=store_path, summary=summary)
 

@@ -285,13 +285,16 @@ def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None) 
     }
 
 
-def write_slide_report(slide_dir: str | Path, qc_cfg: QCConfig | None = None) -> Path:
-    """Write ``slide_dir/report.html`` (self-contained) from a slide output folder; returns its path."""
+def write_slide_report(slide_dir: str | Path, qc_cfg: QCConfig | None = None, only_if_changed: bool = False) -> Path:
+    """Write ``slide_dir/report.html`` (self-contained) from a slide output folder; returns its path.
+
+    ``only_if_changed`` (pipeline reruns): leave an identical report as it is, so rerunning a
+    finished slide writes nothing (and works on a full disk)."""
     slide_dir = Path(slide_dir)
     html = _environment().get_template("slide.html.j2").render(**slide_report_context(slide_dir, qc_cfg))
     path = slide_dir / REPORT_NAME
-    if path.is_file() and path.read_bytes() == html.encode():
-        return path  # a rerun of a finished slide writes nothing (and so works on a full disk)
+    if only_if_changed and path.is_file() and path.read_bytes() == html.encode():
+        return path
     return write_atomic(path, html)
 
 
