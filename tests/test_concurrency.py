@@ -60,10 +60,7 @@ def _files(folder: Path) -> set[str]:
 
 
 def _all_temps(out: Path) -> list[Path]:
-    found = stale_temps(out, zarr_partials=False)
-    for d in (p for p in out.iterdir() if p.is_dir()):
-        found += stale_temps(d)
-    return found + [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+    return [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial", ".old"))]
 
 
 def _wait_for(check, timeout: float, what: str, poll: float = 0.05) -> None:
@@ -221,7 +218,8 @@ def test_soak_20_rounds_with_a_worker_killed_in_each(archive, tmp_path):
     open file descriptors grow by at most FD_SLACK (8; a leaked slide handle alone would add 40),
     RSS by at most RSS_SLACK_MIB (150 MiB; the process holds ~850 MiB, mostly torch, and
     glibc arenas breathe by tens of MiB); no temporary file is left after any round. Tiny
-    slides (about 30 and 15 patches) keep 20 rounds to about a minute on 2 shared cores."""
+    slides (tens of patches each) keep a round to a few seconds: 92 s for all 20 measured
+    here on 2 cores shared with other jobs (load average ~7)."""
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "soak_driver.py"), str(archive["dir"]), str(out),
