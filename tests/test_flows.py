@@ -248,7 +248,7 @@ def test_slide_deployment_reuses_complete_stages(deployed_runs):
     run = _api(env, f"/flow_runs/{one}")
     assert run["state"]["type"] == "COMPLETED"
     tasks = _api(env, "/task_runs/filter", {"flow_runs": {"id": {"any_": [one]}}, "limit": 50})
-    assert sorted(t["name"].split()[0] for t in tasks) == ["infer", "stitch", "tile"]
+    assert sorted(t["name"].split()[0] for t in tasks) == ["infer", "report", "stitch", "tile"]
     assert all(t["state"]["type"] == "COMPLETED" for t in tasks)
     assert all(p.stat().st_mtime_ns == t for p, t in deployed_runs["stamps"].items())  # nothing recomputed
     (key,) = [k for k in _flow_run_artifacts(env, one) if k.startswith("wsipipe-slide-generated")]
@@ -279,7 +279,7 @@ def test_archive_on_dask_processes_matches_local_run(deployed_runs, archive_dir,
             assert done.returncode == 2, done.stdout + done.stderr  # the corrupt slide fails, the others don't
             assert "3 slides: 2 ok, 0 skipped, 1 failed" in done.stdout
             ran = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
-            assert "tile_chunk" in ran  # the chunks were tiled on this cluster (task prefix of _tile_chunk)
+            assert "wsipipe-tile" in ran  # the chunks were tiled on this cluster (key prefix of tiling's chunk tasks)
     finally:
         for p in reversed(procs):
             _stop(p)
