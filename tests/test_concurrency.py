@@ -215,7 +215,7 @@ def test_soak_20_rounds_with_a_worker_killed_in_each(archive, tmp_path):
     worker is SIGKILLed as soon as one is seen running a tile task; the nanny restarts it.
 
     Bounds, measured from round 3 on (rounds 1-2 warm caches: fonts, torch, code paths):
-    open file descriptors grow by at most FD_SLACK (8; a leaked slide handle alone would add 40),
+    open file descriptors grow by at most FD_SLACK (8; the slide handle tile_slide once leaked adds 2 a round),
     RSS by at most RSS_SLACK_MIB (150 MiB; the process holds ~850 MiB, mostly torch, and
     glibc arenas breathe by tens of MiB); no temporary file is left after any round. Tiny
     slides (tens of patches each) keep a round to a few seconds: 92 s for all 20 measured
