@@ -23,11 +23,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.slide import load_run_inputs, publish_slide, run_stages
 from wsipipe.archive import (
-    any_to_compute, archive_message, archive_table, done_outputs, result_row, scan_archive, status_counts, write_results,
+    any_to_compute, archive_message, archive_table, done_outputs, result_row, scan_archive, slide_output_dir,
+    status_counts, write_archive_files,
 )
 from wsipipe.cluster import dask_scheduler
 from wsipipe.config import PipelineConfig
-from wsipipe.report import ARCHIVE_REPORT_NAME, archive_markdown, write_archive_report
+from wsipipe.locks import clear_leftovers, folder_lock
+from wsipipe.report import archive_markdown
 
 
 @task(name="slide", task_run_name="slide {slide}", cache_policy=NO_CACHE)
@@ -36,14 +38,21 @@ def slide_task(slide: str, out: str, cfg: PipelineConfig, net, info) -> dict:
     log = get_run_logger()
     t0 = time.perf_counter()
     try:
-        done = done_outputs(slide, out, cfg, info)
-        if done is not None:
-            slide_dir, summary = done
-            log.info("slide=%s stage=check: outputs up to date, skipped", slide_dir.name)
-            row = result_row(slide, "skipped", name=slide_dir.name, out_dir=slide_dir, summary=summary,
-                             seconds=time.perf_counter() - t0)
-        else:
-            row = run_stages(slide, out, cfg, net, info)
+        # One run at a time per slide: a second run over the same output folder waits here,
+        # then finds the outputs done.
+        slide_dir = slide_output_dir(slide, out, cfg)
+        with folder_lock(slide_dir) as held:
+            if held.waited_s:
+                log.info("slide=%s stage=lock: waited %.1f s for another run writing it", slide_dir.name, held.waited_s)
+            done = done_outputs(slide, out, cfg, info)
+            if done is not None:
+                summary = done[1]
+                log.info("slide=%s stage=check: outputs up to date, skipped", slide_dir.name)
+                row = result_row(slide, "skipped", name=slide_dir.name, out_dir=slide_dir, summary=summary,
+                                 seconds=time.perf_counter() - t0)
+            else:
+                clear_leftovers(slide_dir)  # of a run killed mid-write; under the lock none is live
+                row = run_stages(slide, out, cfg, net, info)
     except Exception as exc:  # one slide's failure, whatever it is, must not stop the archive
         row = result_row(slide, "failed", error=exc, seconds=time.perf_counter() - t0)
         log.error("slide=%s stage=failed: %s", Path(slide).name, row["error"])
@@ -86,11 +95,12 @@ def process_archive(
             lambda s: slide_task.submit(str(s), out, cfg, net, info), slides, cfg.orchestration.slides_in_flight
         )
     message = archive_message(rows)
-    write_results(rows, out)
-    report = write_archive_report(rows, Path(out) / ARCHIVE_REPORT_NAME)
+    report = write_archive_files(rows, out)
     create_table_artifact(archive_table(rows), key="wsipipe-archive", description=f"wsipipe {archive}: {message}")
     create_markdown_artifact(archive_markdown(rows, report), key="wsipipe-archive-report", description=str(report))
     log.info("%s", message)
     if status_counts(rows)["failed"]:
-        return Failed(message=message)  # the rows are in the table artifact
+        # The rows ride along: a caller reads this run's rows from the state, not from
+        # archive-results.json, which a concurrent run over the same folder may have rewritten.
+        return Failed(message=message, data=rows)
     return rows

@@ -17,10 +17,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from wsipipe.archive import artifact_key, parse_overrides, result_row, slide_markdown
+from wsipipe.archive import artifact_key, parse_overrides, result_row, slide_markdown, slide_output_dir
 from wsipipe.cluster import dask_scheduler
 from wsipipe.config import PipelineConfig, load_config
 from wsipipe.errors import WsipipeError
+from wsipipe.locks import clear_leftovers, folder_lock
 from wsipipe.pipeline import slide_output_name, weights_path
 from wsipipe.slide import open_slide
 
@@ -90,13 +91,14 @@ def stitch_stage(store_path: str, slide_dir: str, cfg: PipelineConfig, label: st
 def report_stage(slide_dir: str, cfg: PipelineConfig, label: str) -> str:
     from wsipipe.report import write_slide_report
 
-    path = write_slide_report(slide_dir, cfg.qc, force=False)
+    path = write_slide_report(slide_dir, cfg.qc, only_if_changed=True)
     get_run_logger().info("slide=%s stage=report: %s", label, path)
     return str(path)
 
 
 def run_stages(slide: str | Path, out: str | Path, cfg: PipelineConfig, net, info) -> dict:
-    """The three stage tasks for one slide; returns an "ok" result row. Errors propagate."""
+    """The stage tasks for one slide; returns an "ok" result row. Errors propagate. The caller
+    holds the slide folder's lock (wsipipe.locks)."""
     t0 = time.perf_counter()
     slide = Path(slide)
     with open_slide(slide, cfg.mpp_override) as opened:
@@ -139,7 +141,9 @@ def process_slide(
     ``config`` is a YAML file (e.g. configs/default.yaml); ``overrides`` dotted fields such
     as ``{"tile.mpp": 1.0}``. Invalid values fail before any work, naming the field."""
     cfg, net, info = load_run_inputs(model, config, overrides)
-    with dask_scheduler(cfg) as cfg:
+    slide_dir = slide_output_dir(slide, out, cfg)
+    with dask_scheduler(cfg) as cfg, folder_lock(slide_dir):  # one run at a time per slide
+        clear_leftovers(slide_dir)
         row = run_stages(slide, out, cfg, net, info)
     publish_slide(row)
     return row

@@ -286,7 +286,7 @@ def test_archive_on_dask_processes_matches_local_run(deployed_runs, archive_dir,
             assert done.returncode == 2, done.stdout + done.stderr  # the corrupt slide fails, the others don't
             assert "3 slides: 2 ok, 0 skipped, 1 failed" in done.stdout
             ran = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
-            assert "wsipipe-tile" in ran  # the chunks were tiled on this cluster (tiling's task key prefix)
+            assert "wsipipe-tile" in ran  # the chunks were tiled on this cluster (key prefix of tiling's chunk tasks)
     finally:
         for p in reversed(procs):
             _stop(p)

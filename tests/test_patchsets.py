@@ -11,7 +11,8 @@ import shapely
 from PIL import Image
 
 from wsipipe import store
-from wsipipe.errors import AnnotationError
+from wsipipe.errors import AnnotationError, WsipipeError
+from wsipipe.export import read_geojson
 from wsipipe.patchsets import folder_patch_set, load_patch_sets, read_annotations, split_by_group
 
 
@@ -58,6 +59,19 @@ def test_annotation_validation_repairs_or_rejects_by_feature_index(tmp_path):
     (tmp_path / "c.geojson").write_text("{not json")
     with pytest.raises(AnnotationError, match="not valid JSON"):
         read_annotations(tmp_path / "c.geojson")
+
+
+def test_ground_truth_geojson_reader_repairs_bow_ties_and_names_bad_features(tmp_path):
+    """export.read_geojson (ground truth for Dice, reports) shares the rule: self-intersecting
+    polygons are repaired, an unreadable geometry fails naming its feature index."""
+    bowtie = [[[200, 200], [300, 300], [300, 200], [200, 300], [200, 200]]]
+    regions = read_geojson(_write(tmp_path / "a.geojson", [_feature(bowtie)]))
+    assert regions["Tumor"].is_valid and regions["Tumor"].area == pytest.approx(5000)
+    broken = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[1, 2]]}, "properties": {}}
+    path = _write(tmp_path / "b.geojson", [_feature(bowtie), broken])
+    with pytest.raises(WsipipeError, match="feature 1: invalid geometry") as err:
+        read_geojson(path)
+    assert err.value.path == path
 
 
 def test_folder_per_class_set_round_trip(labelled_slides, tmp_path):

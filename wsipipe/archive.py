@@ -100,6 +100,16 @@ def _dedupe_dicom(paths: list[Path]) -> list[Path]:
 # --------------------------------------------------------------------------- what is done
 
 
+def slide_output_dir(slide_path: str | Path, out_root: str | Path, cfg: PipelineConfig) -> Path:
+    """The slide's output folder in ``out_root`` (opens the slide: its identity is in the name)."""
+    from wsipipe.pipeline import slide_output_name
+    from wsipipe.slide import open_slide
+
+    slide_path = Path(slide_path)
+    with open_slide(slide_path, cfg.mpp_override) as slide:
+        return Path(out_root) / slide_output_name(slide_path, slide.identity)
+
+
 def done_outputs(
     slide_path: str | Path, out_root: str | Path, cfg: PipelineConfig, model_info
 ) -> tuple[Path, dict] | None:
@@ -198,6 +208,19 @@ def write_results(rows: list[dict], out_root: str | Path) -> Path:
     from wsipipe.export import write_atomic
 
     return write_atomic(Path(out_root) / RESULTS_FILE, json.dumps(rows, indent=1))
+
+
+def write_archive_files(rows: list[dict], out_root: str | Path) -> Path:
+    """archive-results.json and archive-report.html, written by one run at a time (two runs
+    over one output folder each write their own rows whole; the last one to finish stays).
+    Temporary files of an earlier run killed mid-write go first. Returns the report's path."""
+    from wsipipe.locks import folder_lock, remove_stale_temps
+    from wsipipe.report import ARCHIVE_REPORT_NAME, write_archive_report
+
+    with folder_lock(out_root):
+        remove_stale_temps(out_root, zarr_partials=False)
+        write_results(rows, out_root)
+        return write_archive_report(rows, Path(out_root) / ARCHIVE_REPORT_NAME)
 
 
 def read_results(out_root: str | Path) -> list[dict]:

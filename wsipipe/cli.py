@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -276,20 +275,20 @@ def archive(
     else it reports to that server."""
     import flows  # noqa: F401  (offline-safe Prefect settings first)
     from flows.archive import process_archive
-    from wsipipe.archive import RESULTS_FILE, archive_message, parse_overrides, read_results
+    from wsipipe.archive import archive_message, parse_overrides
 
     values = parse_overrides(overrides)
     if scheduler:
         values["dask.scheduler_address"] = scheduler
     load_config(config, values)  # a bad field fails here, before Prefect starts
-    started = time.time()
     state = process_archive(
         source, str(out), model=str(model) if model else None, config=str(config) if config else None,
         overrides=values, return_state=True,
     )
-    results = out / RESULTS_FILE
-    if state.is_completed() or (state.is_failed() and results.is_file() and results.stat().st_mtime >= started):
-        rows = read_results(out)
+    # This run's own rows (the state carries them even when Failed); archive-results.json may
+    # already hold a concurrent run's.
+    rows = state.result(raise_on_failure=False) if state.is_completed() or state.is_failed() else None
+    if isinstance(rows, list):
         for row in rows:
             style = {"ok": "green", "skipped": "cyan", "failed": "red"}[row["status"]]
             console.print(Text.assemble((f"{row['status']:>7} ", style), f"{row['slide']}  {row['error'] or row['out_dir']}"))

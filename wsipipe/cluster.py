@@ -231,7 +231,7 @@ def _stitch_task(state: dict, cfg: PipelineConfig) -> dict:
     def work(state: dict) -> dict:
         slide_dir = Path(state["out_dir"])
         summary = stitch_store(slide_dir / "patches.zarr", slide_dir, cfg.stitch, qc_cfg=cfg.qc, export=cfg.export)
-        write_slide_report(slide_dir, cfg.qc, force=False)
+        write_slide_report(slide_dir, cfg.qc, only_if_changed=True)
         return {**state, "summary": summary}
 
     return _stage(state, "stitch", work)

@@ -16,6 +16,7 @@ from typing import Callable
 from wsipipe import store
 from wsipipe.config import PipelineConfig
 from wsipipe.errors import ConfigError, writing_outputs
+from wsipipe.locks import clear_leftovers, folder_lock
 from wsipipe.slide import open_slide
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,12 @@ def run_slide(
         return (lambda done, total: progress(name, done, total)) if progress else None
 
     t0 = time.perf_counter()
-    with writing_outputs(slide_dir):
+    with writing_outputs(slide_dir), folder_lock(slide_dir):
+        clear_leftovers(slide_dir)  # a writer killed mid-write; we hold the lock, so none is live
         tile_slide(slide_path, store_path, cfg, client=client, progress=stage("tile"))
         infer_store(store_path, model, info, cfg.inference, progress=stage("infer"))
         summary = stitch_store(store_path, slide_dir, cfg.stitch, progress=stage("stitch"), qc_cfg=cfg.qc, export=cfg.export)
-        write_slide_report(slide_dir, cfg.qc, force=False)
+        write_slide_report(slide_dir, cfg.qc, only_if_changed=True)
     log.info("%s: done in %.1f s -> %s", slide_path.name, time.perf_counter() - t0, slide_dir)
     return SlideOutputs(out_dir=slide_dir, store=store_path, summary=summary)
 

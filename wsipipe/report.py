@@ -285,17 +285,17 @@ def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None) 
     }
 
 
-def write_slide_report(slide_dir: str | Path, qc_cfg: QCConfig | None = None, force: bool = True) -> Path:
+def write_slide_report(slide_dir: str | Path, qc_cfg: QCConfig | None = None, only_if_changed: bool = False) -> Path:
     """Write ``slide_dir/report.html`` (self-contained) from a slide output folder; returns its path.
 
-    ``force=False`` keeps a report that is newer than summary.json (a rerun over finished
-    outputs writes nothing: it must not fail on a full disk nor touch what is done)."""
+    ``only_if_changed`` (pipeline reruns): leave an identical report as it is, so rerunning a
+    finished slide writes nothing (and works on a full disk)."""
     slide_dir = Path(slide_dir)
-    report, summary = slide_dir / REPORT_NAME, slide_dir / "summary.json"
-    if not force and report.is_file() and summary.is_file() and report.stat().st_mtime_ns >= summary.stat().st_mtime_ns:
-        return report
     html = _environment().get_template("slide.html.j2").render(**slide_report_context(slide_dir, qc_cfg))
-    return write_atomic(slide_dir / REPORT_NAME, html)
+    path = slide_dir / REPORT_NAME
+    if only_if_changed and path.is_file() and path.read_bytes() == html.encode():
+        return path
+    return write_atomic(path, html)
 
 
 # --------------------------------------------------------------------------- archive report

@@ -289,24 +289,25 @@ def tile_slide(
     cfg = cfg or PipelineConfig()
     t0 = time.perf_counter()
     slide_path, store_path = Path(slide_path), Path(store_path)
-    slide = open_slide(slide_path, cfg.mpp_override)
-    identity = tile_identity(slide, cfg)
-    group = store.open_store(store_path, mode="a")
-    entry = store.stage_entry(group, STAGE)
-    if entry and entry.get("identity") == identity and entry.get("complete"):
-        _check_corrupt(slide_path, entry.get("corrupt_patches"), int(group["coords"].shape[0]), cfg.tile.on_corrupt_tile)
-        stats = {"skipped": True, "n_patches": int(group["coords"].shape[0]), **_stage_stats(entry)}
-        if stats["n_patches"] == 0:
-            raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
-        return stats
+    # Closed on the way out: an unclosed handle is one open file per call in a long-lived process.
+    with open_slide(slide_path, cfg.mpp_override) as slide:
+        identity = tile_identity(slide, cfg)
+        group = store.open_store(store_path, mode="a")
+        entry = store.stage_entry(group, STAGE)
+        if entry and entry.get("identity") == identity and entry.get("complete"):
+            _check_corrupt(slide_path, entry.get("corrupt_patches"), int(group["coords"].shape[0]), cfg.tile.on_corrupt_tile)
+            stats = {"skipped": True, "n_patches": int(group["coords"].shape[0]), **_stage_stats(entry)}
+            if stats["n_patches"] == 0:
+                raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
+            return stats
 
-    resume = bool(entry and entry.get("identity") == identity and "patches" in group)
-    if resume:
-        spec = GridSpec(**{k: v for k, v in store.meta(group)["tile"].items() if k in GridSpec.__annotations__})
-        n = int(group["coords"].shape[0])
-    else:
-        group = zarr.open_group(str(store_path), mode="w")  # stale or new: start clean
-        spec, n = _plan_store(group, slide, cfg, identity)
+        resume = bool(entry and entry.get("identity") == identity and "patches" in group)
+        if resume:
+            spec = GridSpec(**{k: v for k, v in store.meta(group)["tile"].items() if k in GridSpec.__annotations__})
+            n = int(group["coords"].shape[0])
+        else:
+            group = zarr.open_group(str(store_path), mode="w")  # stale or new: start clean
+            spec, n = _plan_store(group, slide, cfg, identity)
     chunk = cfg.tile.chunk_patches
     slices = store.chunk_slices(n, chunk)
     flags = store.progress_array(group, STAGE, len(slices))
