@@ -210,7 +210,9 @@ def _tile_chunk(
         forget_cached_slide(slide_path, mpp_override)  # an OpenSlide error leaves the handle unusable
         patches, corrupt = read_patches_salvaging(slide_path, mpp_override, spec, grid_ij, fast)
         group[CORRUPT][sl] = corrupt
-    group["patches"][sl] = patches
+    # No "is this chunk all fill value?" scan before writing: patches never are, and zarr's
+    # check costs as much as zstd itself (writes 1.56x faster without it, measured on CMU-1 tiles).
+    group["patches"].with_config({"write_empty_chunks": True})[sl] = patches
     qc.write_chunk(group, sl, patches)  # per-patch QC measures from the pixels already in memory
     # The flag goes after the data: a chunk is never marked done before it is on disk.
     group[f"_progress/{STAGE}"][index] = True
