@@ -41,7 +41,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from wsipipe.config import PretrainConfig, load_config
-    from wsipipe.model import build_model
     from wsipipe.patchsets import label_store, load_patch_sets, split_by_group
     from wsipipe.pretrain import build_encoder, linear_probe, load_encoder, pretrain
     from wsipipe.synth import write_synthetic_slide

@@ -109,5 +109,5 @@ def test_augmented_copy_and_preview_grid(labelled_slides, tmp_path):
     assert store.meta(o)["labels"]["classes"] == ["Normal", "Tumor"]
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape[0] == (len(stats["transforms"]) + 1) * (64 + 2)  # a row per transform + 'all'
-    again = augment_store(src, tmp_path / "aug2.zarr", EVERYTHING, copies=2)
+    augment_store(src, tmp_path / "aug2.zarr", EVERYTHING, copies=2)
     np.testing.assert_array_equal(store.open_store(tmp_path / "aug2.zarr")["patches"][:], o["patches"][:])

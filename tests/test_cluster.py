@@ -4,7 +4,6 @@ that worker, tiling and stitching on the other, and the outputs must equal a loc
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess

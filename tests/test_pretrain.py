@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsipipe.config import PretrainConfig, load_config
+from wsipipe.config import PretrainConfig
 from wsipipe.errors import ModelLoadError
 from wsipipe.patchsets import load_patch_sets, split_by_group
 from wsipipe.pretrain import linear_probe, load_encoder, nt_xent, pretrain
