@@ -37,9 +37,11 @@ from benchutil import mosaic_slide, write_results  # noqa: E402
 
 ZARR_CODECS = {
     "none (raw)": None,
-    "zstd level 1 (wsipipe default)": [ZstdCodec(level=1)],
+    "zstd level -3 (wsipipe default)": [ZstdCodec(level=-3)],
+    "zstd level 1": [ZstdCodec(level=1)],
     "zstd level 9": [ZstdCodec(level=9)],
     "blosc lz4 + byte shuffle": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=1)],
+    "blosc lz4 1, no shuffle": [BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle", typesize=1)],
     "blosc zstd 3 + bit shuffle": [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=1)],
 }
 IMAGE_CODECS = {

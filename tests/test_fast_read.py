@@ -63,3 +63,30 @@ def test_overlapping_patches_decode_each_tile_once(slides_dir, tmp_path):
             x, y = (int(v) for v in coords[k])
             want = composite_rgba(np.asarray(ref.read_region((x, y), 0, (224, 224))))
             np.testing.assert_array_equal(g["patches"][k], want)
+
+
+def test_recycled_tile_buffers_never_change_pixels_under_threads(slides_dir):
+    """A cache of 3 tiles forces evictions on nearly every read, so decoded tiles are recycled as
+    decode targets constantly, while 4 threads read overlapping patches: each patch must still
+    equal the single-threaded read through a cache that never evicts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsipipe.tiffread import open_level
+
+    path = slides_dir / "cmu-1-small-region.svs"
+    with open_slide(path) as s:
+        dims = s.level_dimensions[0]
+    big = open_level(str(path), "aperio", dims, cache_bytes=1 << 30)
+    tiny = open_level(str(path), "aperio", dims, cache_bytes=3 * 240 * 240 * 3)
+    try:
+        xy = [(x, y) for y in range(0, dims[1] - 224, 97) for x in range(0, dims[0] - 224, 131)]
+        want = [big.read(x, y, 224, 224) for x, y in xy]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda p: tiny.read(p[0], p[1], 224, 224), xy * 3))
+        assert tiny.decoded > 3 * len(xy)  # it really evicted and re-decoded
+        assert tiny.recycled > len(xy)  # and decoded into recycled buffers
+        for k, patch in enumerate(got):
+            np.testing.assert_array_equal(patch, want[k % len(xy)], err_msg=f"patch {k}")
+    finally:
+        big.close()
+        tiny.close()

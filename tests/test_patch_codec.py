@@ -39,6 +39,18 @@ def test_jpeg_patches_match_lossless_ones_within_jpeg_error(slides_dir, tmp_path
     assert int(out.stdout) == int(lossy[-1].sum())
 
 
+def test_uncompressed_patches_equal_zstd_ones_byte_for_byte(slides_dir, tmp_path):
+    slide = slides_dir / "cmu-1-small-region.svs"
+    base = {"tile.chunk_patches": 16, "dask.num_workers": 1}
+    tile_slide(slide, tmp_path / "z.zarr", load_config(None, base))
+    tile_slide(slide, tmp_path / "n.zarr", load_config(None, {**base, "tile.codec": "none"}))
+    z, raw = store.open_store(tmp_path / "z.zarr")["patches"], store.open_store(tmp_path / "n.zarr")["patches"]
+    np.testing.assert_array_equal(z[:], raw[:])
+    assert raw.compressors == ()
+    assert stored_bytes(tmp_path / "n.zarr") >= raw.nbytes  # raw chunks, the last one padded
+    assert stored_bytes(tmp_path / "z.zarr") < stored_bytes(tmp_path / "n.zarr")
+
+
 def test_jpeg_codec_rejects_arrays_that_are_not_rgb_patches():
     import zarr
 

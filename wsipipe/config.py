@@ -60,8 +60,15 @@ class TileConfig(_Section):
         "skip = they are left out of the results and listed in the store and summary.json.",
     )
 
-    codec: Literal["zstd", "jpeg"] = Field(
-        "zstd", description="Stored patches: zstd = lossless (~1.15x on real H&E); jpeg = lossy, ~4x smaller at quality 95."
+    codec: Literal["zstd", "none", "jpeg"] = Field(
+        "zstd",
+        description="Stored patches: zstd = lossless (~1.1x on real H&E); none = raw bytes, the least CPU; "
+        "jpeg = lossy, ~4x smaller at quality 95.",
+    )
+    zstd_level: int = Field(
+        -3, ge=-7, le=19,
+        description="zstd level when codec is zstd. Real H&E barely compresses (1.11x at -3, 1.14x at 1), "
+        "and level 1 writes 2.6x and reads 2.4x slower than -3 (bench/bench_storage.py).",
     )
     jpeg_quality: int = Field(95, ge=50, le=100, description="JPEG quality when codec is jpeg (4:4:4 chroma).")
 

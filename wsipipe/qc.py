@@ -36,30 +36,31 @@ FAIL, REVIEW, INFO = "fail", "review", "info"
 
 
 def _green_sum2(patches: np.ndarray) -> np.ndarray:
-    """(N, P, P, 3) uint8 -> (N, P//2, P//2) float32: sums of 2x2 blocks of the green channel.
+    """(N, P, P, 3) uint8 -> (N, P//2, P//2) uint16: sums of 2x2 blocks of the green channel.
 
     Green carries most of H&E's contrast (both stains absorb it) and integer block sums
     avoid converting the full patches to float, which is most of the cost otherwise."""
     n, h, w, _ = patches.shape
     g = patches[:, : h // 2 * 2, : w // 2 * 2, 1]
-    total = g[:, 0::2, 0::2].astype(np.uint16)
-    total += g[:, 1::2, 0::2]
+    total = np.add(g[:, 0::2, 0::2], g[:, 1::2, 0::2], dtype=np.uint16)
     total += g[:, 0::2, 1::2]
     total += g[:, 1::2, 1::2]
-    return total.astype(np.float32)
+    return total
 
 
-def _hue_saturation(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """HSV hue (degrees 0..360), saturation (0..1) and value (0..255) of float RGB."""
-    mx, mn = rgb.max(axis=-1), rgb.min(axis=-1)
+def _hue_saturation(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """HSV hue (degrees 0..360), saturation (0..1), value (0..255) and min channel of float RGB planes.
+
+    Planes, not an (..., 3) array: numpy's reductions over a last axis of 3 cost more than
+    all the arithmetic here."""
+    mx = np.maximum(np.maximum(r, g), b)
+    mn = np.minimum(np.minimum(r, g), b)
     delta = mx - mn
-    sat = np.where(mx > 0, delta / np.maximum(mx, 1e-6), 0.0)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    sat = delta / np.maximum(mx, 1e-6)  # 0 where mx is 0, since delta is 0 there too
     safe = np.maximum(delta, 1e-6)
-    hue = np.where(
-        mx == r, ((g - b) / safe) % 6.0, np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
-    ) * 60.0
-    return hue, sat, mx
+    hue = np.where(mx == r, ((g - b) / safe) % 6.0, np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    hue *= 60.0
+    return hue, sat, mx, mn
 
 
 def patch_qc(patches: np.ndarray) -> dict[str, np.ndarray]:
@@ -73,9 +74,10 @@ def patch_qc(patches: np.ndarray) -> dict[str, np.ndarray]:
     # Colour on a grid of every 8th pixel (784 samples of a 224 patch: plenty for fractions of
     # 5 % and up, at 1/64 of the work); focus on the 2x2-binned green channel, since fine
     # detail is exactly what defocus removes.
-    rgb = patches[:, COLOUR_STEP // 2 :: COLOUR_STEP, COLOUR_STEP // 2 :: COLOUR_STEP].astype(np.float32)
-    background = rgb.min(axis=-1) >= WHITE_LEVEL
-    hue, sat, value = _hue_saturation(rgb)
+    sampled = patches[:, COLOUR_STEP // 2 :: COLOUR_STEP, COLOUR_STEP // 2 :: COLOUR_STEP]
+    r, g, b = np.moveaxis(sampled, -1, 0).astype(np.float32)
+    hue, sat, value, low = _hue_saturation(r, g, b)
+    background = low >= WHITE_LEVEL
     tissue = ~background
     n_tissue = tissue.sum(axis=(1, 2))
 
@@ -88,20 +90,28 @@ def patch_qc(patches: np.ndarray) -> dict[str, np.ndarray]:
     black = (value < 60.0) & (sat < 0.35)
     inked = green | blue | black
 
-    # Laplacian (4-neighbour) on interior pixels; variance over pixels whose neighbourhood is tissue.
-    grey = _green_sum2(patches) * 0.25
-    sharp_tissue = (grey < WHITE_LEVEL).astype(np.float32)
-    lap = grey[:, 1:-1, 2:] + grey[:, 1:-1, :-2] + grey[:, 2:, 1:-1] + grey[:, :-2, 1:-1] - 4.0 * grey[:, 1:-1, 1:-1]
-    inner = sharp_tissue[:, 1:-1, 1:-1] * sharp_tissue[:, 1:-1, 2:] * sharp_tissue[:, 1:-1, :-2]
-    inner *= sharp_tissue[:, 2:, 1:-1] * sharp_tissue[:, :-2, 1:-1]
-    m = inner.sum(axis=(1, 2))
+    # Laplacian (4-neighbour) of the binned green (4x the grey level), variance over pixels
+    # whose whole neighbourhood is tissue. Integer sums are exact, so this equals the float
+    # computation on grey = sum / 4 after the final 1/16 scaling.
+    sums = _green_sum2(patches)
+    lap = np.add(sums[:, 1:-1, 2:], sums[:, 1:-1, :-2], dtype=np.int32)
+    lap += sums[:, 2:, 1:-1]
+    lap += sums[:, :-2, 1:-1]
+    lap -= 4 * sums[:, 1:-1, 1:-1].astype(np.int32)
+    sharp = sums < 4 * WHITE_LEVEL
+    inner = sharp[:, 1:-1, 1:-1] & sharp[:, 1:-1, 2:]
+    inner &= sharp[:, 1:-1, :-2]
+    inner &= sharp[:, 2:, 1:-1]
+    inner &= sharp[:, :-2, 1:-1]
+    m = np.count_nonzero(inner.reshape(n, -1), axis=1)
+    lap = lap.astype(np.float32)
     lap *= inner
-    s1 = lap.sum(axis=(1, 2))
-    s2 = np.einsum("nij,nij->n", lap, lap)
+    s1 = lap.sum(axis=(1, 2), dtype=np.float64)
+    s2 = np.einsum("nij,nij->n", lap, lap, dtype=np.float64)
     mean = s1 / np.maximum(m, 1)
-    focus = np.where(m >= 16, s2 / np.maximum(m, 1) - mean * mean, np.nan)
+    focus = np.where(m >= 16, (s2 / np.maximum(m, 1) - mean * mean) / 16.0, np.nan)
 
-    px = float(rgb.shape[1] * rgb.shape[2])
+    px = float(sampled.shape[1] * sampled.shape[2])
     return {
         "focus": focus.astype(np.float32),
         "pen_fraction": (inked.sum(axis=(1, 2)) / px).astype(np.float32),
@@ -114,25 +124,39 @@ def patch_qc(patches: np.ndarray) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- store I/O
 
 
-def create_arrays(group: zarr.Group, n: int, chunk: int) -> None:
-    """Empty ``qc/<measure>`` arrays, chunked like ``patches`` so each tiling task writes its own chunk."""
-    for name in MEASURES:
-        group.create_array(f"{QC_GROUP}/{name}", shape=(n,), chunks=(max(1, chunk),), dtype="float32", fill_value=np.nan)
+MEASURES_ARRAY = f"{QC_GROUP}/measures"  # (N, len(MEASURES)) float32, columns named in its attrs
 
 
-def write_chunk(group: zarr.Group, sl: slice, patches: np.ndarray) -> None:
-    """Tiling's per-chunk hook: measure the chunk's patches and store them (no-op for pre-QC stores)."""
-    if f"{QC_GROUP}/{MEASURES[0]}" not in group:
+def create_arrays(group: zarr.Group, n: int, chunk: int) -> zarr.Array:
+    """The empty ``qc/measures`` array, chunked like ``patches`` so each tiling task writes its own
+    chunk. One array, not one per measure: every small Zarr write costs milliseconds of fixed
+    overhead, a sizeable part of tiling a chunk."""
+    arr = group.create_array(
+        MEASURES_ARRAY, shape=(n, len(MEASURES)), chunks=(max(1, chunk), len(MEASURES)), dtype="float32",
+        fill_value=np.nan, dimension_names=["patch", "measure"],
+    )
+    arr.attrs["measures"] = list(MEASURES)
+    return arr
+
+
+def write_chunk(measures: zarr.Array | None, sl: slice, patches: np.ndarray) -> None:
+    """Tiling's per-chunk hook: measure the chunk's patches into rows ``sl`` of ``qc/measures``
+    (``None``: a store from before QC, nothing to do)."""
+    if measures is None:
         return
-    for name, values in patch_qc(patches).items():
-        group[f"{QC_GROUP}/{name}"][sl] = values
+    values = patch_qc(patches)
+    measures[sl] = np.stack([values[name] for name in MEASURES], axis=1)
 
 
 def read_measures(group: zarr.Group) -> dict[str, np.ndarray] | None:
     """The stored per-patch measures, or None when the store predates QC."""
-    if not all(f"{QC_GROUP}/{name}" in group for name in MEASURES):
-        return None
-    return {name: np.asarray(group[f"{QC_GROUP}/{name}"][:]) for name in MEASURES}
+    if MEASURES_ARRAY in group:
+        arr = group[MEASURES_ARRAY]
+        table = np.asarray(arr[:])
+        return {name: table[:, arr.attrs["measures"].index(name)] for name in MEASURES}
+    if all(f"{QC_GROUP}/{name}" in group for name in MEASURES):  # earlier layout: one array per measure
+        return {name: np.asarray(group[f"{QC_GROUP}/{name}"][:]) for name in MEASURES}
+    return None
 
 
 # --------------------------------------------------------------------------- flags (pure)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,14 +144,18 @@ def select_patches(
     return grid_ij[keep].astype(np.int32), xy[keep], frac[keep]
 
 
-def read_patches(slide: Slide, spec: GridSpec, grid_ij: np.ndarray, fast: bool = True) -> np.ndarray:
+def read_patches(
+    slide: Slide, spec: GridSpec, grid_ij: np.ndarray, fast: bool = True, out: np.ndarray | None = None
+) -> np.ndarray:
     """Patches (N, P, P, 3) uint8 for the given grid cells (row-major order expected).
 
     Neighbouring cells of one grid row are read with a single region read and cut
     apart, which is pixel-identical to one ``read_region`` per patch at level 0.
-    ``fast`` decodes TIFF tiles directly where possible (same pixels, see tiffread)."""
+    ``fast`` decodes TIFF tiles directly where possible (same pixels, see tiffread).
+    ``out`` (an (N, P, P, 3) uint8 array) is filled instead of a new array."""
     p = spec.patch_size
-    out = np.empty((len(grid_ij), p, p, 3), dtype=np.uint8)
+    if out is None:
+        out = np.empty((len(grid_ij), p, p, 3), dtype=np.uint8)
     gap = max(1, math.ceil(spec.patch_size / spec.stride))  # cells that still share pixels
     start = 0
     while start < len(grid_ij):
@@ -197,26 +202,74 @@ def _read_run(slide: Slide, spec: GridSpec, cells: np.ndarray, out: np.ndarray, 
 
 
 def _tile_chunk(
-    slide_path: str, mpp_override: float | None, spec: GridSpec, store_path: str, index: int, sl: slice, fast: bool
+    slide_path: str, mpp_override: float | None, spec: GridSpec, store_path: str, store_token: str, index: int,
+    sl: slice, grid_ij: np.ndarray, fast: bool,
 ) -> int:
     """Dask task: read one chunk of patches and write it. Runs on any worker."""
     slide = cached_slide(slide_path, mpp_override)
-    group = zarr.open_group(store_path, mode="r+")
-    grid_ij = group["grid_ij"][sl]
+    arrays = _chunk_arrays(store_path, store_token)
     try:
-        patches = read_patches(slide, spec, grid_ij, fast)
+        patches = read_patches(slide, spec, grid_ij, fast, out=_chunk_buffer(len(grid_ij), spec.patch_size))
     except (SlideReadError, OpenSlideError):  # the latter: a handle another task's error left unusable
         # Some tile in this chunk does not decode: read patch by patch and keep what reads.
         forget_cached_slide(slide_path, mpp_override)  # an OpenSlide error leaves the handle unusable
         patches, corrupt = read_patches_salvaging(slide_path, mpp_override, spec, grid_ij, fast)
-        group[CORRUPT][sl] = corrupt
-    # No "is this chunk all fill value?" scan before writing: patches never are, and zarr's
-    # check costs as much as zstd itself (writes 1.56x faster without it, measured on CMU-1 tiles).
-    group["patches"].with_config({"write_empty_chunks": True})[sl] = patches
-    qc.write_chunk(group, sl, patches)  # per-patch QC measures from the pixels already in memory
+        arrays.corrupt[sl] = corrupt
+    arrays.patches[sl] = patches
+    qc.write_chunk(arrays.qc, sl, patches)  # per-patch QC measures from the pixels already in memory
     # The flag goes after the data: a chunk is never marked done before it is on disk.
-    group[f"_progress/{STAGE}"][index] = True
+    arrays.flags[index] = True
     return sl.stop - sl.start
+
+
+@dataclass(frozen=True)
+class _ChunkArrays:
+    patches: zarr.Array
+    qc: zarr.Array | None
+    corrupt: zarr.Array
+    flags: zarr.Array
+
+
+_arrays_cache: dict[tuple[str, str], _ChunkArrays] = {}
+_arrays_lock = threading.Lock()
+
+
+def _chunk_arrays(store_path: str, store_token: str) -> _ChunkArrays:
+    """The arrays a chunk task writes, opened once per process and tiling run: opening a group
+    and an array reads their metadata files, milliseconds a chunk otherwise. The token names
+    the slide and config identity, so an entry can only serve a store of identical layout."""
+    key = (store_path, store_token)
+    with _arrays_lock:
+        hit = _arrays_cache.get(key)
+        if hit is not None:
+            return hit
+    group = zarr.open_group(store_path, mode="r+")
+    arrays = _ChunkArrays(
+        # No "is this chunk all fill value?" scan before writing: patches never are, and zarr's
+        # check costs as much as zstd itself (writes 1.56x faster without it, measured on CMU-1 tiles).
+        patches=group["patches"].with_config({"write_empty_chunks": True}),
+        qc=group[qc.MEASURES_ARRAY] if qc.MEASURES_ARRAY in group else None,
+        corrupt=group[CORRUPT],
+        flags=group[f"_progress/{STAGE}"],
+    )
+    with _arrays_lock:
+        if len(_arrays_cache) >= 8:  # a long-lived worker tiles many slides
+            _arrays_cache.pop(next(iter(_arrays_cache)))
+        _arrays_cache[key] = arrays
+    return arrays
+
+
+_buffers = threading.local()
+
+
+def _chunk_buffer(n: int, p: int) -> np.ndarray:
+    """This thread's reusable (n, p, p, 3) patch buffer. Chunks are written (encoded) before the
+    task returns, so the next chunk may overwrite it; a fresh 9.6 MiB array per chunk costs its
+    page faults again on every chunk (a quarter of the read time on this VM)."""
+    buf = getattr(_buffers, "patches", None)
+    if buf is None or buf.shape[1] != p or len(buf) < n:
+        buf = _buffers.patches = np.empty((n, p, p, 3), dtype=np.uint8)
+    return buf[:n]
 
 
 STAGE = "tile"
@@ -319,9 +372,11 @@ def tile_slide(
         progress(done, n)
 
     run_token = dask.base.tokenize(str(store_path), identity)  # unique per store on a shared cluster
+    grid_ij = group["grid_ij"][:] if todo else None  # tasks get their cells, not a read each
     tasks = [
         dask.delayed(_tile_chunk)(
-            str(slide_path), cfg.mpp_override, spec, str(store_path), i, slices[i], cfg.tile.reader == "auto",
+            str(slide_path), cfg.mpp_override, spec, str(store_path), run_token, i, slices[i], grid_ij[slices[i]],
+            cfg.tile.reader == "auto",
             # Ordered names: Dask runs independent tasks in key order, so chunks go top to bottom
             # and each tile row is still in the reader's cache when the next patch row needs it.
             dask_key_name=f"wsipipe-tile-{run_token}-{i:09d}",
@@ -411,9 +466,11 @@ def patch_codecs(tile: TileConfig) -> dict:
     """Zarr codec arguments for the patches array."""
     if tile.codec == "jpeg":
         return {"serializer": JpegPatchCodec(level=tile.jpeg_quality), "compressors": None}
-    # Real H&E barely compresses losslessly (1.15x at zstd 1 or 3); level 1 writes 1.6x
-    # faster than zarr's default level 3 for the same size.
-    return {"compressors": [ZstdCodec(level=1)]}
+    if tile.codec == "none":
+        return {"compressors": None}
+    # Real H&E barely compresses losslessly: a fast negative level keeps most of the
+    # little there is to gain (1.11x vs 1.14x at level 1) at a fraction of the CPU.
+    return {"compressors": [ZstdCodec(level=tile.zstd_level)]}
 
 
 def _run_tasks(tasks: list, cfg: PipelineConfig, client, progress: Progress | None, done: int, total: int) -> None:
