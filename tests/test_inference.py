@@ -202,6 +202,24 @@ def test_bf16_autocast_stays_close_to_fp32(tmp_path):
     np.testing.assert_allclose(group["probabilities"][:], expected(path, model), atol=0.05)
 
 
+def test_compiled_model_gives_the_same_probabilities_from_one_graph(tmp_path):
+    """inference.compile: 44 patches in batches of 16 (the last one partial, padded) compile one
+    graph, and the probabilities equal the eager model's."""
+    import torch._dynamo
+
+    path = make_store(tmp_path / "s.zarr")
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1)).eval()
+    info = save_weights(model, tmp_path / "tiny.safetensors", "tiny", 1)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    infer_store(path, model, info, InferenceConfig(batch_size=16, precision="fp32", device="cpu", compile=True))
+    group = store.open_store(path)
+    assert store.stage_entry(group, "infer")["compiled"] is True
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    np.testing.assert_allclose(group["probabilities"][:], expected(path, model), atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(tmp_path):
     path = make_store(tmp_path / "s.zarr")

@@ -105,6 +105,11 @@ class InferenceConfig(_Section):
         "auto", description="auto = bf16 autocast where the hardware has it (CUDA, AVX512-BF16/AMX CPUs), else fp32."
     )
     prefetch_batches: int = Field(3, ge=1, le=64, description="Batches read ahead of the model.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (inductor): 1.25-1.34x ResNet18 bf16 on this CPU, after minutes of "
+        "compiling in each new process; worth it for long runs (BENCHMARKS.md).",
+    )
 
 
 class StitchConfig(_Section):

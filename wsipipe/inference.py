@@ -227,6 +227,7 @@ def infer_store(
     device = resolve_device(cfg.device)  # a bad setting fails before the store is touched
     dtype = resolve_precision(cfg.precision, device)
     net = prepare_model(model, device)
+    run = torch.compile(net, dynamic=False) if cfg.compile else net
     chunk = max(1, patches.chunks[0])
     slices = store.chunk_slices(n, chunk)
     probs, flags = _outputs(group, identity, info, n, chunk, len(slices))
@@ -240,12 +241,17 @@ def infer_store(
     limit = BatchLimit(cfg.batch_size)
     waiting = collections.deque(units)  # units whose probabilities are not all written yet
     outs: list[torch.Tensor] = []  # probabilities computed but not yet written, in stream order
-    buffered = 0
-    batches = _prefetch(_host_batches(patches, units, cfg.batch_size, device, store_path), cfg.prefetch_batches)
+    buffered = produced = 0
+    batches = _prefetch(
+        # Compiled: the last batch is padded to full size, so the model compiles one shape only.
+        _host_batches(patches, units, cfg.batch_size, device, store_path, pad_last=cfg.compile), cfg.prefetch_batches
+    )
     # closing: on an error the reader thread stops now, not when the traceback is freed.
     with contextlib.closing(batches), torch.inference_mode(), _autocast(device, dtype):
         for host in batches:
-            outs.append(forward_with_backoff(net, device_batch(host, device), limit))
+            # [:...] drops the outputs of a padded last batch
+            outs.append(forward_with_backoff(run, device_batch(host, device), limit)[: computed - produced])
+            produced += len(outs[-1])
             buffered += len(outs[-1])
             # One device->host sync per unit, not per batch.
             while waiting and buffered >= waiting[0].stop - waiting[0].start:
@@ -265,7 +271,7 @@ def infer_store(
     store.set_stage(
         group, STAGE, identity, True, seconds=round(seconds, 3), n_patches=n, computed=computed,
         device=str(device), precision=str(dtype).removeprefix("torch.") if dtype else "fp32",
-        batch_size=limit.size, oom_backoffs=limit.backoffs,
+        batch_size=limit.size, oom_backoffs=limit.backoffs, compiled=cfg.compile,
         model={"sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes,
                "path": str(info.path) if info.path else None},
     )
@@ -311,8 +317,11 @@ def _units(todo: list[int], slices: list[slice], per_unit: int) -> list[_Unit]:
     return [_Unit(slices[r[0]].start, slices[r[-1]].stop, r[0], r[-1] + 1) for r in runs]
 
 
-def _host_batches(patches, units: list[_Unit], batch_size: int, device: torch.device, path) -> Iterator[torch.Tensor]:
-    """Full batches across unit boundaries (a remainder waits for the next unit's patches)."""
+def _host_batches(
+    patches, units: list[_Unit], batch_size: int, device: torch.device, path, pad_last: bool = False
+) -> Iterator[torch.Tensor]:
+    """Full batches across unit boundaries (a remainder waits for the next unit's patches);
+    ``pad_last`` fills the final partial batch up with black patches."""
     carry = None
     for unit in units:
         try:
@@ -326,6 +335,8 @@ def _host_batches(patches, units: list[_Unit], batch_size: int, device: torch.de
             yield host_batch(data[b : b + batch_size], device)
         carry = data[full:] if full < len(data) else None
     if carry is not None:
+        if pad_last:
+            carry = np.concatenate([carry, np.zeros((batch_size - len(carry),) + carry.shape[1:], carry.dtype)])
         yield host_batch(carry, device)
 
 
