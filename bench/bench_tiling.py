@@ -40,24 +40,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsipipe import slide as slide_mod  # noqa: E402
 from wsipipe import store  # noqa: E402
 from wsipipe.config import load_config  # noqa: E402
 from wsipipe.slide import open_slide  # noqa: E402
 from wsipipe.tiling import GridSpec, read_patches, tile_slide  # noqa: E402
 from benchutil import mosaic_slide, write_results  # noqa: E402
-
-
-def forget_slides() -> int:
-    """Close the tiler's shared slide handles (cold tile caches for the next run); return the
-    tiles their direct readers decoded."""
-    decoded = 0
-    with slide_mod._cache_lock:
-        for s in slide_mod._cache.values():
-            decoded += sum(r.decoded for r in s._fast.values() if r is not None)
-            s.close()
-        slide_mod._cache.clear()
-    return decoded
 
 
 def needed_tiles(spec: GridSpec, coords: np.ndarray, tile: int) -> np.ndarray:
@@ -110,7 +97,7 @@ def timed_tile(slide: Path, out: Path, workers: int, overrides: dict) -> dict:
     t0 = time.perf_counter()
     stats = tile_slide(slide, out, cfg, progress=lambda done, total: marks.append((time.perf_counter(), time.process_time())))
     total, cpu_end = time.perf_counter() - t0, time.process_time()
-    decoded = forget_slides()
+    decoded = stats["tiles_decoded"]
     return {"seconds": total, "chunk_seconds": total - (marks[0][0] - t0), "n": stats["n_patches"], "decoded": decoded,
             "chunk_cpu_seconds": cpu_end - marks[0][1]}
 

@@ -44,17 +44,16 @@ def test_overlapping_patches_decode_each_tile_once(slides_dir, tmp_path):
     """Stride half the patch: every tile is shared by several patches and chunks, yet decoded once;
     patches still equal OpenSlide's read_region."""
     path = slides_dir / "cmu-1-small-region.svs"
-    with slide_mod._cache_lock:  # a handle left by an earlier test would carry its decode count
-        for key in [k for k in slide_mod._cache if k[0] == str(path.resolve())]:
-            slide_mod._cache.pop(key).close()
+    slide_mod.forget_cached_slide(path)  # a handle left by an earlier test would carry its decode count
     cfg = load_config(None, {"tile.stride": 112, "tile.min_tissue": 0.0, "tile.chunk_patches": 16,
                              "dask.num_workers": 1})
-    tile_slide(path, tmp_path / "o.zarr", cfg)
-    with slide_mod._cache_lock:
-        cached = [s for key, s in slide_mod._cache.items() if key[0] == str(path.resolve())]
-    reader = cached[0].fast_reader(0)
-    tiles = reader.cols * -(-reader.height // reader.tile_h)
-    assert reader.decoded == tiles  # 10 x 13 tiles of 240 px, each decoded exactly once
+    stats = tile_slide(path, tmp_path / "o.zarr", cfg)
+    with slide_mod._cache_lock:  # tiling let go of its shared handle (and its decoded tiles)
+        assert not [key for key in slide_mod._cache if key[0] == str(path.resolve())]
+    with open_slide(path) as s:
+        reader = s.fast_reader(0)
+        tiles = reader.cols * -(-reader.height // reader.tile_h)
+    assert stats["tiles_decoded"] == tiles  # 10 x 13 tiles of 240 px, each decoded exactly once
     g = store.open_store(tmp_path / "o.zarr")
     coords = g["coords"][:]
     assert len(coords) > 3 * tiles
@@ -90,3 +89,27 @@ def test_recycled_tile_buffers_never_change_pixels_under_threads(slides_dir):
     finally:
         big.close()
         tiny.close()
+
+
+def test_shared_handles_are_bounded_per_process(slides_dir, tmp_path):
+    """A long-lived worker tiling an archive keeps at most CACHED_SLIDES shared handles; an
+    evicted one has its decoded tiles dropped at once."""
+    import shutil
+
+    src = slides_dir / "cmu-1-small-region.svs"
+    copies = []
+    for k in range(slide_mod.CACHED_SLIDES + 2):
+        copies.append(tmp_path / f"copy{k}.svs")
+        shutil.copyfile(src, copies[-1])
+    first = slide_mod.cached_slide(copies[0])
+    first.read_level(0, 0, 0, 512, 512)
+    assert len(first.fast_reader(0)._cache) > 0
+    for path in copies[1:]:
+        slide_mod.cached_slide(path)
+    with slide_mod._cache_lock:
+        mine = [key for key in slide_mod._cache if key[0].startswith(str(tmp_path.resolve()))]
+    assert len(mine) <= slide_mod.CACHED_SLIDES and str(copies[0].resolve()) not in {k[0] for k in mine}
+    assert len(first.fast_reader(0)._cache) == 0  # evicted: its decoded tiles are gone
+    np.testing.assert_array_equal(first.read_level(0, 0, 0, 64, 64), slide_mod.cached_slide(copies[-1]).read_level(0, 0, 0, 64, 64))
+    for path in copies:
+        slide_mod.forget_cached_slide(path)

@@ -340,25 +340,41 @@ def open_slide(path: str | Path, mpp_override: float | None = None) -> Slide:
 
 
 _cache_lock = threading.Lock()
-_cache: dict[tuple[str, float | None, float], Slide] = {}
+_cache: dict[tuple[str, float | None, float], Slide] = {}  # insertion order = least recently used first
+CACHED_SLIDES = 4  # shared handles kept per process (each may hold up to 128 MiB of decoded tiles per level)
 
 
 def cached_slide(path: str | Path, mpp_override: float | None = None) -> Slide:
     """One shared handle per (file, override, mtime) in this process: OpenSlide handles are
-    thread-safe and keep a tile cache, so Dask tasks on one worker reuse them."""
+    thread-safe and keep a tile cache, so Dask tasks on one worker reuse them. At most
+    :data:`CACHED_SLIDES` are kept: a long-lived worker going through an archive would
+    otherwise keep every slide's handle and decoded tiles."""
     path = Path(path)
     key = (str(path.resolve()), mpp_override, path.stat().st_mtime if path.exists() else 0.0)
     with _cache_lock:
-        slide = _cache.get(key)
+        slide = _cache.pop(key, None)
         if slide is None:
             slide = open_slide(path, mpp_override)
-            _cache[key] = slide
+        _cache[key] = slide  # (re)inserted as the most recently used
+        while len(_cache) > CACHED_SLIDES:
+            _release(_cache.pop(next(iter(_cache))))
         return slide
 
 
-def forget_cached_slide(path: str | Path, mpp_override: float | None = None) -> None:
-    """Drop this process's shared handle(s) for ``path`` (after a read left one unusable)."""
+def _release(slide: Slide) -> None:
+    """Drop a shared handle's decoded tiles now; the handle itself closes when the last task
+    reading through it lets go (closing it here could break a read in another thread)."""
+    for reader in slide._fast.values():
+        if reader is not None:
+            reader.drop_cache()
+
+
+def forget_cached_slide(path: str | Path, mpp_override: float | None = None) -> int:
+    """Drop this process's shared handle(s) for ``path`` (after a read left one unusable, or
+    once a slide is tiled). Returns the tiles their direct readers had decoded."""
     resolved = str(Path(path).resolve())
     with _cache_lock:
-        for key in [k for k in _cache if k[0] == resolved and k[1] == mpp_override]:
-            del _cache[key]  # not closed: another thread may still be reading through it
+        dropped = [_cache.pop(k) for k in [k for k in _cache if k[0] == resolved and k[1] == mpp_override]]
+    for slide in dropped:
+        _release(slide)  # not closed: another thread may still be reading through it
+    return sum(r.decoded for slide in dropped for r in slide._fast.values() if r is not None)

@@ -58,7 +58,20 @@ class TiledLevel:
         self.recycled = 0  # of which decoded into an evicted tile's buffer
 
     def close(self) -> None:
-        os.close(self._fd)
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+        self.drop_cache()
+
+    def drop_cache(self) -> None:
+        """Free the decoded tiles (a reader still holding one keeps its own reference)."""
+        with self._lock:
+            self._cache.clear()
+            self._spare.clear()
+
+    def __del__(self) -> None:  # a reader dropped without close() (an evicted shared handle)
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
 
     def tile(self, index: int) -> np.ndarray:
         """Decoded tile ``index`` (row-major), (tile_h, tile_w, 3) uint8, cached."""

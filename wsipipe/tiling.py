@@ -389,6 +389,9 @@ def tile_slide(
         for i in todo
     ]
     _run_tasks(tasks, cfg, client, progress, done, n)
+    local = client is None and not cfg.dask.scheduler_address
+    # Tasks ran in this process: free the shared handle's decoded tiles now, not after inference.
+    decoded = forget_cached_slide(slide_path, cfg.mpp_override) if local and tasks else None
 
     if n and store.pending_chunks(group[f"_progress/{STAGE}"]):
         raise StoreError(store_path, "some chunks were not written; rerun to resume")
@@ -400,7 +403,7 @@ def tile_slide(
     )
     if n == 0:
         raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
-    return {"skipped": False, "n_patches": n, "seconds": seconds, "resumed": resume}
+    return {"skipped": False, "n_patches": n, "seconds": seconds, "resumed": resume, "tiles_decoded": decoded}
 
 
 def _check_corrupt(slide_path: Path, corrupt: dict | None, n: int, mode: str) -> None:
