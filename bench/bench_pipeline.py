@@ -30,15 +30,26 @@ from benchutil import mosaic_slide, write_results  # noqa: E402
 
 # Runs in the child: the whole pipeline or tiling alone; prints one JSON line.
 CHILD = r"""
-import json, sys, time
+import json, sys, threading, time
 from wsipipe.config import load_config
 mode, slide, out, weights, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
 cfg = load_config(None, overrides)
 stages = {}
+current = ["load"]  # the stage whose progress was reported last ("load" before any)
+stage_peak = {}  # stage -> highest RSS sampled while it was current, MiB
+def rss_mib():
+    return int([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS")][0]) / 1024
+def sample(stop=threading.Event()):
+    while not stop.wait(0.2):
+        stage_peak[current[0]] = max(stage_peak.get(current[0], 0.0), rss_mib())
+threading.Thread(target=sample, daemon=True).start()
 def progress(stage, done, total):
     now = time.perf_counter()
     first, _, _ = stages.get(stage, (now, now, total))
     stages[stage] = (first, now, total)
+    if done >= total:  # what runs after a stage's last patch (exports, the report) is counted as its "+after"
+        stage = stage + "+after"
+    current[0] = stage
 t0 = time.perf_counter()
 if mode == "pipeline":
     from wsipipe.pipeline import run_slide
@@ -49,7 +60,7 @@ else:
     n = tile_slide(slide, out + "/tiles.zarr", cfg, progress=lambda d, t: progress("tile", d, t))["n_patches"]
 seconds = time.perf_counter() - t0
 peak = int([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0]) / 1024
-print(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "n_patches": n,
+print(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "n_patches": n, "stage_peak_rss_mib": stage_peak,
                   "stages": {k: {"first_progress_to_last": b - a, "total": t} for k, (a, b, t) in stages.items()}}))
 """
 
@@ -67,6 +78,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,20000", help="comma list of slide edges, level-0 px")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--precision", default="auto", help="inference precision (auto = bf16 where the CPU has it)")
+    ap.add_argument("--arch", default="resnet18", help="torchvision classifier (a small one, e.g. mobilenet_v3_small, "
+                    "gets through a 100k² slide's inference in minutes when only memory is of interest)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="wsipipe-bench-pipe-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -75,8 +88,8 @@ def main() -> None:
     from wsipipe.model import build_model, save_weights
 
     torch.manual_seed(0)
-    weights = work / "resnet18.safetensors"
-    save_weights(build_model("resnet18", 1), weights, "resnet18", 1)
+    weights = work / f"{args.arch}.safetensors"
+    save_weights(build_model(args.arch, 1), weights, args.arch, 1)
     overrides = {"tile.mpp": 0.5, "tile.patch_size": 224, "inference.precision": args.precision}
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
@@ -89,8 +102,10 @@ def main() -> None:
                      "slides_per_hour": 3600.0 / pipe["seconds"]})
         print(f"{size}² done: {pipe['n_patches']} patches, {pipe['seconds']:.0f} s, peak {pipe['peak_rss_mib']:.0f} MiB",
               flush=True)
+        print("  peak RSS by stage (MiB, sampled every 0.2 s):",
+              ", ".join(f"{k} {v:.0f}" for k, v in pipe["stage_peak_rss_mib"].items()), flush=True)
 
-    print(f"\nWhole pipeline at 0.5 µm/px, ResNet18 ({args.precision}), {os.cpu_count()} CPUs, no GPU")
+    print(f"\nWhole pipeline at 0.5 µm/px, {args.arch} ({args.precision}), {os.cpu_count()} CPUs, no GPU")
     print(f"{'slide':>9s} {'patches':>8s} {'tile s':>7s} {'infer s':>8s} {'stitch s':>8s} {'total s':>8s} "
           f"{'slides/h':>8s} {'peak RSS tiling':>16s} {'peak RSS pipeline':>18s} {'load':>9s}")
     for r in rows:
@@ -101,7 +116,7 @@ def main() -> None:
               f"{r['pipeline']['peak_rss_mib']:15.0f} MiB {r['loadavg'][0]:4.1f}-{r['loadavg'][1]:.1f}")
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "gpu": None},
-               "precision": args.precision, "rows": rows}
+               "precision": args.precision, "arch": args.arch, "rows": rows}
     write_results(f"pipeline-{args.sizes.replace(',', '-')}", results)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)

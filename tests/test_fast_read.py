@@ -113,3 +113,33 @@ def test_shared_handles_are_bounded_per_process(slides_dir, tmp_path):
     np.testing.assert_array_equal(first.read_level(0, 0, 0, 64, 64), slide_mod.cached_slide(copies[-1]).read_level(0, 0, 0, 64, 64))
     for path in copies:
         slide_mod.forget_cached_slide(path)
+
+
+def test_wide_slide_decodes_each_tile_once(slides_dir, tmp_path):
+    """A level wider than a fixed 128 MiB cache holds two tile rows of (90 000 px: 352 tiles of
+    256 px a row; 682 fit in 128 MiB): the cache is sized from the level's width, so reading every
+    patch row-major in tiling's 64-patch chunks still decodes each tile exactly once."""
+    from wsipipe.mosaic import write_mosaic_slide
+    from wsipipe.tiffread import CACHE_TILE_ROWS
+    from wsipipe.tiling import plan_grid, read_patches
+
+    path = tmp_path / "wide.svs"
+    write_mosaic_slide(path, 90_000, 768, slides_dir / "cmu-1-small-region.svs", mpp=0.5, seed=3)
+    with open_slide(path) as s:
+        reader = s.fast_reader(0)
+        assert reader is not None and reader.tile_w == 256
+        assert reader._cache_max >= CACHE_TILE_ROWS * reader.cols > (128 << 20) // (256 * 256 * 3)
+        spec = plan_grid(*s.dimensions, s.mpp, s.level_downsamples, 0.5, 224, 224)
+        ii, jj = np.meshgrid(np.arange(spec.rows), np.arange(spec.cols), indexing="ij")
+        grid_ij = np.stack([ii.ravel(), jj.ravel()], axis=1)
+        buf = np.empty((64, 224, 224, 3), np.uint8)
+        for start in range(0, len(grid_ij), 64):
+            cells = grid_ij[start : start + 64]
+            read_patches(s, spec, cells, out=buf[: len(cells)])
+        assert reader.decoded == reader.cols * -(-reader.height // reader.tile_h)
+        # and the pixels are still OpenSlide's (last chunk, which runs past the bottom edge)
+        with openslide.OpenSlide(str(path)) as ref:
+            for k in (0, len(cells) - 1):
+                x, y = (int(v) for v in spec.cell_xy(cells[k : k + 1])[0])
+                want = composite_rgba(np.asarray(ref.read_region((x, y), 0, (224, 224))))
+                np.testing.assert_array_equal(buf[k], want)

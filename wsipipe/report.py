@@ -162,13 +162,15 @@ def overview_figure(
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
+    from wsipipe.stitch import display_image
+
     th, tw = thumbnail.shape[:2]
     ds = float(thumb_downsample)
     width_in = 7.0
     fig = Figure(figsize=(width_in, min(max(width_in * th / max(tw, 1), 2.5), 10.0)), dpi=130, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.imshow(thumbnail, extent=(0, tw, th, 0))
+    ax.imshow(display_image(thumbnail), extent=(0, tw, th, 0))
     handles, labels = [], []
 
     def rings(geom):

@@ -341,7 +341,7 @@ def open_slide(path: str | Path, mpp_override: float | None = None) -> Slide:
 
 _cache_lock = threading.Lock()
 _cache: dict[tuple[str, float | None, float], Slide] = {}  # insertion order = least recently used first
-CACHED_SLIDES = 4  # shared handles kept per process (each may hold up to 128 MiB of decoded tiles per level)
+CACHED_SLIDES = 4  # shared handles kept per process (each holds up to 4 tile rows, 128–512 MiB, of decoded tiles per level)
 
 
 def cached_slide(path: str | Path, mpp_override: float | None = None) -> Slide:

@@ -26,12 +26,20 @@ import numpy as np
 import tifffile
 
 FAST_VENDORS = {"aperio", "generic-tiff"}
+# Decoded-tile cache per level: this many full tile rows of the level, within these bounds.
+# Patches are read in row-major order and a patch spans at most 3 tile rows (2x resampled,
+# 448 level px over 256-px tiles; 2 at native size), so 4 rows keep the row a patch row
+# shares with the next one cached however wide the tissue is: each tile is decoded once.
+CACHE_TILE_ROWS = 4
+CACHE_BYTES_MIN, CACHE_BYTES_MAX = 128 << 20, 512 << 20
 
 
 class TiledLevel:
     """One pyramid level as a tiled TIFF page, readable from many threads."""
 
-    def __init__(self, path: str, page: tifffile.TiffPage, background: tuple[int, int, int], cache_bytes: int):
+    def __init__(
+        self, path: str, page: tifffile.TiffPage, background: tuple[int, int, int], cache_bytes: int | None = None
+    ):
         self.path = path
         self.height, self.width = page.shape[:2]
         self.tile_h, self.tile_w = page.tilelength, page.tilewidth
@@ -53,7 +61,10 @@ class TiledLevel:
         self._fd = os.open(path, os.O_RDONLY)
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._cache_max = max(1, cache_bytes // (self.tile_h * self.tile_w * 3))
+        tile_bytes = self.tile_h * self.tile_w * 3
+        if cache_bytes is None:
+            cache_bytes = min(max(CACHE_TILE_ROWS * self.cols * tile_bytes, CACHE_BYTES_MIN), CACHE_BYTES_MAX)
+        self._cache_max = max(1, cache_bytes // tile_bytes)
         self.decoded = 0  # tiles decoded so far (benchmarks check each is decoded once)
         self.recycled = 0  # of which decoded into an evicted tile's buffer
 
@@ -136,9 +147,10 @@ class TiledLevel:
 
 
 def open_level(
-    path: str, vendor: str | None, level_dims: tuple[int, int], background=(255, 255, 255), cache_bytes: int = 128 << 20
+    path: str, vendor: str | None, level_dims: tuple[int, int], background=(255, 255, 255), cache_bytes: int | None = None
 ) -> TiledLevel | None:
-    """A fast reader for the TIFF page holding this level, or None when we can't match OpenSlide."""
+    """A fast reader for the TIFF page holding this level, or None when we can't match OpenSlide.
+    ``cache_bytes`` bounds its decoded tiles (default: :data:`CACHE_TILE_ROWS` tile rows, 128–512 MiB)."""
     if vendor not in FAST_VENDORS:
         return None
     try:

@@ -31,6 +31,7 @@ from PIL import Image
 from wsipipe import __version__, qc, store
 from wsipipe.config import PipelineConfig, TileConfig
 from wsipipe.errors import NoTissueError, SlideReadError, StoreError
+from wsipipe.locks import remove_stale_temps
 from wsipipe.slide import Slide, cached_slide, forget_cached_slide, open_slide
 from wsipipe.tissue import detect_tissue, patch_tissue_fraction
 from wsipipe.zarrjpeg import JpegPatchCodec
@@ -395,6 +396,10 @@ def tile_slide(
 
     if n and store.pending_chunks(group[f"_progress/{STAGE}"]):
         raise StoreError(store_path, "some chunks were not written; rerun to resume")
+    # Every chunk is written, so a Zarr *.partial file left in the store is a killed worker's
+    # (its task ran again elsewhere): nothing will ever rename it. Same caveat as locks.py.
+    if tasks and remove_stale_temps(store_path):
+        log.info("%s: removed temporary files of killed tiling tasks", store_path)
     corrupt = corrupt_report(group)
     _check_corrupt(slide_path, corrupt, n, cfg.tile.on_corrupt_tile)
     seconds = time.perf_counter() - t0
