@@ -278,7 +278,13 @@ def display_image(rgb: np.ndarray, max_side: int = DISPLAY_MAX_PX) -> np.ndarray
         return rgb
     from PIL import Image
 
-    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).reduce(factor))
+    # In strips of whole blocks (the same result as one reduce): PIL would otherwise hold a
+    # 4-byte-per-pixel copy of the whole thumbnail.
+    rows = factor * 256
+    return np.concatenate([
+        np.asarray(Image.fromarray(np.ascontiguousarray(rgb[y : y + rows])).reduce(factor))
+        for y in range(0, rgb.shape[0], rows)
+    ])
 
 
 def render_heatmap_png(
