@@ -10,10 +10,11 @@ and 1.0 µm/px = 2x downsampling from level 0) and on the same patch list it mea
     once (os.pread + libjpeg-turbo into one reused buffer), nothing else, 1 thread
   * wsipipe read_patches alone (the read path as a tiling task runs it: 64 patches at a time
     into one reused buffer, 1 thread, no writes)
-  * wsipipe tile_slide with 1 and 2 Dask workers: the chunk phase (reads + QC + Zarr writes),
+  * wsipipe tile_slide with 1, 2 and 3 Dask workers: the chunk phase (reads + QC + Zarr writes),
     also per CPU-second of the process (all threads: the per-core rate), and the whole stage
     (plus thumbnail and tissue detection); with the default zstd, and with tile.codec none
-    and jpeg; at 2x also with tile.resample area
+    and jpeg; at 2x also with tile.resample area; and with each chunk's write done before its QC
+    instead of during it (tiling's behaviour before session 12)
   * naive loop: one openslide read_region per patch, converted to RGB (and Lanczos-resized
     at 2x), the way CLAM / TIAToolbox / WSInfer extract, without any writes
 Variants run in a rotating order for ``--repeats`` rounds; ratios are taken within a round.
@@ -102,6 +103,29 @@ def timed_tile(slide: Path, out: Path, workers: int, overrides: dict) -> dict:
             "chunk_cpu_seconds": cpu_end - marks[0][1]}
 
 
+class _SequentialWrites:
+    """Stands in for tiling's writer pool: each chunk's patch write runs before its QC, in the
+    task's own thread (how tiling wrote before the overlap), for a side-by-side comparison."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        done = Future()
+        done.set_result(fn(*args))
+        return done
+
+
+def timed_tile_sequential_writes(slide: Path, out: Path, workers: int, overrides: dict) -> dict:
+    import wsipipe.tiling as tiling
+
+    pool = tiling._writer
+    tiling._writer = _SequentialWrites
+    try:
+        return timed_tile(slide, out, workers, overrides)
+    finally:
+        tiling._writer = pool
+
+
 def read_only(slide: Path, spec: GridSpec, grid_ij: np.ndarray, chunk: int = 64) -> tuple[float, int]:
     """The read path the way a tiling task runs it: chunk by chunk into one reused buffer."""
     buf = np.empty((chunk, spec.patch_size, spec.patch_size, 3), np.uint8)
@@ -129,6 +153,12 @@ def bench_resolution(slide: Path, work: Path, mpp: float, repeats: int, naive_ma
         "wsipipe read_patches, 1 thread, no writes": lambda: read_only(slide, spec, grid_ij)[0],
         "wsipipe tile, 1 worker: chunk phase": lambda: timed_tile(slide, work / "w1.zarr", 1, overrides),
         "wsipipe tile, 2 workers: chunk phase": lambda: timed_tile(slide, work / "w2.zarr", 2, overrides),
+        "wsipipe tile, 1 worker, write then QC (no overlap): chunk phase": lambda: timed_tile_sequential_writes(
+            slide, work / "s1.zarr", 1, overrides),
+        "wsipipe tile, 2 workers, write then QC (no overlap): chunk phase": lambda: timed_tile_sequential_writes(
+            slide, work / "s2.zarr", 2, overrides),
+        # One thread more than cores: does a thread waiting on its write leave a core idle?
+        "wsipipe tile, 3 workers: chunk phase": lambda: timed_tile(slide, work / "w3.zarr", 3, overrides),
         "wsipipe tile, 1 worker, tile.codec=none: chunk phase": lambda: timed_tile(
             slide, work / "n1.zarr", 1, {**overrides, "tile.codec": "none"}),
         "wsipipe tile, 1 worker, tile.codec=jpeg: chunk phase": lambda: timed_tile(
@@ -178,6 +208,11 @@ def bench_resolution(slide: Path, work: Path, mpp: float, repeats: int, naive_ma
             "tile codec=none 1 worker / decode bound": ratio(w1.replace("1 worker", "1 worker, tile.codec=none"), bound),
             "read_patches / decode bound": ratio(reads, bound),
             "tile 2 workers / 1 worker": ratio(w2, w1),
+            "tile 3 workers / 2 workers": ratio("wsipipe tile, 3 workers: chunk phase", w2),
+            "tile 1 worker, write during QC / write then QC": ratio(
+                w1, "wsipipe tile, 1 worker, write then QC (no overlap): chunk phase"),
+            "tile 2 workers, write during QC / write then QC": ratio(
+                w2, "wsipipe tile, 2 workers, write then QC (no overlap): chunk phase"),
             "tile jpeg 1 worker / naive": ratio(j1, naive),
             "tile jpeg 1 worker / decode bound": ratio(j1, bound),
             "tile jpeg 2 workers / 1 worker": ratio(j2, j1),

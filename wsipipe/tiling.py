@@ -16,6 +16,7 @@ import math
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -221,11 +222,28 @@ def _tile_chunk(
         forget_cached_slide(slide_path, mpp_override)  # an OpenSlide error leaves the handle unusable
         patches, corrupt = read_patches_salvaging(slide_path, mpp_override, spec, grid_ij, fast)
         arrays.corrupt[sl] = corrupt
-    arrays.patches[sl] = patches
-    qc.write_chunk(arrays.qc, sl, patches)  # per-patch QC measures from the pixels already in memory
+    # The patch write (compression and file I/O, on zarr's threads) runs while this thread
+    # measures QC on the same pixels, instead of one waiting for the other.
+    written = _writer().submit(arrays.patches.__setitem__, sl, patches)
+    try:
+        qc.write_chunk(arrays.qc, sl, patches)  # per-patch QC measures from the pixels already in memory
+    finally:
+        written.result()  # before returning: this thread's next chunk reuses the buffer
     # The flag goes after the data: a chunk is never marked done before it is on disk.
     arrays.flags[index] = True
     return sl.stop - sl.start
+
+
+_writer_pool: ThreadPoolExecutor | None = None
+
+
+def _writer() -> ThreadPoolExecutor:
+    """This process's pool for chunk writes (one thread per tiling thread at most)."""
+    global _writer_pool
+    with _arrays_lock:
+        if _writer_pool is None:
+            _writer_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="wsipipe-write")
+        return _writer_pool
 
 
 @dataclass(frozen=True)
