@@ -3,8 +3,8 @@
 The grid is pure arithmetic (:func:`plan_grid`); the I/O is one Dask task per
 Zarr chunk of ``chunk_patches`` patches. Each task reads the patches of its chunk
 with one ``read_region`` per horizontal run of neighbouring patches (not one call
-per patch, which is what dominates peers' extraction time), writes its chunk, then
-sets the chunk's done flag. Memory is bounded by (workers x chunk), never by the
+per patch, which is what dominates peers' extraction time), writes its chunk while it
+measures the chunk's QC, then sets the chunk's done flag. Memory is bounded by (workers x chunk), never by the
 slide. A rerun skips finished chunks; the stage is marked complete last.
 """
 
