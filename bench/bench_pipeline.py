@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,20000", help="comma list of slide edges, level-0 px")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--precision", default="auto", help="inference precision (auto = bf16 where the CPU has it)")
+    ap.add_argument("--compile", action="store_true", help="inference.compile: torch.compile the model")
     ap.add_argument("--arch", default="resnet18", help="torchvision classifier (a small one, e.g. mobilenet_v3_small, "
                     "gets through a 100k² slide's inference in minutes when only memory is of interest)")
     args = ap.parse_args()
@@ -90,7 +91,8 @@ def main() -> None:
     torch.manual_seed(0)
     weights = work / f"{args.arch}.safetensors"
     save_weights(build_model(args.arch, 1), weights, args.arch, 1)
-    overrides = {"tile.mpp": 0.5, "tile.patch_size": 224, "inference.precision": args.precision}
+    overrides = {"tile.mpp": 0.5, "tile.patch_size": 224, "inference.precision": args.precision,
+                 "inference.compile": args.compile}
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         slide = mosaic_slide(work, size)
@@ -105,7 +107,8 @@ def main() -> None:
         print("  peak RSS by stage (MiB, sampled every 0.2 s):",
               ", ".join(f"{k} {v:.0f}" for k, v in pipe["stage_peak_rss_mib"].items()), flush=True)
 
-    print(f"\nWhole pipeline at 0.5 µm/px, {args.arch} ({args.precision}), {os.cpu_count()} CPUs, no GPU")
+    print(f"\nWhole pipeline at 0.5 µm/px, {args.arch} ({args.precision}{', compiled' if args.compile else ''}), "
+          f"{os.cpu_count()} CPUs, no GPU")
     print(f"{'slide':>9s} {'patches':>8s} {'tile s':>7s} {'infer s':>8s} {'stitch s':>8s} {'total s':>8s} "
           f"{'slides/h':>8s} {'peak RSS tiling':>16s} {'peak RSS pipeline':>18s} {'load':>9s}")
     for r in rows:
@@ -116,8 +119,8 @@ def main() -> None:
               f"{r['pipeline']['peak_rss_mib']:15.0f} MiB {r['loadavg'][0]:4.1f}-{r['loadavg'][1]:.1f}")
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "gpu": None},
-               "precision": args.precision, "arch": args.arch, "rows": rows}
-    write_results(f"pipeline-{args.sizes.replace(',', '-')}", results)
+               "precision": args.precision, "arch": args.arch, "compile": args.compile, "rows": rows}
+    write_results(f"pipeline-{args.sizes.replace(',', '-')}{'-compiled' if args.compile else ''}", results)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 
