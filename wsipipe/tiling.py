@@ -4,8 +4,9 @@ The grid is pure arithmetic (:func:`plan_grid`); the I/O is one Dask task per
 Zarr chunk of ``chunk_patches`` patches. Each task reads the patches of its chunk
 with one ``read_region`` per horizontal run of neighbouring patches (not one call
 per patch, which is what dominates peers' extraction time), writes its chunk while it
-measures the chunk's QC, then sets the chunk's done flag. Memory is bounded by (workers x chunk), never by the
-slide. A rerun skips finished chunks; the stage is marked complete last.
+measures the chunk's QC, then sets the chunk's done flag. Memory is bounded by
+(workers x chunk), never by the slide. A rerun skips finished chunks; the stage is
+marked complete last.
 """
 
 from __future__ import annotations
@@ -235,6 +236,8 @@ def _tile_chunk(
 
 
 _writer_pool: ThreadPoolExecutor | None = None
+# A forked child inherits the pool object but none of its threads: it makes its own.
+os.register_at_fork(after_in_child=lambda: globals().update(_writer_pool=None))
 
 
 def _writer() -> ThreadPoolExecutor:
