@@ -39,8 +39,9 @@ current = ["load"]  # the stage whose progress was reported last ("load" before 
 stage_peak = {}  # stage -> highest RSS sampled while it was current, MiB
 def rss_mib():
     return int([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS")][0]) / 1024
-def sample(stop=threading.Event()):
-    while not stop.wait(0.2):
+def sample():
+    while True:  # a daemon thread: ends with the process
+        time.sleep(0.2)
         stage_peak[current[0]] = max(stage_peak.get(current[0], 0.0), rss_mib())
 threading.Thread(target=sample, daemon=True).start()
 def progress(stage, done, total):

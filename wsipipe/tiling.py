@@ -241,7 +241,8 @@ os.register_at_fork(after_in_child=lambda: globals().update(_writer_pool=None))
 
 
 def _writer() -> ThreadPoolExecutor:
-    """This process's pool for chunk writes (one thread per tiling thread at most)."""
+    """This process's pool for chunk writes: each tiling task has at most one write in it at a
+    time, so one thread per core serves local tiling (threads = cores) without queueing."""
     global _writer_pool
     with _arrays_lock:
         if _writer_pool is None:
