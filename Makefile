@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean chromium
+.PHONY: demo test test-fast lint docs install bench clean chromium
 
 # scripts/install.sh is the one install path: the Dockerfile runs the same two steps.
 $(STAMP): pyproject.toml requirements.lock scripts/install.sh
@@ -19,8 +19,24 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/wsipipe demo --out demo-out
 
-test: $(STAMP) chromium
+# The whole suite, as CI runs it: the lint gates first, then every test.
+test: lint chromium
 	$(PY) -m pytest -q tests
+
+# Pure and unit tests only (no slide pipelines, servers, clusters or browsers): the edit loop.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+# Style, types, the import layering of docs/architecture.md, and a docs build that fails on
+# a broken link or a page missing from the nav.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check wsipipe flows tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs serve
 
 # The report tests render pages in Debian's headless Chromium; install it once if missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -31,4 +47,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_tiling.py
 
 clean:
-	rm -rf demo-out .pytest_cache
+	rm -rf demo-out .pytest_cache build/site

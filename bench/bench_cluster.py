@@ -4,7 +4,7 @@
     python bench/bench_cluster.py --slides 12 --rounds 2
 
 Each configuration runs the whole archive (tile -> infer -> stitch per slide, through
-wsipipe.cluster.run_slides) into a fresh output folder on a LocalCluster whose workers
+wsipipe.run.cluster.run_slides) into a fresh output folder on a LocalCluster whose workers
 have already imported torch and wsipipe (start-up is not what is measured). Rounds
 alternate 1, 2, 1, 2, ... so drifting load from other processes hits both alike. Prints
 slides/s per configuration, the 2-vs-1 ratio, and, measured in the same rounds, the
@@ -28,18 +28,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsipipe.cluster import dask_client, run_slides  # noqa: E402
+from wsipipe.run.cluster import dask_client, run_slides  # noqa: E402
 from wsipipe.config import DaskConfig, load_config  # noqa: E402
-from wsipipe.model import build_model, save_weights  # noqa: E402
-from wsipipe.synth import write_synthetic_slide  # noqa: E402
+from wsipipe.models.model import build_model, save_weights  # noqa: E402
+from wsipipe.slides.synth import write_synthetic_slide  # noqa: E402
 
 
 def _warm() -> int:
     import torch  # noqa: F401
 
-    import wsipipe.inference  # noqa: F401
-    import wsipipe.stitch  # noqa: F401
-    import wsipipe.tiling  # noqa: F401
+    import wsipipe.models.inference  # noqa: F401
+    import wsipipe.outputs.stitch  # noqa: F401
+    import wsipipe.tiles.tiling  # noqa: F401
 
     return os.getpid()
 

@@ -12,10 +12,10 @@ repeat by repeat so that load from other processes hits every row alike:
   * sequential loop: the same work without the prefetch thread (read, then compute)
   * model alone in NCHW memory format (what channels_last gains), and with ``--compile``
     torch.compile (inductor) of the channels_last model
-The patches are 224-px crops of wsipipe.synth's H&E-like textures, written the way
+The patches are 224-px crops of wsipipe.slides.synth's H&E-like textures, written the way
 `wsipipe tile` writes them (zstd level 1, 64 patches per chunk).
 
-``--train N`` also times wsipipe.train.fit_classifier (ResNet18 from scratch, 3 epochs,
+``--train N`` also times wsipipe.learn.train.fit_classifier (ResNet18 from scratch, 3 epochs,
 default crops) on N such patches, half normal and half tumor, and scores it on 256
 whole patches cut from textures of another seed.
 """
@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -42,13 +42,13 @@ from zarr.codecs import ZstdCodec
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsipipe import store  # noqa: E402
+from wsipipe.tiles import store  # noqa: E402
 from wsipipe.config import InferenceConfig  # noqa: E402
-from wsipipe.inference import (  # noqa: E402
+from wsipipe.models.inference import (  # noqa: E402
     _probabilities, infer_store, predict_patches, prepare_model, resolve_precision, to_tensor,
 )
-from wsipipe.model import ModelInfo, build_model  # noqa: E402
-from wsipipe.synth import make_textures  # noqa: E402
+from wsipipe.models.model import ModelInfo, build_model  # noqa: E402
+from wsipipe.slides.synth import make_textures  # noqa: E402
 
 
 def texture_patches(n: int, size: int, seed: int, noise: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +108,7 @@ def sequential(path: Path, net, batch: int, dtype) -> float:
 
 
 def time_fit(n: int, size: int) -> dict:
-    from wsipipe.train import fit_classifier
+    from wsipipe.learn.train import fit_classifier
 
     patches, labels = texture_patches(n, size, seed=0)
     t0 = time.perf_counter()

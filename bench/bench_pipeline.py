@@ -3,8 +3,8 @@
     python bench/bench_pipeline.py                          # 10k² and 20k² mosaics, a few minutes
     python bench/bench_pipeline.py --sizes 20000,100000     # the 100k x 100k figure (tens of minutes on 2 cores)
 
-For each size a mosaic of real H&E tiles (wsipipe.mosaic, 0.5 µm/px, 256-px JPEG tiles) is
-processed at 0.5 µm/px by ``wsipipe.pipeline.run_slide`` with a ResNet18 (random weights:
+For each size a mosaic of real H&E tiles (wsipipe.slides.mosaic, 0.5 µm/px, 256-px JPEG tiles) is
+processed at 0.5 µm/px by ``wsipipe.run.pipeline.run_slide`` with a ResNet18 (random weights:
 speed does not depend on them) in a child process, which reports its stage times and its
 peak RSS (VmHWM, the kernel's high-water mark of the child alone). A second child runs
 tiling alone, for the tiling peak. Comparing sizes shows whether memory grows with the slide.
@@ -53,11 +53,11 @@ def progress(stage, done, total):
     current[0] = stage
 t0 = time.perf_counter()
 if mode == "pipeline":
-    from wsipipe.pipeline import run_slide
+    from wsipipe.run.pipeline import run_slide
     res = run_slide(slide, out, cfg, weights, progress=progress)
     n = res.summary.get("n_patches")
 else:
-    from wsipipe.tiling import tile_slide
+    from wsipipe.tiles.tiling import tile_slide
     n = tile_slide(slide, out + "/tiles.zarr", cfg, progress=lambda d, t: progress("tile", d, t))["n_patches"]
 seconds = time.perf_counter() - t0
 peak = int([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0]) / 1024
@@ -87,7 +87,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from wsipipe.model import build_model, save_weights
+    from wsipipe.models.model import build_model, save_weights
 
     torch.manual_seed(0)
     weights = work / f"{args.arch}.safetensors"

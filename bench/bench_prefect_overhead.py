@@ -47,8 +47,8 @@ def main() -> None:
 
     import torch
 
-    from wsipipe.model import build_model, save_weights
-    from wsipipe.synth import write_synthetic_slide
+    from wsipipe.models.model import build_model, save_weights
+    from wsipipe.slides.synth import write_synthetic_slide
 
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)

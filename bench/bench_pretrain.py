@@ -41,11 +41,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from wsipipe.config import PretrainConfig, load_config
-    from wsipipe.patchsets import label_store, load_patch_sets, split_by_group
-    from wsipipe.pretrain import build_encoder, linear_probe, load_encoder, pretrain
-    from wsipipe.synth import write_synthetic_slide
-    from wsipipe.tiling import tile_slide
-    from wsipipe.train import train_model
+    from wsipipe.learn.patchsets import label_store, load_patch_sets, split_by_group
+    from wsipipe.learn.pretrain import build_encoder, linear_probe, load_encoder, pretrain
+    from wsipipe.slides.synth import write_synthetic_slide
+    from wsipipe.tiles.tiling import tile_slide
+    from wsipipe.learn.train import train_model
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
     work.mkdir(parents=True, exist_ok=True)

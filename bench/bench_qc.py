@@ -20,10 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsipipe import qc, store  # noqa: E402
+from wsipipe.tiles import qc, store  # noqa: E402
 from wsipipe.config import load_config  # noqa: E402
-from wsipipe.synth import write_synthetic_slide  # noqa: E402
-from wsipipe.tiling import tile_slide  # noqa: E402
+from wsipipe.slides.synth import write_synthetic_slide  # noqa: E402
+from wsipipe.tiles.tiling import tile_slide  # noqa: E402
 
 
 def main() -> None:

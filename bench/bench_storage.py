@@ -3,7 +3,7 @@
     python bench/bench_storage.py             # 512 patches of a 10k² mosaic of real H&E tiles, ~1 min
     python bench/bench_storage.py --n 2048
 
-The patches come from ``wsipipe tile`` on a mosaic of real JPEG tiles (wsipipe.mosaic), so
+The patches come from ``wsipipe tile`` on a mosaic of real JPEG tiles (wsipipe.slides.mosaic), so
 they carry real tissue and the scanner's JPEG artefacts. Lossless codecs are measured as
 Zarr v3 arrays on disk the way the tiler writes them (64 patches per chunk); the lossy image
 codecs (JPEG, JPEG XL via imagecodecs) per patch, as the encoded bytes a Zarr codec would
@@ -30,9 +30,9 @@ from zarr.codecs import BloscCodec, ZstdCodec
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsipipe import store  # noqa: E402
+from wsipipe.tiles import store  # noqa: E402
 from wsipipe.config import load_config  # noqa: E402
-from wsipipe.tiling import tile_slide  # noqa: E402
+from wsipipe.tiles.tiling import tile_slide  # noqa: E402
 from benchutil import mosaic_slide, write_results  # noqa: E402
 
 ZARR_CODECS = {

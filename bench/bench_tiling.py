@@ -3,7 +3,7 @@
     python bench/bench_tiling.py                   # 20k x 20k mosaic of real H&E tiles, a few minutes
     python bench/bench_tiling.py --size 100000     # 100k x 100k (generation ~15 s, runs much longer)
 
-The slide is a mosaic of real JPEG tiles of cmu-1-small-region.svs (wsipipe.mosaic), so
+The slide is a mosaic of real JPEG tiles of cmu-1-small-region.svs (wsipipe.slides.mosaic), so
 decode cost and compression are those of real H&E. For each resolution (native 0.5 µm/px,
 and 1.0 µm/px = 2x downsampling from level 0) and on the same patch list it measures:
   * raw decode bound: every tile of the needed level that a patch touches, read and decoded
@@ -41,10 +41,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsipipe import store  # noqa: E402
+from wsipipe.tiles import store  # noqa: E402
 from wsipipe.config import load_config  # noqa: E402
-from wsipipe.slide import open_slide  # noqa: E402
-from wsipipe.tiling import GridSpec, read_patches, tile_slide  # noqa: E402
+from wsipipe.slides.slide import open_slide  # noqa: E402
+from wsipipe.tiles.tiling import GridSpec, read_patches, tile_slide  # noqa: E402
 from benchutil import mosaic_slide, write_results  # noqa: E402
 
 
@@ -116,7 +116,7 @@ class _SequentialWrites:
 
 
 def timed_tile_sequential_writes(slide: Path, out: Path, workers: int, overrides: dict) -> dict:
-    import wsipipe.tiling as tiling
+    import wsipipe.tiles.tiling as tiling
 
     pool = tiling._writer
     tiling._writer = _SequentialWrites

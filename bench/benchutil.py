@@ -12,7 +12,7 @@ SOURCE = ROOT.parent / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
 
 def mosaic_slide(work: Path, size: int) -> Path:
     """A size x size mosaic of real H&E tiles at 0.5 µm/px in ``work`` (made once, then reused)."""
-    from wsipipe.mosaic import write_mosaic_slide
+    from wsipipe.slides.mosaic import write_mosaic_slide
 
     slide = work / f"mosaic-{size}.svs"
     if not slide.exists():

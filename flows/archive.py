@@ -1,7 +1,7 @@
 """``process-archive``: every new or changed slide of a folder, glob or CSV manifest.
 
 A slide whose outputs already exist for the same slide identity, config hash and model hash
-is skipped (decided from disk, see wsipipe.archive.done_outputs). A failing slide becomes a
+is skipped (decided from disk, see wsipipe.run.archive.done_outputs). A failing slide becomes a
 "failed" row with its error; the others go on. The run ends Failed, with a message giving the
 counts, when any slide failed, and publishes a table artifact of all slides either way.
 """
@@ -22,14 +22,14 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.slide import load_run_inputs, publish_slide, run_stages
-from wsipipe.archive import (
+from wsipipe.run.archive import (
     any_to_compute, archive_message, archive_table, done_outputs, result_row, scan_archive, slide_output_dir,
     status_counts, write_archive_files,
 )
-from wsipipe.cluster import dask_scheduler
+from wsipipe.run.cluster import dask_scheduler
 from wsipipe.config import PipelineConfig
 from wsipipe.locks import clear_leftovers, folder_lock
-from wsipipe.report import archive_markdown
+from wsipipe.outputs.report import archive_markdown
 
 
 @task(name="slide", task_run_name="slide {slide}", cache_policy=NO_CACHE)
@@ -80,7 +80,7 @@ def process_archive(
 ):
     """Process what is new or changed in ``archive`` (folder, glob or .csv manifest) into ``out``.
 
-    Returns the result rows (wsipipe.archive; also written to ``out/archive-results.json``);
+    Returns the result rows (wsipipe.run.archive; also written to ``out/archive-results.json``);
     a Failed state naming the counts when any slide failed."""
     log = get_run_logger()
     cfg, net, info = load_run_inputs(model, config, overrides)

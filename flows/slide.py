@@ -17,13 +17,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from wsipipe.archive import artifact_key, parse_overrides, result_row, slide_markdown, slide_output_dir
-from wsipipe.cluster import dask_scheduler
+from wsipipe.run.archive import artifact_key, parse_overrides, result_row, slide_markdown, slide_output_dir
+from wsipipe.run.cluster import dask_scheduler, scheduler_client
 from wsipipe.config import PipelineConfig, load_config
 from wsipipe.errors import WsipipeError
 from wsipipe.locks import clear_leftovers, folder_lock
-from wsipipe.pipeline import slide_output_name, weights_path
-from wsipipe.slide import open_slide
+from wsipipe.run.pipeline import slide_output_name, weights_path
+from wsipipe.slides.slide import open_slide
 
 # One inference at a time in this process (the Prefect tag bounds it across processes).
 _ACCELERATOR = threading.Lock()
@@ -53,18 +53,19 @@ def _stage(name: str):
 
 @_stage("tile")
 def tile_stage(slide: str, store_path: str, cfg: PipelineConfig, label: str) -> dict:
-    from wsipipe.tiling import tile_slide
+    from wsipipe.tiles.tiling import tile_slide
 
     log = get_run_logger()
     log.info("slide=%s stage=tile: tiling on dask %s", label, cfg.dask.scheduler_address)
-    stats = tile_slide(slide, store_path, cfg)
+    with scheduler_client(cfg.dask) as client:
+        stats = tile_slide(slide, store_path, cfg, client=client)
     log.info("slide=%s stage=tile: %s patches%s", label, stats["n_patches"], " (already done)" if stats.get("skipped") else "")
     return stats
 
 
 @_stage("infer")
 def infer_stage(store_path: str, net, info, cfg: PipelineConfig, label: str) -> dict:
-    from wsipipe.inference import infer_store
+    from wsipipe.models.inference import infer_store
 
     log = get_run_logger()
     with _ACCELERATOR:
@@ -76,7 +77,7 @@ def infer_stage(store_path: str, net, info, cfg: PipelineConfig, label: str) -> 
 
 @_stage("stitch")
 def stitch_stage(store_path: str, slide_dir: str, cfg: PipelineConfig, label: str) -> dict:
-    from wsipipe.stitch import stitch_store
+    from wsipipe.outputs.stitch import stitch_store
 
     log = get_run_logger()
     summary = stitch_store(store_path, slide_dir, cfg.stitch, qc_cfg=cfg.qc, export=cfg.export)
@@ -89,7 +90,7 @@ def stitch_stage(store_path: str, slide_dir: str, cfg: PipelineConfig, label: st
 
 @_stage("report")
 def report_stage(slide_dir: str, cfg: PipelineConfig, label: str) -> str:
-    from wsipipe.report import write_slide_report
+    from wsipipe.outputs.report import write_slide_report
 
     path = write_slide_report(slide_dir, cfg.qc, only_if_changed=True)
     get_run_logger().info("slide=%s stage=report: %s", label, path)
@@ -124,7 +125,7 @@ def publish_slide(row: dict) -> None:
 
 def load_run_inputs(model: str | None, config: str | None, overrides: dict[str, Any] | None):
     """Config (YAML <- overrides, validated before any work) and the model, loaded once."""
-    from wsipipe.model import load_model
+    from wsipipe.models.model import load_model
 
     cfg = load_config(config, parse_overrides(overrides))
     net, info = load_model(weights_path(model, cfg), cfg.model.arch, cfg.model.num_classes)

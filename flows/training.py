@@ -20,7 +20,7 @@ from wsipipe.config import load_config
 @task
 def label_slide_task(store: str, annotations: str, classes: list[str] | None, min_overlap: float,
                      max_normal_overlap: float) -> dict:
-    from wsipipe.patchsets import label_store
+    from wsipipe.learn.patchsets import label_store
 
     labels = label_store(store, annotations, classes, min_overlap, max_normal_overlap)
     return {"store": store, "n": int(len(labels)), "labelled": int((labels >= 0).sum())}
@@ -38,7 +38,7 @@ def patches_flow(stores: list[str], annotations: list[str], classes: list[str] |
 
 @flow(name="wsipipe-folder-patches")
 def folder_patches_flow(folder: str, out: str, patch_size: int | None = None, group_regex: str | None = None) -> dict:
-    from wsipipe.patchsets import folder_patch_set
+    from wsipipe.learn.patchsets import folder_patch_set
 
     return folder_patch_set(folder, out, patch_size, group_regex)
 
@@ -47,7 +47,7 @@ def folder_patches_flow(folder: str, out: str, patch_size: int | None = None, gr
 def augment_flow(store: str, out: str, copies: int = 1, preview: str | None = None, samples: int = 6,
                  config: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """Augmented copy of a patch set (Zarr) and a PNG grid of samples per transform."""
-    from wsipipe.augment import augment_store
+    from wsipipe.learn.augment import augment_store
 
     cfg = load_config(config, overrides)
     return augment_store(store, out, cfg.augment, copies, preview, samples)
@@ -57,7 +57,7 @@ def augment_flow(store: str, out: str, copies: int = 1, preview: str | None = No
 def pretrain_flow(stores: list[str], out: str, probe_stores: list[str] | None = None,
                   config: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """SimCLR / BYOL pretraining (resumes from ``out``), then an optional linear probe."""
-    from wsipipe.pretrain import pretrain, probe_on_sets
+    from wsipipe.learn.pretrain import pretrain, probe_on_sets
 
     cfg = load_config(config, overrides)
     log = get_run_logger()
@@ -76,9 +76,9 @@ def train_flow(stores: list[str], out: str, add_to_registry: bool = False, promo
                config: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """Retrain on labelled stores; optionally register the model and try to promote it
     (promotion is refused, and logged, when it does not beat production on the same split)."""
-    from wsipipe import registry
+    from wsipipe.learn import registry
     from wsipipe.errors import RegistryError
-    from wsipipe.train import train_model
+    from wsipipe.learn.train import train_model
 
     cfg = load_config(config, overrides)
     log = get_run_logger()

@@ -24,9 +24,9 @@ def labelled_slides(tmp_path_factory):
     1 µm/px and labelled Normal/Tumor from their ground-truth GeoJSON: shared by the
     training-side tests (patch sets, augmentation, pretraining, retraining)."""
     from wsipipe.config import load_config
-    from wsipipe.patchsets import label_store
-    from wsipipe.synth import write_synthetic_slide
-    from wsipipe.tiling import tile_slide
+    from wsipipe.learn.patchsets import label_store
+    from wsipipe.slides.synth import write_synthetic_slide
+    from wsipipe.tiles.tiling import tile_slide
 
     root = tmp_path_factory.mktemp("labelled")
     cfg = load_config(None, {"tile.mpp": 1.0, "tile.patch_size": 64, "tile.chunk_patches": 32})

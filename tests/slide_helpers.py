@@ -10,7 +10,7 @@ import openslide
 import tifffile
 from PIL import Image, ImageDraw
 
-from wsipipe.synth import write_synthetic_slide
+from wsipipe.slides.synth import write_synthetic_slide
 
 
 def synthetic_rgb(tmp: Path, width: int, height: int, seed: int, **kwargs):

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from wsipipe.archive import scan_archive
+from wsipipe.run.archive import scan_archive
 from wsipipe.config import load_config
 from wsipipe.locks import stale_temps
-from wsipipe.pipeline import run_slide
+from wsipipe.run.pipeline import run_slide
 
 BASE = {"tile.mpp": 2.0, "tile.patch_size": 32, "inference.device": "cpu", "inference.precision": "fp32",
         "inference.batch_size": 64, "export.ome_zarr": False}

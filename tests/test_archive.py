@@ -1,4 +1,4 @@
-"""wsipipe.archive without Prefect: scanning, manifests, the on-disk done check, result rows
+"""wsipipe.run.archive without Prefect: scanning, manifests, the on-disk done check, result rows
 and the artifact text the flows publish."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import shutil
 import pytest
 import torch
 
-from wsipipe import archive
+from wsipipe.run import archive
 from wsipipe.config import load_config
 from wsipipe.errors import ConfigError, SlideOpenError
-from wsipipe.model import build_model, load_model, save_weights
-from wsipipe.pipeline import run_slide, weights_path
-from wsipipe.synth import write_synthetic_slide
+from wsipipe.models.model import build_model, load_model, save_weights
+from wsipipe.run.pipeline import run_slide, weights_path
+from wsipipe.slides.synth import write_synthetic_slide
 
 TINY = {"tile.mpp": 2.0, "tile.patch_size": 64, "dask.num_workers": 1}
 
@@ -100,8 +100,8 @@ def test_parse_overrides_and_config_field_errors():
 
 def test_weights_default_to_the_registry_production_model(tmp_path):
     """No --model and no model.weights: the version promoted in the registry is what runs."""
-    from wsipipe.model import build_model, file_sha256, save_weights
-    from wsipipe.registry import promote, register
+    from wsipipe.models.model import build_model, file_sha256, save_weights
+    from wsipipe.learn.registry import promote, register
 
     trained = tmp_path / "trained"
     save_weights(build_model("resnet18", 1), trained / "model.safetensors", "resnet18", 1)

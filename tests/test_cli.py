@@ -42,7 +42,7 @@ def _broken_inputs(slides_dir: Path, tmp_path: Path) -> list[tuple[Path, str]]:
 
 
 def test_bad_inputs_one_clear_line_and_nothing_marked_complete(slides_dir, tmp_path):
-    from wsipipe import store
+    from wsipipe.tiles import store
 
     for i, (path, problem) in enumerate(_broken_inputs(slides_dir, tmp_path)):
         out = tmp_path / f"out{i}.zarr"
@@ -81,7 +81,7 @@ def test_stage_commands_and_run_with_a_failing_slide(slides_dir, tmp_path):
     """tile -> infer -> stitch as separate commands, then `run` over a good and a broken slide."""
     import json
 
-    from wsipipe.model import build_model, save_weights
+    from wsipipe.models.model import build_model, save_weights
 
     weights = tmp_path / "w.safetensors"
     save_weights(build_model("resnet18", 1), weights, "resnet18", 1)

@@ -18,15 +18,15 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 from typer.testing import CliRunner
 
-from wsipipe import store
+from wsipipe.tiles import store
 from wsipipe.cli import app
-from wsipipe.cluster import connect, dask_client, run_slides, split_workers
+from wsipipe.run.cluster import connect, dask_client, run_slides, split_workers
 from wsipipe.config import DaskConfig, load_config
 from wsipipe.errors import ConfigError
-from wsipipe.export import read_geojson
-from wsipipe.model import build_model, save_weights
-from wsipipe.pipeline import run_slide
-from wsipipe.synth import write_synthetic_slide
+from wsipipe.geojson import read_geojson
+from wsipipe.models.model import build_model, save_weights
+from wsipipe.run.pipeline import run_slide
+from wsipipe.slides.synth import write_synthetic_slide
 
 DASK = [sys.executable, "-m", "dask"]
 
@@ -141,6 +141,5 @@ def test_cli_run_with_scheduler_reports_skipped_rerun_and_failures(cluster, inpu
 
 
 def test_unreachable_scheduler_is_a_config_error():
-    with pytest.raises(ConfigError, match="cannot reach the scheduler"):
-        with connect(f"tcp://127.0.0.1:{_free_port()}", timeout="2s"):
-            pass
+    with pytest.raises(ConfigError, match="cannot reach the scheduler"), connect(f"tcp://127.0.0.1:{_free_port()}", timeout="2s"):
+        pass

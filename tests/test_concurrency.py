@@ -25,12 +25,12 @@ import pytest
 import torch
 
 from test_faults import assert_same_outputs
-from wsipipe.archive import RESULTS_FILE, slide_output_dir, write_archive_files
+from wsipipe.run.archive import RESULTS_FILE, slide_output_dir, write_archive_files
 from wsipipe.config import load_config
 from wsipipe.locks import LOCK_NAME, folder_lock, is_locked, stale_temps
-from wsipipe.model import build_model, save_weights
-from wsipipe.pipeline import run_slide
-from wsipipe.synth import write_synthetic_slide
+from wsipipe.models.model import build_model, save_weights
+from wsipipe.run.pipeline import run_slide
+from wsipipe.slides.synth import write_synthetic_slide
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -120,7 +120,7 @@ def test_temporary_file_of_a_writer_killed_mid_write_is_removed_by_the_next_run(
     slide = archive["slides"][1]
     slide_dir = slide_output_dir(slide, out, cfg)
     for target in (slide_dir / "summary.json", out / RESULTS_FILE):
-        writer = _python("import sys\nfrom wsipipe.export import write_atomic\n"
+        writer = _python("import sys\nfrom wsipipe.files import write_atomic\n"
                          "write_atomic(sys.argv[1], b'x' * (1 << 30))\n", target)
         prefix = f".{target.name}."
         _wait_for(lambda: any(p.name.startswith(prefix) for p in target.parent.glob(".*.tmp"))

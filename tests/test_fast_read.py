@@ -6,11 +6,11 @@ import numpy as np
 import openslide
 import pytest
 
-from wsipipe import slide as slide_mod
-from wsipipe import store
+from wsipipe.slides import slide as slide_mod
+from wsipipe.tiles import store
 from wsipipe.config import load_config
-from wsipipe.slide import composite_rgba, open_slide
-from wsipipe.tiling import tile_slide
+from wsipipe.slides.slide import composite_rgba, open_slide
+from wsipipe.tiles.tiling import tile_slide
 
 # Every real file in ../shared/data/slides that OpenSlide opens (the others are error cases).
 OPENABLE = [
@@ -70,7 +70,7 @@ def test_recycled_tile_buffers_never_change_pixels_under_threads(slides_dir):
     equal the single-threaded read through a cache that never evicts."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from wsipipe.tiffread import open_level
+    from wsipipe.slides.tiffread import open_level
 
     path = slides_dir / "cmu-1-small-region.svs"
     with open_slide(path) as s:
@@ -119,9 +119,9 @@ def test_wide_slide_decodes_each_tile_once(slides_dir, tmp_path):
     """A level wider than a fixed 128 MiB cache holds two tile rows of (90 000 px: 352 tiles of
     256 px a row; 682 fit in 128 MiB): the cache is sized from the level's width, so reading every
     patch row-major in tiling's 64-patch chunks still decodes each tile exactly once."""
-    from wsipipe.mosaic import write_mosaic_slide
-    from wsipipe.tiffread import CACHE_TILE_ROWS
-    from wsipipe.tiling import plan_grid, read_patches
+    from wsipipe.slides.mosaic import write_mosaic_slide
+    from wsipipe.slides.tiffread import CACHE_TILE_ROWS
+    from wsipipe.tiles.tiling import plan_grid, read_patches
 
     path = tmp_path / "wide.svs"
     write_mosaic_slide(path, 90_000, 768, slides_dir / "cmu-1-small-region.svs", mpp=0.5, seed=3)

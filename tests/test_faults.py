@@ -26,15 +26,15 @@ import torch
 import zarr
 from torch import nn
 
-from wsipipe import store
+from wsipipe.tiles import store
 from wsipipe.config import InferenceConfig, load_config
 from wsipipe.errors import OutputWriteError, SlideOpenError, SlideReadError, writing_outputs
-from wsipipe.inference import BatchLimit, forward_with_backoff, infer_store, predict_patches
-from wsipipe.model import ModelInfo, build_model, save_weights
-from wsipipe.pipeline import run_slide, slide_output_name
-from wsipipe.stitch import stitch_store
-from wsipipe.synth import write_synthetic_slide
-from wsipipe.tiling import tile_slide
+from wsipipe.models.inference import BatchLimit, forward_with_backoff, infer_store, predict_patches
+from wsipipe.models.model import ModelInfo, build_model, save_weights
+from wsipipe.run.pipeline import run_slide, slide_output_name
+from wsipipe.outputs.stitch import stitch_store
+from wsipipe.slides.synth import write_synthetic_slide
+from wsipipe.tiles.tiling import tile_slide
 
 pytestmark = pytest.mark.timeout(180)  # a hang is a failure, never a stuck suite
 
@@ -375,28 +375,27 @@ def test_killed_dask_worker_mid_tiling_gives_identical_store(work, reference, tm
 
     cfg = load_config(work["cfg_path"], {"tile.chunk_patches": 2})  # many small tasks: time to kill one
     target = tmp_path / "dist.zarr"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with Client(cluster) as client:
-            pids = client.run(os.getpid)
-            result: dict = {}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+        pids = client.run(os.getpid)
+        result: dict = {}
 
-            def tile():
-                try:
-                    result["stats"] = tile_slide(work["slide"], target, cfg, client=client)
-                except BaseException as exc:  # surfaced by the assertion below
-                    result["error"] = exc
+        def tile():
+            try:
+                result["stats"] = tile_slide(work["slide"], target, cfg, client=client)
+            except BaseException as exc:  # surfaced by the assertion below
+                result["error"] = exc
 
-            thread = threading.Thread(target=tile)
-            thread.start()
-            flags = target / "_progress" / "tile" / "c"
-            deadline = time.time() + 60
-            while time.time() < deadline and thread.is_alive():
-                if flags.is_dir() and len(os.listdir(flags)) >= 3:
-                    break
-                time.sleep(0.005)
-            killed = thread.is_alive()
-            os.kill(sorted(pids.values())[0], signal.SIGKILL)
-            thread.join(120)
+        thread = threading.Thread(target=tile)
+        thread.start()
+        flags = target / "_progress" / "tile" / "c"
+        deadline = time.time() + 60
+        while time.time() < deadline and thread.is_alive():
+            if flags.is_dir() and len(os.listdir(flags)) >= 3:
+                break
+            time.sleep(0.005)
+        killed = thread.is_alive()
+        os.kill(sorted(pids.values())[0], signal.SIGKILL)
+        thread.join(120)
     assert killed, "tiling finished before a worker could be killed"
     assert "error" not in result, result.get("error")
     got, ref = store.open_store(target), store.open_store(reference / "patches.zarr")
@@ -497,7 +496,7 @@ def test_write_errors_become_a_typed_error_naming_the_file(tmp_path):
     code = (
         "import resource, signal, sys\n"
         "from wsipipe.errors import writing_outputs, OutputWriteError\n"
-        "from wsipipe.export import write_atomic\n"
+        "from wsipipe.files import write_atomic\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
         "try:\n"

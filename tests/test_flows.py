@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from wsipipe import store
-from wsipipe.archive import RESULTS_FILE
-from wsipipe.model import build_model, save_weights
-from wsipipe.synth import write_synthetic_slide
+from wsipipe.tiles import store
+from wsipipe.run.archive import RESULTS_FILE
+from wsipipe.models.model import build_model, save_weights
+from wsipipe.slides.synth import write_synthetic_slide
 
 pytestmark = pytest.mark.slow
 

@@ -11,11 +11,11 @@ import torch
 import zarr
 from torch import nn
 
-from wsipipe import store
+from wsipipe.tiles import store
 from wsipipe.config import InferenceConfig
 from wsipipe.errors import ConfigError, StoreError
-from wsipipe.inference import _prefetch, infer_store, predict_patches, resolve_device, resolve_precision
-from wsipipe.model import build_model, save_weights
+from wsipipe.models.inference import _prefetch, infer_store, predict_patches, resolve_device, resolve_precision
+from wsipipe.models.model import build_model, save_weights
 
 N, SIZE, CHUNK = 44, 32, 8  # 6 chunks, the last one partial
 CPU = torch.device("cpu")

@@ -19,9 +19,9 @@ from test_stitch import MPP, SLIDE_H, SLIDE_W, STRIDE, TUMOR_L0, build_store
 from wsipipe.config import ExportConfig, StitchConfig, load_config
 from wsipipe.errors import ExportError
 from wsipipe.geometry import mask_to_polygons
-from wsipipe.omezarr import downsample_any, downsample_mean, level_transforms
-from wsipipe.qupath import qupath_schema_problems, validate_qupath_geojson
-from wsipipe.stitch import stitch_store
+from wsipipe.outputs.omezarr import downsample_any, downsample_mean, level_transforms
+from wsipipe.outputs.qupath import qupath_schema_problems, validate_qupath_geojson
+from wsipipe.outputs.stitch import stitch_store
 
 CFG = StitchConfig(threshold=0.5, min_tumor_area_um2=50_000, top_k=10)
 

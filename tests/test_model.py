@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wsipipe.errors import ModelLoadError
-from wsipipe.model import available_architectures, build_model, file_sha256, load_model, save_weights
+from wsipipe.models.model import available_architectures, build_model, file_sha256, load_model, save_weights
 
 
 def outputs(model, seed=0, size=64):

@@ -6,8 +6,8 @@ import numpy as np
 import openslide
 import pytest
 
-from wsipipe.mosaic import GLASS_RGB, orient, read_source, write_mosaic_slide
-from wsipipe.slide import composite_rgba
+from wsipipe.slides.mosaic import GLASS_RGB, orient, read_source, write_mosaic_slide
+from wsipipe.slides.slide import composite_rgba
 
 
 def test_mosaic_is_a_pyramidal_svs_of_real_source_tiles(slides_dir, tmp_path):

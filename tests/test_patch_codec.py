@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from wsipipe import store
+from wsipipe.tiles import store
 from wsipipe.config import load_config
-from wsipipe.tiling import tile_slide
-from wsipipe.zarrjpeg import JpegPatchCodec
+from wsipipe.tiles.tiling import tile_slide
+from wsipipe.tiles.zarrjpeg import JpegPatchCodec
 
 
 def stored_bytes(path) -> int:
@@ -33,7 +33,7 @@ def test_jpeg_patches_match_lossless_ones_within_jpeg_error(slides_dir, tmp_path
     assert stored_bytes(tmp_path / "j.zarr") * 3 < stored_bytes(tmp_path / "z.zarr")
     picked = j["patches"].get_orthogonal_selection(([1, len(exact) - 1],))  # the way training reads them
     np.testing.assert_array_equal(picked, lossy[[1, -1]])
-    # A fresh process reads the store through wsipipe.store alone (the codec registers on import).
+    # A fresh process reads the store through wsipipe.tiles.store alone (the codec registers on import).
     code = "import sys; from wsipipe import store; print(int(store.open_store(sys.argv[1])['patches'][-1].sum()))"
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "j.zarr")], capture_output=True, text=True, check=True)
     assert int(out.stdout) == int(lossy[-1].sum())

@@ -10,10 +10,10 @@ import pytest
 import shapely
 from PIL import Image
 
-from wsipipe import store
+from wsipipe.tiles import store
 from wsipipe.errors import AnnotationError, WsipipeError
-from wsipipe.export import read_geojson
-from wsipipe.patchsets import folder_patch_set, load_patch_sets, read_annotations, split_by_group
+from wsipipe.geojson import read_geojson
+from wsipipe.learn.patchsets import folder_patch_set, load_patch_sets, read_annotations, split_by_group
 
 
 def test_annotation_labels_agree_with_the_polygons(labelled_slides):

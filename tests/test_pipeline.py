@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import shapely
 
-from wsipipe import store
+from wsipipe.tiles import store
 from wsipipe.config import load_config
-from wsipipe.synth import write_synthetic_slide
-from wsipipe.tiling import tile_slide
+from wsipipe.slides.synth import write_synthetic_slide
+from wsipipe.tiles.tiling import tile_slide
 
 
 @pytest.mark.parametrize("seed,n_tissue", [(1, 3), (2, 5), (3, 2), (4, 4)])
@@ -53,7 +53,7 @@ def test_killed_tiler_resumes_to_identical_store(tmp_path):
     tile_slide(s.path, tmp_path / "ref.zarr", cfg)  # uninterrupted reference
     target = tmp_path / "killed.zarr"
     code = (
-        "import sys, json; from wsipipe.config import load_config; from wsipipe.tiling import tile_slide;"
+        "import sys, json; from wsipipe.config import load_config; from wsipipe.tiles.tiling import tile_slide;"
         "tile_slide(sys.argv[1], sys.argv[2], load_config(None, json.loads(sys.argv[3])))"
     )
     killed_after = None
@@ -84,7 +84,7 @@ def test_killed_tiler_resumes_to_identical_store(tmp_path):
 def test_demo_end_to_end_dice(tmp_path):
     """The demo path on small generated slides: fit on one, run on another, Dice vs truth."""
     from wsipipe.config import PipelineConfig
-    from wsipipe.pipeline import run_demo
+    from wsipipe.run.pipeline import run_demo
 
     result = run_demo(tmp_path / "demo", PipelineConfig(), size=(9000, 7000))
     summary = json.loads((result.out_dir / "summary.json").read_text())

@@ -13,9 +13,9 @@ import torch
 
 from wsipipe.config import PretrainConfig
 from wsipipe.errors import ModelLoadError
-from wsipipe.patchsets import load_patch_sets, split_by_group
-from wsipipe.pretrain import linear_probe, load_encoder, nt_xent, pretrain
-from wsipipe.tiling import tile_slide
+from wsipipe.learn.patchsets import load_patch_sets, split_by_group
+from wsipipe.learn.pretrain import linear_probe, load_encoder, nt_xent, pretrain
+from wsipipe.tiles.tiling import tile_slide
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ARCH = "shufflenet_v2_x0_5"  # 0.3M parameters: CI-sized
@@ -79,7 +79,7 @@ class _Payload:
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_checkpoint_is_refused(tmp_path):
-    from wsipipe.train import initial_model
+    from wsipipe.learn.train import initial_model
 
     _Payload.marker = str(tmp_path / "pwned")
     evil = tmp_path / "encoder.pt"

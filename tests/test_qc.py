@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from slide_helpers import blur_region, pen_stroke, synthetic_rgb, write_pyramid_tiff
-from wsipipe import qc, store
+from wsipipe.tiles import qc, store
 from wsipipe.config import QCConfig, load_config
 from wsipipe.errors import NoTissueError
-from wsipipe.slide import open_slide
-from wsipipe.tiling import tile_slide
+from wsipipe.slides.slide import open_slide
+from wsipipe.tiles.tiling import tile_slide
 
 W, H = 4000, 3000
 CFG = QCConfig(min_tissue_area_mm2=0.25)  # the test slides are small: ~1 mm² of tissue

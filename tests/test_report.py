@@ -22,15 +22,15 @@ import shapely
 import torch
 
 from slide_helpers import synthetic_rgb, write_pyramid_tiff
-from wsipipe import store
+from wsipipe.tiles import store
 from wsipipe.config import load_config
 from wsipipe.errors import WsipipeError
-from wsipipe.inference import infer_store
-from wsipipe.model import build_model, load_model, save_weights
-from wsipipe.pipeline import run_slide
-from wsipipe.report import archive_markdown, write_archive_report, write_slide_report
-from wsipipe.stitch import stitch_store
-from wsipipe.tiling import tile_slide
+from wsipipe.models.inference import infer_store
+from wsipipe.models.model import build_model, load_model, save_weights
+from wsipipe.run.pipeline import run_slide
+from wsipipe.outputs.report import archive_markdown, write_archive_report, write_slide_report
+from wsipipe.outputs.stitch import stitch_store
+from wsipipe.tiles.tiling import tile_slide
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -9,9 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from wsipipe import registry, store
+from wsipipe.learn import registry
+
+from wsipipe.tiles import store
 from wsipipe.errors import RegistryError
-from wsipipe.metrics import auc, binary_auc, classification_metrics, expected_calibration_error
+from wsipipe.learn.metrics import auc, binary_auc, classification_metrics, expected_calibration_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ARCH = "shufflenet_v2_x0_5"
@@ -31,7 +33,7 @@ def test_metrics_against_plain_definitions():
 
 @pytest.fixture(scope="module")
 def trained(labelled_slides, tmp_path_factory, one_torch_thread):
-    from wsipipe.train import train_model
+    from wsipipe.learn.train import train_model
 
     cfg = labelled_slides["cfg"].model_copy(deep=True)
     cfg.train = cfg.train.model_copy(update=dict(arch=ARCH, epochs=4, patience=2, batch_size=32, train_size=48,
@@ -43,7 +45,7 @@ def trained(labelled_slides, tmp_path_factory, one_torch_thread):
 
 
 def test_retrained_model_finds_tumor_on_a_different_slide(labelled_slides, trained):
-    from wsipipe.pipeline import add_ground_truth_dice, run_slide
+    from wsipipe.run.pipeline import add_ground_truth_dice, run_slide
 
     card = trained["card"]
     splits = card["data"]["splits"]
@@ -65,9 +67,9 @@ def test_retrained_model_finds_tumor_on_a_different_slide(labelled_slides, train
 def test_registry_promotes_only_a_better_model_on_the_same_split(trained, tmp_path):
     import torch
 
-    from wsipipe.model import build_model, save_weights
-    from wsipipe.patchsets import load_patch_sets
-    from wsipipe.inference import predict_patches
+    from wsipipe.models.model import build_model, save_weights
+    from wsipipe.learn.patchsets import load_patch_sets
+    from wsipipe.models.inference import predict_patches
 
     root = tmp_path / "models"
     v1 = registry.register(root, trained["dir"])

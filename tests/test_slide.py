@@ -1,4 +1,4 @@
-"""wsipipe.slide on the real slide files in ../shared/data/slides (real OpenSlide, no mocks)."""
+"""wsipipe.slides.slide on the real slide files in ../shared/data/slides (real OpenSlide, no mocks)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import openslide
 import pytest
 
 from wsipipe.errors import MissingMppError, SlideOpenError, SlideReadError
-from wsipipe.slide import composite_rgba, open_slide, resolve_mpp
+from wsipipe.slides.slide import composite_rgba, open_slide, resolve_mpp
 
 
 def reference_rgb(path, x, y, level, w, h):
@@ -160,7 +160,6 @@ def test_truncated_slide_fails_clearly(slides_dir, tmp_path):
     data = (slides_dir / "cmu-1-small-region.svs").read_bytes()
     cut = tmp_path / "truncated.svs"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises((SlideOpenError, SlideReadError)) as info:
-        with open_slide(cut) as s:
-            s.thumbnail(8.0)
+    with pytest.raises((SlideOpenError, SlideReadError)) as info, open_slide(cut) as s:
+        s.thumbnail(8.0)
     assert str(cut) in str(info.value)

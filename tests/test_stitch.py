@@ -19,12 +19,12 @@ import zarr
 from PIL import Image
 from shapely.geometry import MultiPolygon, box
 
-from wsipipe import store
+from wsipipe.tiles import store
 from wsipipe.config import StitchConfig
 from wsipipe.errors import NoTissueError, StoreError
-from wsipipe.export import read_geojson
+from wsipipe.geojson import read_geojson
 from wsipipe.geometry import rasterize
-from wsipipe.stitch import (
+from wsipipe.outputs.stitch import (
     HeatmapAccumulator,
     ScoreAccumulator,
     cells_per_patch,

@@ -13,9 +13,9 @@ import pytest
 from shapely.geometry import MultiPolygon, Point, box
 from skimage.measure import label
 
-from wsipipe.export import read_geojson
+from wsipipe.geojson import read_geojson
 from wsipipe.geometry import rasterize
-from wsipipe.synth import (
+from wsipipe.slides.synth import (
     LYMPHOID, NORMAL, TUMOR, _edges, _fill, lymphoid_aggregates, make_layout, make_textures, pyramid_downsamples,
     render_region, write_synthetic_slide,
 )
@@ -274,7 +274,7 @@ def test_pixel_classes_follow_the_polygons_like_geometry_rasterize():
 
 def _peak_rss_mib(path, size: int) -> float:
     code = (
-        "from wsipipe.synth import write_synthetic_slide;"
+        "from wsipipe.slides.synth import write_synthetic_slide;"
         f"write_synthetic_slide({str(path)!r}, {size}, {size}, seed=1, n_tissue=4, n_tumor=3);"
         # VmHWM is this process's own peak (ru_maxrss would carry the forking parent's over exec).
         "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"

@@ -7,10 +7,10 @@ import openslide
 import pytest
 from PIL import Image
 
-from wsipipe import store
+from wsipipe.tiles import store
 from wsipipe.config import load_config
-from wsipipe.slide import composite_rgba
-from wsipipe.tiling import plan_grid, tile_slide
+from wsipipe.slides.slide import composite_rgba
+from wsipipe.tiles.tiling import plan_grid, tile_slide
 
 
 def read_store(path):
@@ -162,10 +162,9 @@ def test_distributed_cluster_gives_identical_store(slides_dir, tmp_path):
     path = slides_dir / "cmu-1-small-region.svs"
     cfg = load_config(None, {"tile.chunk_patches": 8})
     tile_slide(path, tmp_path / "local.zarr", cfg)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with Client(cluster) as client:
-            seen = []
-            tile_slide(path, tmp_path / "dist.zarr", cfg, client=client, progress=lambda d, n: seen.append(d))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+        seen = []
+        tile_slide(path, tmp_path / "dist.zarr", cfg, client=client, progress=lambda d, n: seen.append(d))
     a, _ = read_store(tmp_path / "local.zarr")
     b, _ = read_store(tmp_path / "dist.zarr")
     for name in ("patches", "coords", "grid_ij", "tissue_fraction"):

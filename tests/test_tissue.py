@@ -7,8 +7,8 @@ import pytest
 
 from wsipipe.config import TissueConfig, load_config
 from wsipipe.geometry import mask_to_polygons, rasterize
-from wsipipe.slide import open_slide
-from wsipipe.tissue import detect_tissue, patch_tissue_fraction
+from wsipipe.slides.slide import open_slide
+from wsipipe.slides.tissue import detect_tissue, patch_tissue_fraction
 
 # Level-0 points looked at by eye in 224-px crops (see the note on issue 2): tissue / glass.
 EYE_CHECKED = {

@@ -7,8 +7,8 @@ import pytest
 import torch
 from shapely.geometry import MultiPolygon, Polygon, box
 
-from wsipipe.inference import predict_patches
-from wsipipe.train import augment, fit_classifier, label_patches
+from wsipipe.models.inference import predict_patches
+from wsipipe.learn.train import augment, fit_classifier, label_patches
 
 
 def test_label_patches_on_known_geometry():

@@ -9,7 +9,7 @@ import sys
 
 from PIL import Image
 
-from wsipipe import store
+from wsipipe.tiles import store
 
 WSIPIPE = [sys.executable, "-m", "wsipipe.cli"]
 

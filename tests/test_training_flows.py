@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsipipe import store
+from wsipipe.tiles import store
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import typer
 from rich.console import Console
@@ -42,7 +42,7 @@ def _main(
     )
 
 
-def _config(config: Optional[Path], **overrides) -> PipelineConfig:
+def _config(config: Path | None, **overrides) -> PipelineConfig:
     return load_config(config, overrides)
 
 
@@ -115,7 +115,7 @@ def synth(
     tumors: int = typer.Option(2, help="Number of planted tumor regions."),
 ) -> None:
     """Generate a synthetic H&E-like pyramidal slide with ground-truth GeoJSON beside it."""
-    from wsipipe.synth import write_synthetic_slide
+    from wsipipe.slides.synth import write_synthetic_slide
 
     fmt = "tiff" if out.suffix.lower() in (".tif", ".tiff") else "svs"
     s = write_synthetic_slide(out, width, height, mpp=mpp, seed=seed, fmt=fmt, n_tissue=tissue_pieces, n_tumor=tumors)
@@ -126,24 +126,24 @@ def synth(
 def tile(
     slide: Path = typer.Argument(..., help="Slide file (any format OpenSlide reads)."),
     out: Path = typer.Option(..., "--out", "-o", help="Zarr store to write (e.g. slide.zarr)."),
-    mpp: Optional[float] = typer.Option(None, help="Target resolution of patches, µm/px (default 0.5)."),
-    patch_size: Optional[int] = typer.Option(None, help="Patch edge in px at the target mpp (default 224)."),
-    stride: Optional[int] = typer.Option(None, help="Grid step in px at the target mpp (default = patch size)."),
-    min_tissue: Optional[float] = typer.Option(None, help="Minimum tissue fraction to keep a patch (default 0.5)."),
-    mpp_override: Optional[float] = typer.Option(None, help="Use this level-0 mpp instead of the file's."),
-    scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler."),
-    config: Optional[Path] = ConfigOpt,
+    mpp: float | None = typer.Option(None, help="Target resolution of patches, µm/px (default 0.5)."),
+    patch_size: int | None = typer.Option(None, help="Patch edge in px at the target mpp (default 224)."),
+    stride: int | None = typer.Option(None, help="Grid step in px at the target mpp (default = patch size)."),
+    min_tissue: float | None = typer.Option(None, help="Minimum tissue fraction to keep a patch (default 0.5)."),
+    mpp_override: float | None = typer.Option(None, help="Use this level-0 mpp instead of the file's."),
+    scheduler: str | None = typer.Option(None, help="Address of an existing Dask scheduler."),
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Detect tissue and write the slide's patches to a Zarr store (resumable)."""
-    from wsipipe.tiling import tile_slide
+    from wsipipe.run.cluster import scheduler_client
+    from wsipipe.tiles.tiling import tile_slide
 
     cfg = _config(
         config, **{"tile.mpp": mpp, "tile.patch_size": patch_size, "tile.stride": stride,
                    "tile.min_tissue": min_tissue, "mpp_override": mpp_override, "dask.scheduler_address": scheduler},
     )
-    with _progress() as update:
-        with writing_outputs(out):
-            stats = tile_slide(slide, out, cfg, progress=_one("tile", update))
+    with _progress() as update, scheduler_client(cfg.dask) as client, writing_outputs(out):
+        stats = tile_slide(slide, out, cfg, client=client, progress=_one("tile", update))
     note = " (already complete)" if stats.get("skipped") else ""
     out_console_paths({f"{stats['n_patches']} patches{note}": out})
 
@@ -152,20 +152,19 @@ def tile(
 def infer(
     store_path: Path = typer.Argument(..., metavar="STORE.zarr", help="Store written by `wsipipe tile`."),
     model: Path = typer.Option(..., "--model", "-m", help="Weights file (.safetensors or .pt state dict)."),
-    arch: Optional[str] = typer.Option(None, help="torchvision architecture (default resnet18 / from the file)."),
-    batch_size: Optional[int] = typer.Option(None, help="Patches per batch (default 64)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (default auto)."),
-    config: Optional[Path] = ConfigOpt,
+    arch: str | None = typer.Option(None, help="torchvision architecture (default resnet18 / from the file)."),
+    batch_size: int | None = typer.Option(None, help="Patches per batch (default 64)."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N (default auto)."),
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Classify every patch of a store; writes `probabilities` into it."""
-    from wsipipe.inference import infer_store
-    from wsipipe.model import load_model
+    from wsipipe.models.inference import infer_store
+    from wsipipe.models.model import load_model
 
     cfg = _config(config, **{"model.arch": arch, "inference.batch_size": batch_size, "inference.device": device})
     net, info = load_model(model, arch, None)
-    with _progress() as update:
-        with writing_outputs(store_path):
-            stats = infer_store(store_path, net, info, cfg.inference, progress=_one("infer", update))
+    with _progress() as update, writing_outputs(store_path):
+        stats = infer_store(store_path, net, info, cfg.inference, progress=_one("infer", update))
     out_console_paths({f"probabilities ({stats.get('n', '?')} patches)": store_path})
 
 
@@ -173,18 +172,17 @@ def infer(
 def stitch(
     store_path: Path = typer.Argument(..., metavar="STORE.zarr", help="Store with probabilities."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for heatmap, tumor mask, GeoJSON, summary."),
-    threshold: Optional[float] = typer.Option(None, help="Tumor probability threshold (default 0.5)."),
-    config: Optional[Path] = ConfigOpt,
+    threshold: float | None = typer.Option(None, help="Tumor probability threshold (default 0.5)."),
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Heatmap, tumor mask (PNG + QuPath GeoJSON) and summary.json from a classified store."""
-    from wsipipe.stitch import stitch_store
+    from wsipipe.outputs.stitch import stitch_store
 
     cfg = _config(config, **{"stitch.threshold": threshold})
-    with _progress() as update:
-        with writing_outputs(out):
-            summary = stitch_store(
-                store_path, out, cfg.stitch, progress=_one("stitch", update), qc_cfg=cfg.qc, export=cfg.export
-            )
+    with _progress() as update, writing_outputs(out):
+        summary = stitch_store(
+            store_path, out, cfg.stitch, progress=_one("stitch", update), qc_cfg=cfg.qc, export=cfg.export
+        )
     _print_summary(summary)
     out_console_paths({"outputs": out})
 
@@ -192,15 +190,15 @@ def stitch(
 @app.command()
 def run(
     slides: list[Path] = typer.Argument(..., help="One or more slide files."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Weights file (default model.weights)."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Weights file (default model.weights)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (one sub-folder per slide)."),
-    mpp: Optional[float] = typer.Option(None, help="Target resolution of patches, µm/px (default 0.5)."),
-    mpp_override: Optional[float] = typer.Option(None, help="Use this level-0 mpp instead of the files'."),
-    scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler."),
-    config: Optional[Path] = ConfigOpt,
+    mpp: float | None = typer.Option(None, help="Target resolution of patches, µm/px (default 0.5)."),
+    mpp_override: float | None = typer.Option(None, help="Use this level-0 mpp instead of the files'."),
+    scheduler: str | None = typer.Option(None, help="Address of an existing Dask scheduler."),
+    config: Path | None = ConfigOpt,
 ) -> None:
     """All stages (tile -> infer -> stitch) for each slide. One failing slide doesn't stop the rest."""
-    from wsipipe.pipeline import run_slide
+    from wsipipe.run.pipeline import run_slide
 
     cfg = _config(config, **{"tile.mpp": mpp, "mpp_override": mpp_override, "dask.scheduler_address": scheduler})
     # A path that is not there is a typo, not a bad slide: fail before any work.
@@ -237,11 +235,11 @@ def run(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for the demo's slides and outputs."),
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Embedded default: generate slides, fit ResNet18 on one, run the pipeline on the other, score vs truth."""
-    from wsipipe.export import write_atomic
-    from wsipipe.pipeline import run_demo
+    from wsipipe.files import write_atomic
+    from wsipipe.run.pipeline import run_demo
 
     cfg = _config(config)
     with _progress() as update:
@@ -264,10 +262,10 @@ def demo(
 def archive(
     source: str = typer.Argument(..., help="Folder of slides, glob pattern ('slides/**/*.svs') or CSV manifest."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (one sub-folder per slide)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Weights file (default model.weights)."),
-    scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler (default: a LocalCluster)."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Weights file (default model.weights)."),
+    scheduler: str | None = typer.Option(None, help="Address of an existing Dask scheduler (default: a LocalCluster)."),
     overrides: list[str] = typer.Option([], "--set", help="Config field override, e.g. --set tile.mpp=1.0 (repeatable)."),
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
 ) -> None:
     """The process-archive Prefect flow: only new or changed slides; failures listed, others go on.
 
@@ -275,7 +273,7 @@ def archive(
     else it reports to that server."""
     import flows  # noqa: F401  (offline-safe Prefect settings first)
     from flows.archive import process_archive
-    from wsipipe.archive import archive_message, parse_overrides
+    from wsipipe.run.archive import archive_message, parse_overrides
 
     values = parse_overrides(overrides)
     if scheduler:
@@ -303,18 +301,18 @@ def archive(
 @app.command()
 def report(
     slide_dir: Path = typer.Argument(..., metavar="SLIDE_OUTPUT_DIR", help="A slide's output folder (with summary.json)."),
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Write the slide's self-contained QA report (report.html) into its output folder."""
-    from wsipipe.report import write_slide_report
+    from wsipipe.outputs.report import write_slide_report
 
     qc_cfg = _config(config).qc if config else None  # default: the thresholds the run used
     out_console_paths({"report": write_slide_report(slide_dir, qc_cfg)})
 
 
-def _run_on_cluster(slides: list[Path], out: Path, cfg, model: Optional[Path]) -> None:
+def _run_on_cluster(slides: list[Path], out: Path, cfg, model: Path | None) -> None:
     """`run --scheduler`: one slide per worker, inference on the workers with the GPU resource."""
-    from wsipipe.cluster import dask_client, run_slides
+    from wsipipe.run.cluster import dask_client, run_slides
 
     with dask_client(cfg.dask) as client:
         console.print(f"dask cluster: [cyan]{client.scheduler.address}[/]", highlight=False)
@@ -351,17 +349,17 @@ def _loss_progress(label: str) -> Iterator:
 @app.command()
 def patches(
     source: Path = typer.Argument(..., help="A tiled store (with --annotations) or a folder with one sub-folder per class."),
-    annotations: Optional[Path] = typer.Option(None, "--annotations", "-a", help="QuPath GeoJSON for a tiled store."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Zarr store to write (folder sets)."),
-    classes: Optional[str] = typer.Option(None, help="Comma-separated classes in index order, background first (default: Normal + the GeoJSON's)."),
-    patch_size: Optional[int] = typer.Option(None, help="Resize folder images to this edge (default: the first image's)."),
-    group_regex: Optional[str] = typer.Option(None, help="Source group of a file: first capture group on its name (folder sets)."),
-    config: Optional[Path] = ConfigOpt,
+    annotations: Path | None = typer.Option(None, "--annotations", "-a", help="QuPath GeoJSON for a tiled store."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Zarr store to write (folder sets)."),
+    classes: str | None = typer.Option(None, help="Comma-separated classes in index order, background first (default: Normal + the GeoJSON's)."),
+    patch_size: int | None = typer.Option(None, help="Resize folder images to this edge (default: the first image's)."),
+    group_regex: str | None = typer.Option(None, help="Source group of a file: first capture group on its name (folder sets)."),
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Labelled patch set: labels from annotation polygons, or a folder-per-class image set."""
     import numpy as np
 
-    from wsipipe.patchsets import folder_patch_set, label_store
+    from wsipipe.learn.patchsets import folder_patch_set, label_store
 
     cfg = _config(config)
     if annotations is not None:
@@ -381,12 +379,12 @@ def augment(
     store_path: Path = typer.Argument(..., metavar="STORE.zarr", help="Patch store to augment."),
     out: Path = typer.Option(..., "--out", "-o", help="Augmented copy (Zarr)."),
     copies: int = typer.Option(1, help="Augmented draws per patch."),
-    preview: Optional[Path] = typer.Option(None, help="PNG grid: N samples per transform."),
+    preview: Path | None = typer.Option(None, help="PNG grid: N samples per transform."),
     samples: int = typer.Option(6, help="Samples per transform in the preview."),
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Write an augmented copy of a patch set (and a preview grid) to inspect the augmentation config."""
-    from wsipipe.augment import augment_store
+    from wsipipe.learn.augment import augment_store
 
     cfg = _config(config)
     with _progress() as update:
@@ -399,14 +397,14 @@ def augment(
 def pretrain(
     stores: list[Path] = typer.Argument(..., help="Patch stores (any number; labels are ignored)."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder (resumes when it holds one)."),
-    method: Optional[str] = typer.Option(None, help="simclr or byol (default pretrain.method)."),
-    steps: Optional[int] = typer.Option(None, help="Training steps."),
-    arch: Optional[str] = typer.Option(None, help="torchvision architecture of the encoder."),
+    method: str | None = typer.Option(None, help="simclr or byol (default pretrain.method)."),
+    steps: int | None = typer.Option(None, help="Training steps."),
+    arch: str | None = typer.Option(None, help="torchvision architecture of the encoder."),
     probe: list[Path] = typer.Option([], help="Labelled stores for a linear probe after training (split by slide)."),
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Contrastive pretraining (SimCLR / BYOL) of a patch encoder; resumable; optional linear probe."""
-    from wsipipe.pretrain import pretrain as run_pretrain, probe_on_sets
+    from wsipipe.learn.pretrain import pretrain as run_pretrain, probe_on_sets
 
     cfg = _config(config, **{"pretrain.method": method, "pretrain.steps": steps, "pretrain.arch": arch})
     with _loss_progress(cfg.pretrain.method) as update:
@@ -421,15 +419,15 @@ def pretrain(
 def train(
     stores: list[Path] = typer.Argument(..., help="Labelled patch stores (from `wsipipe patches`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for model.safetensors and card.json."),
-    init: Optional[str] = typer.Option(None, help="scratch, encoder, weights or production."),
-    init_path: Optional[Path] = typer.Option(None, help="Encoder checkpoint / weights file for --init."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping on validation AUC)."),
-    arch: Optional[str] = typer.Option(None, help="torchvision architecture."),
+    init: str | None = typer.Option(None, help="scratch, encoder, weights or production."),
+    init_path: Path | None = typer.Option(None, help="Encoder checkpoint / weights file for --init."),
+    epochs: int | None = typer.Option(None, help="Maximum epochs (early stopping on validation AUC)."),
+    arch: str | None = typer.Option(None, help="torchvision architecture."),
     register: bool = typer.Option(False, help="Add the result to the registry (train.registry) as a new version."),
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Fine-tune the patch classifier; held-out metrics into a JSON model card."""
-    from wsipipe.train import train_model
+    from wsipipe.learn.train import train_model
 
     cfg = _config(config, **{"train.init": init, "train.init_path": init_path, "train.epochs": epochs, "train.arch": arch})
     with _loss_progress("train") as update:
@@ -439,7 +437,7 @@ def train(
                   f"specificity {m['specificity']:.3f}, ECE {m['ece']:.3f} (n={m['n']})", highlight=False)
     out_console_paths({"model": out / "model.safetensors", "model card": out / "card.json"})
     if register:
-        from wsipipe.registry import register as add
+        from wsipipe.learn.registry import register as add
 
         console.print(f"registered as {add(cfg.train.registry, out)} in {cfg.train.registry}")
 
@@ -449,10 +447,10 @@ app.add_typer(models_app, name="models")
 
 
 @models_app.command("list")
-def models_list(registry_dir: Optional[Path] = typer.Option(None, "--registry", help="Registry folder (default train.registry)."),
-                config: Optional[Path] = ConfigOpt) -> None:
+def models_list(registry_dir: Path | None = typer.Option(None, "--registry", help="Registry folder (default train.registry)."),
+                config: Path | None = ConfigOpt) -> None:
     """Versions with their test metrics; * marks production."""
-    from wsipipe.registry import list_models
+    from wsipipe.learn.registry import list_models
 
     root = registry_dir or _config(config).train.registry
     for e in list_models(root):
@@ -464,11 +462,11 @@ def models_list(registry_dir: Optional[Path] = typer.Option(None, "--registry", 
 
 @models_app.command("promote")
 def models_promote(version: str = typer.Argument(..., help="Version to make production, e.g. v0002."),
-                   registry_dir: Optional[Path] = typer.Option(None, "--registry", help="Registry folder (default train.registry)."),
+                   registry_dir: Path | None = typer.Option(None, "--registry", help="Registry folder (default train.registry)."),
                    metric: str = typer.Option("auc", help="Test metric that must improve."),
-                   config: Optional[Path] = ConfigOpt) -> None:
+                   config: Path | None = ConfigOpt) -> None:
     """Make a version production only if it beats the current one on the same test split."""
-    from wsipipe.registry import promote
+    from wsipipe.learn.registry import promote
 
     root = registry_dir or _config(config).train.registry
     e = promote(root, version, metric)

@@ -142,7 +142,7 @@ class OrchestrationConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    """Training-time augmentation (wsipipe.augment); a probability or magnitude of 0 turns a transform off."""
+    """Training-time augmentation (wsipipe.learn.augment); a probability or magnitude of 0 turns a transform off."""
 
     seed: int = Field(0, description="Seed of the augmentation random stream.")
     flip_rot90: bool = Field(True, description="Random flips and 90° rotations (tissue has no orientation).")
@@ -167,7 +167,7 @@ class AugmentConfig(_Section):
 
 
 class PretrainConfig(_Section):
-    """Self-supervised pretraining of an encoder (wsipipe.pretrain)."""
+    """Self-supervised pretraining of an encoder (wsipipe.learn.pretrain)."""
 
     method: Literal["simclr", "byol"] = "simclr"
     arch: str = Field("resnet18", pattern=r"^[a-z][a-z0-9_]*$")
@@ -186,7 +186,7 @@ class PretrainConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Supervised (re)training of the patch classifier (wsipipe.train.retrain)."""
+    """Supervised (re)training of the patch classifier (wsipipe.learn.train.retrain)."""
 
     arch: str = Field("resnet18", pattern=r"^[a-z][a-z0-9_]*$")
     init: Literal["scratch", "encoder", "weights", "production"] = Field(
@@ -206,7 +206,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     registry: Path = Field(Path("models"), description="Model registry folder.")
 class QCConfig(_Section):
-    """Slide quality control: per-patch thresholds and per-slide flag limits (see wsipipe.qc)."""
+    """Slide quality control: per-patch thresholds and per-slide flag limits (see wsipipe.tiles.qc)."""
 
     min_focus: float = Field(
         20.0, ge=0.0, description="Patches whose Laplacian variance (grey, 2x downscaled) is below this are blurred."

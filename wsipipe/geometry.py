@@ -92,3 +92,22 @@ def dice(a: BaseGeometry, b: BaseGeometry) -> float:
 def rect(x: float, y: float, w: float, h: float) -> Polygon:
     """Axis-aligned rectangle from a level-0 top-left and size."""
     return box(x, y, x + w, y + h)
+
+
+def overlap_fraction(coords: np.ndarray, patch_size_l0: float, region: BaseGeometry) -> np.ndarray:
+    """Fraction (0..1) of each level-0 square ``[x, x+size) x [y, y+size)`` inside ``region``."""
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    if region is None or region.is_empty or len(coords) == 0:
+        return np.zeros(len(coords))
+    x, y = coords[:, 0], coords[:, 1]
+    squares = shapely.box(x, y, x + patch_size_l0, y + patch_size_l0)
+    shapely.prepare(region)
+    # Only squares crossing the region's border need an exact intersection: on a slide most
+    # patches are clear of it or deep inside it, and the prepared predicates are cheap.
+    touching = shapely.intersects(region, squares)
+    inside = touching & shapely.contains_properly(region, squares)
+    border = np.flatnonzero(touching & ~inside)
+    overlap = inside.astype(np.float64)
+    overlap[border] = shapely.area(shapely.intersection(squares[border], region)) / float(patch_size_l0) ** 2
+    return overlap
+

@@ -13,16 +13,16 @@ one would teach the model the annotator's pen stroke.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
-import shapely
 import torch
 from shapely.geometry.base import BaseGeometry
 from torch import nn
 
-from wsipipe.inference import predict_patches, resolve_device, resolve_precision, to_tensor
-from wsipipe.model import build_model
+from wsipipe.geometry import overlap_fraction
+from wsipipe.models.inference import predict_patches, resolve_device, resolve_precision, to_tensor
+from wsipipe.models.model import build_model
 
 Progress = Callable[[int, int], None]
 StepLog = Callable[[int, int, float, float], None]  # step, total, loss, patches per second
@@ -48,24 +48,6 @@ def label_patches(
     labels[overlap > max_normal_overlap] = AMBIGUOUS
     labels[overlap >= min_overlap] = 1
     return labels
-
-
-def overlap_fraction(coords: np.ndarray, patch_size_l0: float, region: BaseGeometry) -> np.ndarray:
-    """Fraction (0..1) of each level-0 square ``[x, x+size) x [y, y+size)`` inside ``region``."""
-    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
-    if region is None or region.is_empty or len(coords) == 0:
-        return np.zeros(len(coords))
-    x, y = coords[:, 0], coords[:, 1]
-    squares = shapely.box(x, y, x + patch_size_l0, y + patch_size_l0)
-    shapely.prepare(region)
-    # Only squares crossing the region's border need an exact intersection: on a slide most
-    # patches are clear of it or deep inside it, and the prepared predicates are cheap.
-    touching = shapely.intersects(region, squares)
-    inside = touching & shapely.contains_properly(region, squares)
-    border = np.flatnonzero(touching & ~inside)
-    overlap = inside.astype(np.float64)
-    overlap[border] = shapely.area(shapely.intersection(squares[border], region)) / float(patch_size_l0) ** 2
-    return overlap
 
 
 def augment(patches: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -117,7 +99,7 @@ def fit_classifier(
 
     Retraining hooks: ``model`` starts from given weights instead of a fresh ``arch``;
     ``augmenter(batch, seed)`` runs after the crop and flips (e.g. a
-    :class:`wsipipe.augment.Augmenter`); ``on_step(step, total, loss, patches_per_s)``;
+    :class:`wsipipe.learn.augment.Augmenter`); ``on_step(step, total, loss, patches_per_s)``;
     ``on_epoch(epoch, model)`` after each epoch, returning True stops training."""
     patches = np.asarray(patches)
     labels = np.asarray(labels).astype(np.int64)
@@ -209,18 +191,18 @@ def initial_model(arch: str, num_classes: int, init: str = "scratch", path=None,
     """The model retraining starts from, and a record of where it came from.
 
     ``scratch``: random init. ``encoder``: a pretraining checkpoint's encoder
-    (:func:`wsipipe.pretrain.load_encoder`) under a fresh head. ``weights``: a local
+    (:func:`wsipipe.learn.pretrain.load_encoder`) under a fresh head. ``weights``: a local
     weights file (its head too when the class count matches). ``production``: the
     registry's production model. Files are read as safetensors or ``weights_only`` torch
     state dicts: a checkpoint that pickles code is refused (:class:`ModelLoadError`)."""
     from wsipipe.errors import ModelLoadError
-    from wsipipe.model import _head_key, file_sha256, load_model
+    from wsipipe.models.model import _head_key, file_sha256, load_model
 
     model = build_model(arch, num_classes)
     if init == "scratch":
         return model, {"init": "scratch"}
     if init == "encoder":
-        from wsipipe.pretrain import load_encoder
+        from wsipipe.learn.pretrain import load_encoder
 
         encoder, meta = load_encoder(path)
         if meta["arch"] != arch:
@@ -232,7 +214,7 @@ def initial_model(arch: str, num_classes: int, init: str = "scratch", path=None,
         return model, {"init": "encoder", "path": str(path), "method": meta.get("method"), "step": meta.get("step"),
                        "data": (meta.get("data") or {}).get("hash")}
     if init == "production":
-        from wsipipe.registry import production
+        from wsipipe.learn.registry import production
 
         entry = production(registry)
         if entry is None:
@@ -260,7 +242,7 @@ def retrain(
     stops after ``cfg.patience`` epochs without a better AUC. ``cfg`` is a TrainConfig."""
     import copy
 
-    from wsipipe.metrics import auc
+    from wsipipe.learn.metrics import auc
 
     (xtr, ytr), (xva, yva) = train, val
     dev = resolve_device(cfg.device)
@@ -306,11 +288,11 @@ def train_model(stores: list, out_dir, cfg, progress: StepLog | None = None) -> 
     from pathlib import Path
 
     from wsipipe import __version__
-    from wsipipe.augment import Augmenter
-    from wsipipe.export import write_atomic
-    from wsipipe.metrics import classification_metrics
-    from wsipipe.model import save_weights
-    from wsipipe.patchsets import load_patch_sets, split_by_group, split_identity
+    from wsipipe.learn.augment import Augmenter
+    from wsipipe.files import write_atomic
+    from wsipipe.learn.metrics import classification_metrics
+    from wsipipe.models.model import save_weights
+    from wsipipe.learn.patchsets import load_patch_sets, split_by_group, split_identity
 
     tc = cfg.train
     data = load_patch_sets(stores)
@@ -325,7 +307,7 @@ def train_model(stores: list, out_dir, cfg, progress: StepLog | None = None) -> 
     stain = None
     if cfg.augment.stain_normalise != "none":
         # fitted on the training slides only: the held-out ones must not shape the preprocessing
-        from wsipipe.stain import fit_stain_normaliser
+        from wsipipe.learn.stain import fit_stain_normaliser
 
         ref = np.random.default_rng(tc.seed).choice(len(tr.patches), min(len(tr.patches), 64), replace=False)
         stain = fit_stain_normaliser(cfg.augment.stain_normalise, tr.patches[np.sort(ref)])
@@ -339,7 +321,7 @@ def train_model(stores: list, out_dir, cfg, progress: StepLog | None = None) -> 
     info = save_weights(model, out_dir / "model.safetensors", tc.arch, num_classes, {"classes": json.dumps(data.classes)})
     card = {
         "format": CARD_FORMAT, "wsipipe_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "arch": tc.arch, "num_classes": num_classes, "classes": data.classes, "weights_sha256": info.sha256,
         "init": init, "config": {"train": tc.model_dump(mode="json"), "augment": cfg.augment.model_dump(mode="json")},
         "config_hash": cfg.section_hash("train", "augment"),

@@ -24,17 +24,21 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, box
 from skimage import morphology
 
-from wsipipe import __version__, qc, store
+from wsipipe import __version__
+
+from wsipipe.tiles import qc, store
 from wsipipe.config import ExportConfig, QCConfig, StitchConfig
 from wsipipe.errors import NoTissueError, StoreError
-from wsipipe.export import write_atomic, write_geojson
+from wsipipe.geojson import write_geojson
+from wsipipe.files import write_atomic
 from wsipipe.geometry import as_multipolygon, mask_to_polygons
 
 log = logging.getLogger(__name__)
@@ -441,19 +445,19 @@ def _write_exports(
     out_dir: Path, export: ExportConfig, heatmap: np.ndarray, mask: np.ndarray, polygons: MultiPolygon,
     stride_l0: float, origin: tuple, slide_mpp: float, bounds: tuple[float, float] | None, provenance: dict,
 ) -> dict[str, str]:
-    """Outputs for other tools (see wsipipe.omezarr, wsipipe.ometiff, wsipipe.qupath); their file names."""
+    """Outputs for other tools (see wsipipe.outputs.omezarr, wsipipe.outputs.ometiff, wsipipe.outputs.qupath); their file names."""
     files = {}
     if export.validate_geojson:
-        from wsipipe.qupath import validate_qupath_geojson
+        from wsipipe.outputs.qupath import validate_qupath_geojson
 
         validate_qupath_geojson(out_dir / OUTPUT_FILES["tumor_geojson"], expected={"Tumor": polygons})
     if export.ome_zarr:
-        from wsipipe.omezarr import write_heatmap_omezarr
+        from wsipipe.outputs.omezarr import write_heatmap_omezarr
 
         files["heatmap_ome_zarr"] = "heatmap.ome.zarr"
         write_heatmap_omezarr(out_dir / files["heatmap_ome_zarr"], heatmap, mask, stride_l0, origin, slide_mpp, provenance)
     if export.ome_tiff_mask and bounds is not None:
-        from wsipipe.ometiff import write_mask_ometiff
+        from wsipipe.outputs.ometiff import write_mask_ometiff
 
         downsample = export.ome_tiff_mpp / slide_mpp
         shape = (math.ceil(bounds[1] / downsample), math.ceil(bounds[0] / downsample))

@@ -1,37 +1,23 @@
-"""Outputs other tools open: QuPath-compatible GeoJSON (and, later, OME-Zarr)."""
+"""QuPath-compatible GeoJSON: region polygons in level-0 pixels, written and read back."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import shapely
 from shapely.geometry import MultiPolygon, mapping, shape
 
 from wsipipe.errors import WsipipeError
+from wsipipe.files import write_atomic
 from wsipipe.geometry import as_multipolygon
 
 # QuPath shows a class in this colour unless the project defines its own.
 CLASS_COLOURS = {"Tumor": [200, 0, 0], "Tissue": [0, 150, 0], "Normal": [0, 100, 200]}
 
-
-def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def to_geojson(

@@ -3,7 +3,7 @@
 Everything a reader needs is inside the file (images as ``data:`` URIs, a few lines of
 inline JavaScript for sorting and filtering), so a report can be mailed, archived or
 opened from a USB stick without a server or a network. Pages are Jinja2 templates in
-``wsipipe/templates`` with autoescaping on: slide metadata comes from files we do not
+``wsipipe/outputs/templates`` with autoescaping on: slide metadata comes from files we do not
 control and is always rendered as text.
 
 The figures are drawn with matplotlib's object API (no pyplot global state).
@@ -17,14 +17,18 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 
-from wsipipe import __version__, qc, store
+from wsipipe import __version__
+
+from wsipipe.tiles import qc, store
 from wsipipe.config import QCConfig
 from wsipipe.errors import StoreError
-from wsipipe.export import read_geojson, write_atomic
+from wsipipe.geojson import read_geojson
+from wsipipe.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ def _environment():
     from jinja2 import Environment, PackageLoader
 
     env = Environment(
-        loader=PackageLoader("wsipipe", "templates"),
+        loader=PackageLoader("wsipipe.outputs", "templates"),
         autoescape=True,  # every template, whatever its name: metadata is untrusted text
         trim_blocks=True,
         lstrip_blocks=True,
@@ -162,7 +166,7 @@ def overview_figure(
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
-    from wsipipe.stitch import display_image
+    from wsipipe.outputs.stitch import display_image
 
     th, tw = thumbnail.shape[:2]
     ds = float(thumb_downsample)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from wsipipe.errors import ModelLoadError
-from wsipipe.export import write_atomic
+from wsipipe.files import write_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from wsipipe import zarrjpeg  # noqa: F401  registers the lossy patch codec, so any stage can read such stores
+from wsipipe.tiles import zarrjpeg  # noqa: F401  registers the lossy patch codec, so any stage can read such stores
 from wsipipe.errors import StoreError
 
 ATTRS_KEY = "wsipipe"

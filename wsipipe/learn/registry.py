@@ -4,7 +4,7 @@ pointer to the production one (what ``process_archive`` / ``wsipipe run`` should
     models/
       registry.json           {"production": "v0002", "history": [{version, at, replaced, metric}, ...]}
       v0001/model.safetensors
-      v0001/card.json         written by wsipipe.train.train_model
+      v0001/card.json         written by wsipipe.learn.train.train_model
 
 ``promote`` makes a version production only if it beats the current production model on
 the same test split (same split identity); loading verifies the weights' sha256 against the
@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 
 from wsipipe.errors import RegistryError
-from wsipipe.export import write_atomic
-from wsipipe.model import file_sha256
+from wsipipe.files import write_atomic
+from wsipipe.models.model import file_sha256
 
 _VERSION = re.compile(r"^v(\d{4,})$")
 
@@ -99,7 +99,7 @@ def promote(root: str | Path, version: str, metric: str = "auc", force: bool = F
         raise RegistryError(new["weights"], "weights do not match the card's sha256 (changed after training?)")
     index = _index(root)
     index["history"].append({"version": version, "replaced": index.get("production"), "metric": metric, "value": score,
-                             "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+                             "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
     index["production"] = version
     write_atomic(root / "registry.json", json.dumps(index, indent=2))
     return entry(root, version)
@@ -113,7 +113,7 @@ def production_weights(root: str | Path) -> Path | None:
 
 def load_version(root: str | Path, version: str | None = None):
     """(model, ModelInfo) of a version (default: production), its sha256 checked against the card."""
-    from wsipipe.model import load_model
+    from wsipipe.models.model import load_model
 
     e = entry(root, version) if version else production(root)
     if e is None:

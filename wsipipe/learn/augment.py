@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -95,7 +95,7 @@ class JPEGArtefacts:
         return torch.from_numpy(decoded.copy()).permute(2, 0, 1)
 
 
-def named_transforms(cfg: AugmentConfig) -> "OrderedDict[str, Callable]":
+def named_transforms(cfg: AugmentConfig) -> OrderedDict[str, Callable]:
     """The enabled transforms by name, in pipeline order (geometry, colour, stain, degradations)."""
     t: OrderedDict[str, Callable] = OrderedDict()
     if cfg.flip_rot90:
@@ -177,8 +177,8 @@ def augment_store(src: str | Path, out: str | Path, cfg: AugmentConfig, copies: 
     its ``coords`` / ``labels`` / ``groups`` carried over, and optionally a PNG preview grid."""
     from PIL import Image
 
-    from wsipipe import store
-    from wsipipe.export import write_atomic
+    from wsipipe.tiles import store
+    from wsipipe.files import write_atomic
 
     g = store.open_store(src)
     n = g["patches"].shape[0]

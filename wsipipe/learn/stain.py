@@ -64,7 +64,7 @@ class StainNormaliser:
         return {"method": self.method, "params": self.params}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StainNormaliser":
+    def from_dict(cls, d: dict) -> StainNormaliser:
         if d.get("method") not in _APPLY:
             raise ValueError(f"unknown stain normaliser {d.get('method')!r} (use macenko or reinhard)")
         return cls(d["method"], dict(d.get("params", {})))

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import shapely
 from shapely.geometry import MultiPolygon, shape

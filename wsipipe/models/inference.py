@@ -25,16 +25,17 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from wsipipe import store
+from wsipipe.tiles import store
 from wsipipe.config import InferenceConfig
 from wsipipe.errors import ConfigError, StoreError
-from wsipipe.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
+from wsipipe.models.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 
 STAGE = "infer"
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ writes (see BENCHMARKS.md, storage). Chosen with ``tile.codec: jpeg``; the defau
 lossless.
 
 Chunk layout: a little-endian uint32 count n, n uint32 byte lengths, then the n JPEG
-streams. Importing this module registers the codec as ``wsipipe.jpeg`` (wsipipe.store
+streams. Importing this module registers the codec as ``wsipipe.jpeg`` (wsipipe.tiles.store
 imports it, so every stage can read such stores).
 """
 
@@ -40,7 +40,7 @@ class JpegPatchCodec(ArrayBytesCodec):
         object.__setattr__(self, "level", int(level))
 
     @classmethod
-    def from_dict(cls, data: dict[str, JSON]) -> "JpegPatchCodec":
+    def from_dict(cls, data: dict[str, JSON]) -> JpegPatchCodec:
         _, config = parse_named_configuration(data, NAME, require_configuration=False)
         return cls(**(config or {}))  # type: ignore[arg-type]
 

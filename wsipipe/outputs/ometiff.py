@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from wsipipe.omezarr import downsample_any, pyramid
+from wsipipe.outputs.omezarr import downsample_any, pyramid
 
 TILE = 256
 

@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import imagecodecs
 import numpy as np
@@ -46,7 +46,7 @@ from shapely import affinity
 from shapely.geometry import MultiPolygon, Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
-from wsipipe.export import write_geojson
+from wsipipe.geojson import write_geojson
 from wsipipe.geometry import as_multipolygon
 
 __all__ = [
@@ -787,7 +787,7 @@ def write_synthetic_slide(
 
 
 def _main(argv: list[str]) -> None:
-    """``python -m wsipipe.synth [SIZE [OUT]]``: write a SIZE x SIZE slide and print the speed."""
+    """``python -m wsipipe.slides.synth [SIZE [OUT]]``: write a SIZE x SIZE slide and print the speed."""
     import resource
     import tempfile
     import time

@@ -29,10 +29,10 @@ import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, shape
 
-from wsipipe import store
+from wsipipe.tiles import store
 from wsipipe.errors import AnnotationError
 from wsipipe.geometry import as_multipolygon
-from wsipipe.train import overlap_fraction
+from wsipipe.geometry import overlap_fraction
 
 BACKGROUND = "Normal"  # the class of patches clear of every annotation polygon
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
@@ -210,7 +210,7 @@ class PatchSet:
     classes: list[str]
     identity: str  # hash of the stores' slide identities, label sources and counts
 
-    def subset(self, idx: np.ndarray) -> "PatchSet":
+    def subset(self, idx: np.ndarray) -> PatchSet:
         return PatchSet(self.patches[idx], self.labels[idx], self.groups[idx], self.classes, self.identity)
 
 

@@ -21,20 +21,20 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsipipe import store
-from wsipipe.augment import Augmenter
+from wsipipe.tiles import store
+from wsipipe.learn.augment import Augmenter
 from wsipipe.config import AugmentConfig, PretrainConfig
 from wsipipe.errors import ModelLoadError, StoreError
-from wsipipe.inference import resolve_device, resolve_precision, to_tensor
-from wsipipe.model import _head, build_model, _read_state
-from wsipipe.export import write_atomic
+from wsipipe.models.inference import resolve_device, resolve_precision, to_tensor
+from wsipipe.models.model import _head, build_model, _read_state
+from wsipipe.files import write_atomic
 
 FORMAT = "wsipipe-encoder-1"
 # (step, total, loss, patches per second) -> None
@@ -283,7 +283,7 @@ def linear_probe(encoder: nn.Module, train: tuple[np.ndarray, np.ndarray], test:
     """Logistic regression on frozen features (standardised, full batch, L2): the encoder's
     quality as linear separability. ``train`` / ``test`` are (patches, labels); returns
     accuracy and AUC on ``test`` (and on ``train``)."""
-    from wsipipe.metrics import auc
+    from wsipipe.learn.metrics import auc
 
     (xtr, ytr), (xte, yte) = train, test
     ftr, fte = embed(encoder, xtr), embed(encoder, xte)
@@ -307,7 +307,7 @@ def linear_probe(encoder: nn.Module, train: tuple[np.ndarray, np.ndarray], test:
 def probe_on_sets(checkpoint: str | Path, labelled: list[str | Path], seed: int = 0) -> dict:
     """Linear probe of a checkpoint's encoder on labelled stores, split by slide / group
     (2/3 of the groups fit the probe, 1/3 score it); stored as ``probe.json`` beside it."""
-    from wsipipe.patchsets import load_patch_sets, split_by_group
+    from wsipipe.learn.patchsets import load_patch_sets, split_by_group
 
     encoder, _ = load_encoder(checkpoint)
     data = load_patch_sets(labelled)

@@ -4,7 +4,7 @@ Flat synthetic texture compresses and decodes unrealistically well, so speed and
 figures are measured on slides whose tiles are real scanned tissue. A pool of tiles is
 cut from a real slide at random places, each turned by one of the 8 symmetries of the
 square (rotations and flips), re-encoded the way scanners write them (JPEG, YCbCr 4:2:0),
-and laid on a generated layout of tissue pieces (:func:`wsipipe.synth.make_layout`):
+and laid on a generated layout of tissue pieces (:func:`wsipipe.slides.synth.make_layout`):
 a level-0 tile whose centre is in tissue gets a pool tile, the others glass.
 
 Level 0 reuses the pool's JPEG bytes; lower levels (downsample 4, 16, ...) are built from
@@ -18,14 +18,14 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import shapely
 import tifffile
 from shapely.geometry import MultiPolygon
 
-from wsipipe.synth import _aperio_description, _encode, make_layout, pyramid_downsamples
+from wsipipe.slides.synth import _aperio_description, _encode, make_layout, pyramid_downsamples
 
 GLASS_RGB = (242, 241, 243)
 
@@ -59,7 +59,7 @@ def orient(tile: np.ndarray, quarter_turns: int, flipped: bool) -> np.ndarray:
 
 def read_source(source: str | Path) -> np.ndarray:
     """Level 0 of a (small) real slide, RGB uint8, through OpenSlide."""
-    from wsipipe.slide import open_slide
+    from wsipipe.slides.slide import open_slide
 
     with open_slide(source) as slide:
         w, h = slide.dimensions
@@ -176,7 +176,7 @@ def write_mosaic_slide(
 
 
 def _main(argv: list[str]) -> None:
-    """``python -m wsipipe.mosaic SIZE OUT.svs [SOURCE]``: write a SIZE x SIZE mosaic slide."""
+    """``python -m wsipipe.slides.mosaic SIZE OUT.svs [SOURCE]``: write a SIZE x SIZE mosaic slide."""
     import time
 
     size, out = int(argv[0]), Path(argv[1])

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import openslide
@@ -138,7 +138,7 @@ class Slide:
         """RGB (height, width, 3) at *level pixel* coordinates (x, y) of ``level``.
 
         With ``fast`` (default) TIFF-family slides are decoded tile by tile without OpenSlide
-        (see :mod:`wsipipe.tiffread`): same pixels, exactly on the level's grid. Otherwise,
+        (see :mod:`wsipipe.slides.tiffread`): same pixels, exactly on the level's grid. Otherwise,
         and for other formats, OpenSlide reads it (at levels > 0 OpenSlide interpolates
         when x * downsample is not an integer)."""
         reader = self.fast_reader(level) if fast else None
@@ -159,7 +159,7 @@ class Slide:
     def fast_reader(self, level: int):
         """The direct tile reader for ``level``, or None when OpenSlide must read it."""
         if level not in self._fast:
-            from wsipipe.tiffread import open_level
+            from wsipipe.slides.tiffread import open_level
 
             self._fast[level] = open_level(
                 str(self.path), self.vendor, self.level_dimensions[level], self.background
@@ -217,7 +217,7 @@ class Slide:
         self._fast.clear()
         self.handle.close()
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import dask
 import numpy as np
@@ -30,13 +30,15 @@ from dask.callbacks import Callback
 from openslide import OpenSlideError
 from PIL import Image
 
-from wsipipe import __version__, qc, store
+from wsipipe import __version__
+
+from wsipipe.tiles import qc, store
 from wsipipe.config import PipelineConfig, TileConfig
 from wsipipe.errors import NoTissueError, SlideReadError, StoreError
 from wsipipe.locks import remove_stale_temps
-from wsipipe.slide import Slide, cached_slide, forget_cached_slide, open_slide
-from wsipipe.tissue import detect_tissue, patch_tissue_fraction
-from wsipipe.zarrjpeg import JpegPatchCodec
+from wsipipe.slides.slide import Slide, cached_slide, forget_cached_slide, open_slide
+from wsipipe.slides.tissue import detect_tissue, patch_tissue_fraction
+from wsipipe.tiles.zarrjpeg import JpegPatchCodec
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +414,7 @@ def tile_slide(
         for i in todo
     ]
     _run_tasks(tasks, cfg, client, progress, done, n)
-    local = client is None and not cfg.dask.scheduler_address
+    local = client is None
     # Tasks ran in this process: free the shared handle's decoded tiles now, not after inference.
     decoded = forget_cached_slide(slide_path, cfg.mpp_override) if local and tasks else None
 
@@ -511,11 +513,6 @@ def patch_codecs(tile: TileConfig) -> dict:
 def _run_tasks(tasks: list, cfg: PipelineConfig, client, progress: Progress | None, done: int, total: int) -> None:
     if not tasks:
         return
-    if client is None and cfg.dask.scheduler_address:
-        from wsipipe.cluster import connect
-
-        with connect(cfg.dask.scheduler_address) as own_client:
-            return _run_tasks(tasks, cfg, own_client, progress, done, total)
     if client is not None:
         from distributed import as_completed
 

@@ -102,8 +102,8 @@ def _dedupe_dicom(paths: list[Path]) -> list[Path]:
 
 def slide_output_dir(slide_path: str | Path, out_root: str | Path, cfg: PipelineConfig) -> Path:
     """The slide's output folder in ``out_root`` (opens the slide: its identity is in the name)."""
-    from wsipipe.pipeline import slide_output_name
-    from wsipipe.slide import open_slide
+    from wsipipe.run.pipeline import slide_output_name
+    from wsipipe.slides.slide import open_slide
 
     slide_path = Path(slide_path)
     with open_slide(slide_path, cfg.mpp_override) as slide:
@@ -120,13 +120,13 @@ def done_outputs(
     would give them (slide identity + tile config hash, model sha256, stitch settings), and
     every output file must be there with summary.json naming the same stitch identity.
     Raises the slide's own error (e.g. SlideOpenError) when it cannot be opened."""
-    from wsipipe import store
-    from wsipipe.inference import infer_identity
-    from wsipipe.pipeline import slide_output_name
-    from wsipipe.slide import open_slide
-    from wsipipe.report import REPORT_NAME
-    from wsipipe.stitch import existing_outputs
-    from wsipipe.tiling import tile_identity
+    from wsipipe.tiles import store
+    from wsipipe.models.inference import infer_identity
+    from wsipipe.run.pipeline import slide_output_name
+    from wsipipe.slides.slide import open_slide
+    from wsipipe.outputs.report import REPORT_NAME
+    from wsipipe.outputs.stitch import existing_outputs
+    from wsipipe.tiles.tiling import tile_identity
 
     slide_path = Path(slide_path)
     with open_slide(slide_path, cfg.mpp_override) as slide:
@@ -205,7 +205,7 @@ def write_results(rows: list[dict], out_root: str | Path) -> Path:
     """The last archive run's rows as ``out_root/archive-results.json`` (atomic)."""
     import json
 
-    from wsipipe.export import write_atomic
+    from wsipipe.files import write_atomic
 
     return write_atomic(Path(out_root) / RESULTS_FILE, json.dumps(rows, indent=1))
 
@@ -215,7 +215,7 @@ def write_archive_files(rows: list[dict], out_root: str | Path) -> Path:
     over one output folder each write their own rows whole; the last one to finish stays).
     Temporary files of an earlier run killed mid-write go first. Returns the report's path."""
     from wsipipe.locks import folder_lock, remove_stale_temps
-    from wsipipe.report import ARCHIVE_REPORT_NAME, write_archive_report
+    from wsipipe.outputs.report import ARCHIVE_REPORT_NAME, write_archive_report
 
     with folder_lock(out_root):
         remove_stale_temps(out_root, zarr_partials=False)

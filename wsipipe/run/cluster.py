@@ -20,7 +20,7 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from wsipipe.config import DaskConfig, PipelineConfig
 from wsipipe.errors import ConfigError, WsipipeError
@@ -38,6 +38,17 @@ def connect(address: str, timeout: str = "20s") -> Iterator:
     except (OSError, TimeoutError) as exc:
         raise ConfigError(None, f"dask.scheduler_address={address!r}: cannot reach the scheduler ({exc})") from None
     with client:
+        yield client
+
+
+@contextlib.contextmanager
+def scheduler_client(cfg: DaskConfig) -> Iterator:
+    """A client of ``dask.scheduler_address`` for the block, or None when none is configured
+    (the tiler then runs its chunk tasks on threads in this process)."""
+    if not cfg.scheduler_address:
+        yield None
+        return
+    with connect(cfg.scheduler_address) as client:
         yield client
 
 
@@ -71,7 +82,7 @@ def dask_scheduler(cfg: PipelineConfig) -> Iterator[PipelineConfig]:
     """Yield ``cfg`` with ``dask.scheduler_address`` set: the configured scheduler as is, or a
     LocalCluster that lives for the block (threads in this process unless
     ``orchestration.local_cluster_processes``). The Prefect flows open one per archive run and
-    hand its address to every slide; ``wsipipe.tiling`` submits its chunk tasks there."""
+    hand its address to every slide; ``wsipipe.tiles.tiling`` submits its chunk tasks there."""
     if cfg.dask.scheduler_address:
         yield cfg
         return
@@ -105,7 +116,7 @@ def run_slides(
     seconds) plus ``workers``: the address each stage ran on. A slide that fails is a
     ``failed`` row with the one-line error; the others go on. ``skipped`` = every stage
     was already complete for the same slide, config and model."""
-    from wsipipe.pipeline import weights_path
+    from wsipipe.run.pipeline import weights_path
 
     weights = weights_path(model_path, cfg).resolve()
     out_dir = Path(out_dir).resolve()
@@ -182,9 +193,9 @@ def _local_cfg(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def _tile_task(slide: Path, out_dir: Path, cfg: PipelineConfig) -> dict:
-    from wsipipe.pipeline import slide_output_name
-    from wsipipe.slide import open_slide
-    from wsipipe.tiling import tile_slide
+    from wsipipe.run.pipeline import slide_output_name
+    from wsipipe.slides.slide import open_slide
+    from wsipipe.tiles.tiling import tile_slide
 
     def work(state: dict) -> dict:
         with open_slide(slide, cfg.mpp_override) as s:
@@ -197,7 +208,7 @@ def _tile_task(slide: Path, out_dir: Path, cfg: PipelineConfig) -> dict:
 
 @functools.lru_cache(maxsize=2)
 def _cached_model(path: str, mtime_ns: int, arch: str | None, num_classes: int | None):
-    from wsipipe.model import load_model
+    from wsipipe.models.model import load_model
 
     return load_model(path, arch, num_classes)
 
@@ -205,7 +216,7 @@ def _cached_model(path: str, mtime_ns: int, arch: str | None, num_classes: int |
 def _infer_task(state: dict, weights: Path, cfg: PipelineConfig) -> dict:
     import torch
 
-    from wsipipe.inference import infer_store
+    from wsipipe.models.inference import infer_store
 
     def work(state: dict) -> dict:
         try:
@@ -225,8 +236,8 @@ def _infer_task(state: dict, weights: Path, cfg: PipelineConfig) -> dict:
 
 
 def _stitch_task(state: dict, cfg: PipelineConfig) -> dict:
-    from wsipipe.report import write_slide_report
-    from wsipipe.stitch import stitch_store
+    from wsipipe.outputs.report import write_slide_report
+    from wsipipe.outputs.stitch import stitch_store
 
     def work(state: dict) -> dict:
         slide_dir = Path(state["out_dir"])

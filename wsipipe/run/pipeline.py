@@ -5,19 +5,21 @@ Thin orchestration over the stage modules; the CLI and the Prefect flows call th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
-from wsipipe import store
+from wsipipe.tiles import store
 from wsipipe.config import PipelineConfig
 from wsipipe.errors import ConfigError, writing_outputs
 from wsipipe.locks import clear_leftovers, folder_lock
-from wsipipe.slide import open_slide
+from wsipipe.run.cluster import scheduler_client
+from wsipipe.slides.slide import open_slide
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def slide_output_name(slide_path: Path, identity: str) -> str:
 def weights_path(model: str | Path | None, cfg: PipelineConfig) -> Path:
     """The weights a run uses: the explicit file, else ``model.weights``, else the model
     registry's production version (``train.registry``, see ``wsipipe models promote``)."""
-    from wsipipe.registry import production_weights
+    from wsipipe.learn.registry import production_weights
 
     weights = model or cfg.model.weights or production_weights(cfg.train.registry)
     if not weights:
@@ -65,11 +67,11 @@ def run_slide(
     """Tile, classify and stitch one slide into ``out_dir/<name>-<id>/``, then write its report.html.
 
     Each stage is skipped when its outputs exist for the same inputs, so a rerun is cheap."""
-    from wsipipe.inference import infer_store, resolve_device, resolve_precision
-    from wsipipe.model import load_model
-    from wsipipe.report import write_slide_report
-    from wsipipe.stitch import stitch_store
-    from wsipipe.tiling import tile_slide
+    from wsipipe.models.inference import infer_store, resolve_device, resolve_precision
+    from wsipipe.models.model import load_model
+    from wsipipe.outputs.report import write_slide_report
+    from wsipipe.outputs.stitch import stitch_store
+    from wsipipe.tiles.tiling import tile_slide
 
     slide_path = Path(slide_path)
     weights = weights_path(model_path, cfg)
@@ -87,7 +89,8 @@ def run_slide(
     t0 = time.perf_counter()
     with writing_outputs(slide_dir), folder_lock(slide_dir):
         clear_leftovers(slide_dir)  # a writer killed mid-write; we hold the lock, so none is live
-        tile_slide(slide_path, store_path, cfg, client=client, progress=stage("tile"))
+        with contextlib.nullcontext(client) if client is not None else scheduler_client(cfg.dask) as tile_client:
+            tile_slide(slide_path, store_path, cfg, client=tile_client, progress=stage("tile"))
         infer_store(store_path, model, info, cfg.inference, progress=stage("infer"))
         summary = stitch_store(store_path, slide_dir, cfg.stitch, progress=stage("stitch"), qc_cfg=cfg.qc, export=cfg.export)
         write_slide_report(slide_dir, cfg.qc, only_if_changed=True)
@@ -99,7 +102,9 @@ def add_ground_truth_dice(slide_dir: Path, geojson_path: Path) -> dict:
     """Dice of the predicted tumor polygons against a ground-truth GeoJSON, added to summary.json."""
     from shapely.geometry import MultiPolygon
 
-    from wsipipe.export import read_geojson, write_atomic
+    from wsipipe.geojson import read_geojson
+
+    from wsipipe.files import write_atomic
     from wsipipe.geometry import dice
 
     truth = read_geojson(geojson_path).get("Tumor", MultiPolygon())
@@ -118,10 +123,10 @@ def train_demo_model(
     """Fit the classifier on labelled patches of one generated slide; returns the weights file."""
     import numpy as np
 
-    from wsipipe.export import read_geojson
-    from wsipipe.model import save_weights
-    from wsipipe.tiling import tile_slide
-    from wsipipe.train import fit_classifier, label_patches
+    from wsipipe.geojson import read_geojson
+    from wsipipe.models.model import save_weights
+    from wsipipe.tiles.tiling import tile_slide
+    from wsipipe.learn.train import fit_classifier, label_patches
 
     store_path = work_dir / "train-patches.zarr"
     tile_slide(slide_path, store_path, cfg, progress=(lambda d, n: progress("tile (train)", d, n)) if progress else None)
@@ -143,7 +148,7 @@ def train_demo_model(
 
 def run_demo(out_dir: str | Path, cfg: PipelineConfig, progress: StageProgress | None = None, size=(12000, 9000)) -> SlideOutputs:
     """The embedded default: generate a training and a test slide, fit, run, score against truth."""
-    from wsipipe.synth import write_synthetic_slide
+    from wsipipe.slides.synth import write_synthetic_slide
 
     out_dir = Path(out_dir)
     slides = out_dir / "slides"
