@@ -45,6 +45,14 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
         raise StoreError(path, f"cannot open Zarr group: {exc}") from exc
 
 
+def array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of a slide's group; a missing one, or a group in its place, is a StoreError."""
+    node = group.get(name)
+    if not isinstance(node, zarr.Array):
+        raise StoreError(str(group.store_path).removeprefix("file:"), f"no array '{name}' in this store" if node is None else f"'{name}' is not an array")
+    return node
+
+
 def meta(group: zarr.Group) -> dict[str, Any]:
     """The wsipipe attrs of a group ({} for a fresh one)."""
     return dict(group.attrs.get(ATTRS_KEY, {}))
