@@ -49,7 +49,8 @@ def array(group: zarr.Group, name: str) -> zarr.Array:
     """The array ``name`` of a slide's group; a missing one, or a group in its place, is a StoreError."""
     node = group.get(name)
     if not isinstance(node, zarr.Array):
-        raise StoreError(str(group.store_path).removeprefix("file:"), f"no array '{name}' in this store" if node is None else f"'{name}' is not an array")
+        problem = f"no array '{name}' in this store" if node is None else f"'{name}' is not an array"
+        raise StoreError(str(group.store_path).removeprefix("file:"), problem)
     return node
 
 
