@@ -42,7 +42,9 @@ def test_nt_xent_prefers_matching_views():
 
 @pytest.mark.parametrize("method", ["simclr", "byol"])
 def test_short_run_lowers_the_loss(unlabelled, tmp_path, method):
-    result = pretrain(unlabelled, tmp_path / method, _cfg(method))
+    # In 14 steps SimCLR at lr 1e-3 moves less than its step-to-step noise (0.04 on this data,
+    # 0.34 at lr 1e-2), so whether the check passed depended on the CPU's rounding.
+    result = pretrain(unlabelled, tmp_path / method, _cfg(method, lr=1e-2 if method == "simclr" else 1e-3))
     losses = np.array(result.losses)
     assert len(losses) == 14 and np.isfinite(losses).all()
     assert losses[-4:].mean() < losses[:4].mean() - 0.05, losses.round(3)
