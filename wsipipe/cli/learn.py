@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from wsipipe.cli.console import ConfigOpt, console, help_when_bare, load_config, loss_progress, one, print_paths, progress
-from wsipipe.errors import RegistryError
+from wsipipe.errors import AnnotationError, RegistryError
 
 
 def patches(
@@ -27,6 +27,8 @@ def patches(
     from wsipipe.learn.patchsets import folder_patch_set, label_store
 
     cfg = load_config(config)
+    if not source.exists():
+        raise AnnotationError(source, "not found (expected a tiled store or a folder with one sub-folder per class)")
     if annotations is not None:
         labels = label_store(source, annotations, classes.split(",") if classes else None,
                              cfg.train.min_overlap, cfg.train.max_normal_overlap)
