@@ -188,8 +188,6 @@ def archive(
 
     Runs with Prefect's ephemeral server when PREFECT_API_URL is unset (no server needed, offline),
     else it reports to that server."""
-    import flows  # noqa: F401  (offline-safe Prefect settings first)
-    from flows.archive import process_archive
     from wsipipe.run.archive import archive_message, parse_overrides
 
     values = parse_overrides(overrides)
@@ -201,6 +199,9 @@ def archive(
         raise ConfigError(Path(source), "archive not found (expected a folder, a glob pattern, a .csv manifest or a slide file)")
     if model is not None and not model.exists():
         raise ModelLoadError(model, "weights file not found")
+    import flows  # noqa: F401  (offline-safe Prefect settings first)
+    from flows.archive import process_archive
+
     state: Any = process_archive(
         source, str(out), model=str(model) if model else None, config=str(config) if config else None,
         overrides=values, return_state=True,
