@@ -19,6 +19,11 @@ class WsipipeError(Exception):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
 
+    def __reduce__(self):
+        # Rebuilt from (path, problem), not from the joined message: errors cross process
+        # boundaries (Dask workers, Prefect task states) and must arrive as the same type.
+        return type(self), (self.path, self.problem)
+
 
 class SlideOpenError(WsipipeError):
     """The file is missing, not a slide, or a format OpenSlide cannot open."""
@@ -46,6 +51,12 @@ class ModelLoadError(WsipipeError):
 
 class ConfigError(WsipipeError):
     """A configuration file or parameter is invalid (names the field and value)."""
+
+
+class ParameterError(ConfigError, ValueError):
+    """A threshold or fraction given to a library function is out of range (names the parameters and values).
+
+    Also a ValueError, which is what callers of those functions caught before."""
 
 
 class AnnotationError(WsipipeError):
@@ -78,3 +89,15 @@ def writing_outputs(path: str | Path) -> Iterator[None]:
 
 class ExportError(WsipipeError):
     """An output for another tool (GeoJSON, OME-Zarr, OME-TIFF) does not meet its format."""
+
+
+class TrainingDataError(WsipipeError, ValueError):
+    """The labelled patches cannot train a model: one class only, a train/val/test split left
+    empty, patches and labels that do not pair up. Names the stores where the caller knows them.
+
+    Also a ValueError, which is what callers of the training functions caught before."""
+
+
+class StainError(WsipipeError, ValueError):
+    """A stain normaliser cannot be fitted (too few stained pixels: the patches are glass) or
+    names a method that does not exist. Also a ValueError, for callers that catch one."""

@@ -30,7 +30,7 @@ import shapely
 from shapely.geometry import MultiPolygon, shape
 
 from wsipipe.tiles import store
-from wsipipe.errors import AnnotationError
+from wsipipe.errors import AnnotationError, ParameterError
 from wsipipe.geometry import as_multipolygon
 from wsipipe.geometry import overlap_fraction
 
@@ -85,7 +85,7 @@ def label_by_regions(
 
     ``classes`` fixes the index order (background included, if used)."""
     if not 0.0 <= max_normal_overlap < min_overlap <= 1.0:
-        raise ValueError(f"need 0 <= max_normal_overlap ({max_normal_overlap}) < min_overlap ({min_overlap}) <= 1")
+        raise ParameterError(None, f"need 0 <= max_normal_overlap ({max_normal_overlap}) < min_overlap ({min_overlap}) <= 1")
     named = [c for c in classes if c != background]
     n = len(np.asarray(coords).reshape(-1, 2))
     overlaps = np.zeros((n, max(len(named), 1)))
@@ -250,7 +250,7 @@ def split_by_group(groups: np.ndarray, fractions=(0.6, 0.2, 0.2), seed: int = 0)
     uniq = np.unique(groups)
     fr = np.asarray(fractions, dtype=float)
     if fr.shape != (3,) or (fr < 0).any() or fr.sum() <= 0:
-        raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
+        raise ParameterError(None, f"train/val/test split fractions must be three non-negative numbers, got {fractions}")
     order = np.random.default_rng(seed).permutation(len(uniq))
     counts = np.floor(fr / fr.sum() * len(uniq)).astype(int)
     for k in np.argsort(-fr):  # leftovers and empty-but-wanted splits, largest fraction first

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from wsipipe.errors import StainError
+
 _IO = 255.0  # transmitted light intensity
 _OD_MIN = 0.15  # optical density below which a pixel is background (glass)
 
@@ -30,7 +32,7 @@ def macenko_stains(rgb: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     od = _od(rgb)
     od = od[(od > _OD_MIN).all(axis=1)]
     if len(od) < 10:
-        raise ValueError("too few stained pixels to estimate stain vectors (is this glass?)")
+        raise StainError(None, f"too few stained pixels ({len(od)} of {len(rgb.reshape(-1, 3))}) to estimate stain vectors (is this glass?)")
     _, vecs = np.linalg.eigh(np.cov(od.T))
     plane = vecs[:, 1:3]  # the two largest eigenvalues
     plane = plane * np.sign(plane[0:1, :] + 1e-12)  # point into positive OD
@@ -66,7 +68,7 @@ class StainNormaliser:
     @classmethod
     def from_dict(cls, d: dict) -> StainNormaliser:
         if d.get("method") not in _APPLY:
-            raise ValueError(f"unknown stain normaliser {d.get('method')!r} (use macenko or reinhard)")
+            raise StainError(None, f"unknown stain normaliser {d.get('method')!r} (use macenko or reinhard)")
         return cls(d["method"], dict(d.get("params", {})))
 
 
@@ -108,4 +110,4 @@ def fit_stain_normaliser(method: str, reference: np.ndarray) -> StainNormaliser:
 
         lab = rgb2lab(reference).reshape(-1, 3)
         return StainNormaliser(method, {"mean": lab.mean(0).tolist(), "std": lab.std(0).tolist()})
-    raise ValueError(f"unknown stain normaliser {method!r} (use macenko or reinhard)")
+    raise StainError(None, f"unknown stain normaliser {method!r} (use macenko or reinhard)")

@@ -20,6 +20,7 @@ import torch
 from shapely.geometry.base import BaseGeometry
 from torch import nn
 
+from wsipipe.errors import ParameterError, TrainingDataError
 from wsipipe.geometry import overlap_fraction
 from wsipipe.models.inference import predict_patches, resolve_device, resolve_precision, to_tensor
 from wsipipe.models.model import build_model
@@ -40,7 +41,7 @@ def label_patches(
     1 = tumor (fraction of the square inside ``tumor`` >= ``min_overlap``), 0 = normal
     (fraction <= ``max_normal_overlap``), -1 = ambiguous (left out of training)."""
     if not 0.0 <= max_normal_overlap < min_overlap <= 1.0:
-        raise ValueError(f"need 0 <= max_normal_overlap ({max_normal_overlap}) < min_overlap ({min_overlap}) <= 1")
+        raise ParameterError(None, f"need 0 <= max_normal_overlap ({max_normal_overlap}) < min_overlap ({min_overlap}) <= 1")
     labels = np.zeros(len(np.asarray(coords).reshape(-1, 2)), dtype=np.int8)
     if tumor is None or tumor.is_empty or len(labels) == 0:
         return labels
@@ -104,12 +105,12 @@ def fit_classifier(
     patches = np.asarray(patches)
     labels = np.asarray(labels).astype(np.int64)
     if patches.ndim != 4 or len(labels) != len(patches):
-        raise ValueError(f"need (N, H, W, 3) patches and N labels, got {patches.shape} and {labels.shape}")
+        raise TrainingDataError(None, f"need (N, H, W, 3) patches and N labels, got {patches.shape} and {labels.shape}")
     keep = np.flatnonzero(labels >= 0)
     classes, counts = np.unique(labels[keep], return_counts=True)
     n_out = max(num_classes, 2)
     if len(classes) < 2 or classes[-1] >= n_out:
-        raise ValueError(f"need labels from at least two of the classes 0..{n_out - 1} (got {classes.tolist()})")
+        raise TrainingDataError(None, f"need labels from at least two of the classes 0..{n_out - 1} (got {classes.tolist()})")
 
     torch.manual_seed(seed)  # the initial weights
     rng = np.random.default_rng(seed)  # sampling, crops, flips
@@ -299,8 +300,11 @@ def train_model(stores: list, out_dir, cfg, progress: StepLog | None = None) -> 
     splits = split_by_group(data.groups, tc.split, tc.seed)
     for name in ("train", "val", "test"):
         if len(splits[name]) == 0:
-            raise ValueError(f"split {name!r} is empty: {len(set(data.groups))} source group(s) cannot fill "
-                             f"train/val/test {tc.split}; add slides or change train.split")
+            raise TrainingDataError(None, f"{', '.join(map(str, stores))}: split {name!r} is empty: {len(set(data.groups))} source "
+                                    f"group(s) cannot fill train/val/test {tc.split}; add slides or change train.split")
+    if len(np.unique(data.labels[splits["train"]])) < 2:
+        raise TrainingDataError(None, f"{', '.join(map(str, stores))}: the training split has labelled patches of "
+                                f"{len(np.unique(data.labels[splits['train']]))} class(es) of {data.classes}; need at least two")
     num_classes = 1 if len(data.classes) == 2 else len(data.classes)
     model, init = initial_model(tc.arch, num_classes, tc.init, tc.init_path, tc.registry)
     tr, va, te = (data.subset(splits[k]) for k in ("train", "val", "test"))

@@ -1,0 +1,5 @@
+"""``python -m wsipipe.cli``: the same as the ``wsipipe`` command."""
+
+from wsipipe.cli import main
+
+main()

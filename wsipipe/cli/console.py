@@ -1,0 +1,114 @@
+"""What every command shares: the two consoles, progress bars, config loading, the printing of
+paths and summaries, the exit codes and the ``--debug`` flag.
+
+Light on import: rich's progress bars and the pydantic config load when a command first uses them,
+so ``wsipipe --help`` does not pay for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from wsipipe.config import PipelineConfig
+
+err = Console(stderr=True)
+console = Console()
+
+EXIT_ERROR = 2  # a WsipipeError (bad input, config, output volume); click's usage errors exit 2 too
+EXIT_NO_TISSUE = 3
+EXIT_BUG = 1  # anything unforeseen: a bug, reported as "unexpected"
+EXIT_INTERRUPTED = 130
+
+
+class Flags:
+    """Process-wide switches set by the top-level options."""
+
+    debug: bool = False
+
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config overriding the defaults (see configs/).")
+
+
+def load_config(config: Path | None, **overrides: Any) -> PipelineConfig:
+    """The config file (or the defaults) with the command's options on top; ``None`` options are left out."""
+    from wsipipe.config import load_config as load
+
+    return load(config, overrides)
+
+
+def help_when_bare(ctx: typer.Context) -> None:
+    """A group called without a command: its help on stdout and exit 0 (not a usage error)."""
+    if ctx.invoked_subcommand is None:
+        text = ctx.get_help()  # typer's rich help prints itself and returns ""
+        if text:
+            typer.echo(text)
+        raise typer.Exit(0)
+
+
+@contextmanager
+def progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar per stage, fed by (stage, done, total) callbacks."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bars = Progress(
+        TextColumn("[bold]{task.description:>14}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.update(tasks[stage], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+def one(stage: str, update: Callable[[str, int, int], None]) -> Callable[[int, int], None]:
+    """A (done, total) callback for one stage of :func:`progress`."""
+    return lambda done, total: update(stage, done, total)
+
+
+@contextmanager
+def loss_progress(label: str) -> Iterator[Callable[[int, int, float, float], None]]:
+    """One rich bar with the running loss and throughput, fed by (step, total, loss, patches/s)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bars = Progress(
+        TextColumn("[bold]{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.0f} patches/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err,
+    )
+    with bars:
+        task = bars.add_task(label, total=None, loss=float("nan"), rate=0.0)
+        yield lambda step, total, loss, rate: bars.update(task, completed=step, total=total, loss=loss, rate=rate)
+
+
+def error_line(prefix: str, message: object, style: str = "red") -> None:
+    """One line on stderr; the message is plain text (file names may contain brackets)."""
+    err.print(Text.assemble((prefix, style), str(message)), soft_wrap=True, highlight=False)
+
+
+def print_summary(summary: dict) -> None:
+    score = summary.get("slide_score", {})
+    console.print(
+        f"[bold]{summary.get('slide', {}).get('name', '')}[/]: {summary.get('n_patches')} patches, "
+        f"decision [bold]{summary.get('decision')}[/] (top-k mean {score.get('top_k_mean')}, max {score.get('max')}), "
+        f"tumor area {summary.get('tumor_area_mm2')} mm²",
+        highlight=False,
+    )
+
+
+def print_paths(paths: dict) -> None:
+    """``label: path`` per line on stdout."""
+    for label, path in paths.items():
+        console.print(f"{label}: [cyan]{path}[/]", highlight=False)

@@ -1,0 +1,151 @@
+"""The commands that build models: ``patches``, ``augment``, ``pretrain``, ``train`` and the registry's
+``models list`` / ``models promote``. Torch loads when one of them runs, not before."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+
+from wsipipe.cli.console import ConfigOpt, console, help_when_bare, load_config, loss_progress, one, print_paths, progress
+from wsipipe.errors import AnnotationError, RegistryError
+
+
+def patches(
+    source: Path = typer.Argument(..., help="A tiled store (with --annotations) or a folder with one sub-folder per class."),
+    annotations: Path | None = typer.Option(None, "--annotations", "-a", help="QuPath GeoJSON for a tiled store."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Zarr store to write (folder sets)."),
+    classes: str | None = typer.Option(None, help="Comma-separated classes in index order, background first (default: Normal + the GeoJSON's)."),
+    patch_size: int | None = typer.Option(None, help="Resize folder images to this edge (default: the first image's)."),
+    group_regex: str | None = typer.Option(None, help="Source group of a file: first capture group on its name (folder sets)."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Labelled patch set: labels from annotation polygons, or a folder-per-class image set."""
+    import numpy as np
+
+    from wsipipe.learn.patchsets import folder_patch_set, label_store
+
+    cfg = load_config(config)
+    if not source.exists():
+        raise AnnotationError(source, "not found (expected a tiled store or a folder with one sub-folder per class)")
+    if annotations is not None:
+        labels = label_store(source, annotations, classes.split(",") if classes else None,
+                             cfg.train.min_overlap, cfg.train.max_normal_overlap)
+        counts = {int(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True), strict=True)}
+        print_paths({f"labels {counts} (-1 = unlabelled)": source})
+    else:
+        if out is None:
+            raise typer.BadParameter("--out is required for a folder-per-class set")
+        stats = folder_patch_set(source, out, patch_size, group_regex)
+        print_paths({f"{stats['n_patches']} patches, classes {stats['classes']}, {stats['n_groups']} groups": out})
+
+
+def augment(
+    store_path: Path = typer.Argument(..., metavar="STORE.zarr", help="Patch store to augment."),
+    out: Path = typer.Option(..., "--out", "-o", help="Augmented copy (Zarr)."),
+    copies: int = typer.Option(1, help="Augmented draws per patch."),
+    preview: Path | None = typer.Option(None, help="PNG grid: N samples per transform."),
+    samples: int = typer.Option(6, help="Samples per transform in the preview."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Write an augmented copy of a patch set (and a preview grid) to inspect the augmentation config."""
+    from wsipipe.learn.augment import augment_store
+
+    cfg = load_config(config)
+    with progress() as update:
+        stats = augment_store(store_path, out, cfg.augment, copies, preview, samples, progress=one("augment", update))
+    print_paths({f"{stats['n_patches']} patches ({', '.join(stats['transforms'])})": out,
+                       **({"preview": preview} if preview else {})})
+
+
+def pretrain(
+    stores: list[Path] = typer.Argument(..., help="Patch stores (any number; labels are ignored)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder (resumes when it holds one)."),
+    method: str | None = typer.Option(None, help="simclr or byol (default pretrain.method)."),
+    steps: int | None = typer.Option(None, help="Training steps."),
+    arch: str | None = typer.Option(None, help="torchvision architecture of the encoder."),
+    probe: list[Path] = typer.Option([], help="Labelled stores for a linear probe after training (split by slide)."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Contrastive pretraining (SimCLR / BYOL) of a patch encoder; resumable; optional linear probe."""
+    from wsipipe.learn.pretrain import pretrain as run_pretrain, probe_on_sets
+
+    cfg = load_config(config, **{"pretrain.method": method, "pretrain.steps": steps, "pretrain.arch": arch})
+    with loss_progress(cfg.pretrain.method) as update:
+        result = run_pretrain(list[str | Path](stores), out, cfg.pretrain, cfg.augment, progress=update)
+    print_paths({f"encoder after {result.steps} steps (resumed from {result.resumed_from})": out})
+    if probe:
+        scores = probe_on_sets(out, list[str | Path](probe), cfg.train.seed)
+        console.print(f"linear probe: accuracy {scores['accuracy']:.3f}, AUC {scores['auc']:.3f}")
+
+
+def train(
+    stores: list[Path] = typer.Argument(..., help="Labelled patch stores (from `wsipipe patches`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for model.safetensors and card.json."),
+    init: str | None = typer.Option(None, help="scratch, encoder, weights or production."),
+    init_path: Path | None = typer.Option(None, help="Encoder checkpoint / weights file for --init."),
+    epochs: int | None = typer.Option(None, help="Maximum epochs (early stopping on validation AUC)."),
+    arch: str | None = typer.Option(None, help="torchvision architecture."),
+    register: bool = typer.Option(False, help="Add the result to the registry (train.registry) as a new version."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Fine-tune the patch classifier; held-out metrics into a JSON model card."""
+    from wsipipe.learn.train import train_model
+
+    cfg = load_config(config, **{"train.init": init, "train.init_path": init_path, "train.epochs": epochs, "train.arch": arch})
+    with loss_progress("train") as update:
+        card = train_model(stores, out, cfg, progress=update)
+    m = card["test_metrics"]
+    console.print(f"test: AUC {m['auc']:.3f}, accuracy {m['accuracy']:.3f}, sensitivity {m['sensitivity']:.3f}, "
+                  f"specificity {m['specificity']:.3f}, ECE {m['ece']:.3f} (n={m['n']})", highlight=False)
+    print_paths({"model": out / "model.safetensors", "model card": out / "card.json"})
+    if register:
+        from wsipipe.learn.registry import register as add
+
+        console.print(f"registered as {add(cfg.train.registry, out)} in {cfg.train.registry}")
+
+
+models_app = typer.Typer(help="The model registry: list, promote.")
+
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context) -> None:
+    """The model registry: list, promote."""
+    help_when_bare(ctx)
+
+
+@models_app.command("list")
+def models_list(registry_dir: Path | None = typer.Option(None, "--registry", help="Registry folder (default train.registry)."),
+                config: Path | None = ConfigOpt) -> None:
+    """Versions with their test metrics; * marks production."""
+    from wsipipe.learn.registry import list_models
+
+    root = registry_dir or load_config(config).train.registry
+    if not Path(root).is_dir():
+        if registry_dir is not None:  # named on the command line: a typo, not an empty registry
+            raise RegistryError(root, "registry folder not found")
+        console.print(f"no models registered in {root} yet", highlight=False)
+        return
+    for e in list_models(root):
+        m, card = e["card"].get("test_metrics", {}), e["card"]
+        console.print(f"{'*' if e['production'] else ' '} {e['version']}  {card.get('arch')}  classes {card.get('classes')}  "
+                      f"AUC {m.get('auc', float('nan')):.4f}  acc {m.get('accuracy', float('nan')):.4f}  "
+                      f"split {card.get('test_split_id')}  {card.get('created')}", highlight=False)
+
+
+@models_app.command("promote")
+def models_promote(version: str = typer.Argument(..., help="Version to make production, e.g. v0002."),
+                   registry_dir: Path | None = typer.Option(None, "--registry", help="Registry folder (default train.registry)."),
+                   metric: str = typer.Option("auc", help="Test metric that must improve."),
+                   config: Path | None = ConfigOpt) -> None:
+    """Make a version production only if it beats the current one on the same test split."""
+    from wsipipe.learn.registry import promote
+
+    root = registry_dir or load_config(config).train.registry
+    e = promote(root, version, metric)
+    print_paths({f"production is now {e['version']}": e["weights"]})
+
+
+
+COMMANDS: list[Callable[..., None]] = [patches, augment, pretrain, train]

@@ -1,0 +1,257 @@
+"""The commands that take slides to outputs: ``synth``, ``tile``, ``infer``, ``stitch``, ``run``, ``demo``,
+``archive``, ``report``. Each imports its stage when it runs, so the CLI starts without torch, Dask or Prefect."""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.text import Text
+
+from wsipipe.cli.console import (
+    EXIT_ERROR,
+    ConfigOpt,
+    Flags,
+    console,
+    err,
+    error_line,
+    load_config,
+    one,
+    print_paths,
+    print_summary,
+    progress,
+)
+from wsipipe.errors import ConfigError, ModelLoadError, SlideOpenError, WsipipeError, writing_outputs
+
+
+def synth(
+    out: Path = typer.Argument(..., help="Slide file to write (.svs = Aperio-style, .tiff = generic TIFF)."),
+    width: int = typer.Option(12000, help="Level-0 width, px."),
+    height: int = typer.Option(9000, help="Level-0 height, px."),
+    mpp: float = typer.Option(0.5, help="Level-0 resolution, µm/px."),
+    seed: int = typer.Option(0, help="Random seed (layout and texture)."),
+    tissue_pieces: int = typer.Option(3, help="Number of separate tissue pieces."),
+    tumors: int = typer.Option(2, help="Number of planted tumor regions."),
+) -> None:
+    """Generate a synthetic H&E-like pyramidal slide with ground-truth GeoJSON beside it."""
+    from wsipipe.slides.synth import write_synthetic_slide
+
+    fmt = "tiff" if out.suffix.lower() in (".tif", ".tiff") else "svs"
+    s = write_synthetic_slide(out, width, height, mpp=mpp, seed=seed, fmt=fmt, n_tissue=tissue_pieces, n_tumor=tumors)
+    print_paths({"slide": s.path, "ground truth": s.geojson_path})
+
+
+def tile(
+    slide: Path = typer.Argument(..., help="Slide file (any format OpenSlide reads)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Zarr store to write (e.g. slide.zarr)."),
+    mpp: float | None = typer.Option(None, help="Target resolution of patches, µm/px (default 0.5)."),
+    patch_size: int | None = typer.Option(None, help="Patch edge in px at the target mpp (default 224)."),
+    stride: int | None = typer.Option(None, help="Grid step in px at the target mpp (default = patch size)."),
+    min_tissue: float | None = typer.Option(None, help="Minimum tissue fraction to keep a patch (default 0.5)."),
+    mpp_override: float | None = typer.Option(None, help="Use this level-0 mpp instead of the file's."),
+    scheduler: str | None = typer.Option(None, help="Address of an existing Dask scheduler."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Detect tissue and write the slide's patches to a Zarr store (resumable)."""
+    from wsipipe.run.cluster import scheduler_client
+    from wsipipe.tiles.tiling import tile_slide
+
+    cfg = load_config(
+        config, **{"tile.mpp": mpp, "tile.patch_size": patch_size, "tile.stride": stride,
+                   "tile.min_tissue": min_tissue, "mpp_override": mpp_override, "dask.scheduler_address": scheduler},
+    )
+    with progress() as update, scheduler_client(cfg.dask) as client, writing_outputs(out):
+        stats = tile_slide(slide, out, cfg, client=client, progress=one("tile", update))
+    note = " (already complete)" if stats.get("skipped") else ""
+    print_paths({f"{stats['n_patches']} patches{note}": out})
+
+
+def infer(
+    store_path: Path = typer.Argument(..., metavar="STORE.zarr", help="Store written by `wsipipe tile`."),
+    model: Path = typer.Option(..., "--model", "-m", help="Weights file (.safetensors or .pt state dict)."),
+    arch: str | None = typer.Option(None, help="torchvision architecture (default resnet18 / from the file)."),
+    batch_size: int | None = typer.Option(None, help="Patches per batch (default 64)."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N (default auto)."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Classify every patch of a store; writes `probabilities` into it."""
+    from wsipipe.models.inference import infer_store
+    from wsipipe.models.model import load_model
+
+    cfg = load_config(config, **{"model.arch": arch, "inference.batch_size": batch_size, "inference.device": device})
+    net, info = load_model(model, arch, None)
+    with progress() as update, writing_outputs(store_path):
+        stats = infer_store(store_path, net, info, cfg.inference, progress=one("infer", update))
+    print_paths({f"probabilities ({stats.get('n', '?')} patches)": store_path})
+
+
+def stitch(
+    store_path: Path = typer.Argument(..., metavar="STORE.zarr", help="Store with probabilities."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for heatmap, tumor mask, GeoJSON, summary."),
+    threshold: float | None = typer.Option(None, help="Tumor probability threshold (default 0.5)."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Heatmap, tumor mask (PNG + QuPath GeoJSON) and summary.json from a classified store."""
+    from wsipipe.outputs.stitch import stitch_store
+
+    cfg = load_config(config, **{"stitch.threshold": threshold})
+    with progress() as update, writing_outputs(out):
+        summary = stitch_store(
+            store_path, out, cfg.stitch, progress=one("stitch", update), qc_cfg=cfg.qc, export=cfg.export
+        )
+    print_summary(summary)
+    print_paths({"outputs": out})
+
+
+def run(
+    slides: list[Path] = typer.Argument(..., help="One or more slide files."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Weights file (default model.weights)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (one sub-folder per slide)."),
+    mpp: float | None = typer.Option(None, help="Target resolution of patches, µm/px (default 0.5)."),
+    mpp_override: float | None = typer.Option(None, help="Use this level-0 mpp instead of the files'."),
+    scheduler: str | None = typer.Option(None, help="Address of an existing Dask scheduler."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """All stages (tile -> infer -> stitch) for each slide. One failing slide doesn't stop the rest."""
+    from wsipipe.run.pipeline import run_slide
+
+    cfg = load_config(config, **{"tile.mpp": mpp, "mpp_override": mpp_override, "dask.scheduler_address": scheduler})
+    # A path that is not there is a typo, not a bad slide: fail before any work.
+    missing = [p for p in slides if not p.exists()]
+    if missing:
+        more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise SlideOpenError(missing[0], f"file not found{more}")
+    if cfg.dask.scheduler_address:
+        _run_on_cluster(slides, out, cfg, model)
+        return
+    failed = 0
+    for path in slides:
+        try:
+            with progress() as update:
+                result = run_slide(path, out, cfg, model, progress=update)
+            out.mkdir(parents=True, exist_ok=True)
+            print_summary(result.summary)
+            print_paths({path.name: result.out_dir})
+        except WsipipeError as exc:
+            if len(slides) == 1:
+                raise
+            failed += 1
+            error_line("failed: ", exc)
+        except Exception as exc:  # the unforeseen in one slide must not end a batch either
+            if len(slides) == 1 or Flags.debug:
+                raise
+            failed += 1
+            error_line("failed: ", f"{path}: unexpected {type(exc).__name__}: {exc}")
+    if failed:
+        err.print(f"[red]{failed} of {len(slides)} slides failed[/]")
+        raise typer.Exit(EXIT_ERROR)
+
+
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for the demo's slides and outputs."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Embedded default: generate slides, fit ResNet18 on one, run the pipeline on the other, score vs truth."""
+    from wsipipe.files import write_atomic
+    from wsipipe.run.pipeline import run_demo
+
+    cfg = load_config(config)
+    with progress() as update:
+        result = run_demo(out, cfg, progress=update)
+    print_summary(result.summary)
+    gt = result.summary.get("ground_truth", {})
+    write_atomic(out / "demo-summary.txt", json.dumps(result.summary, indent=2))
+    print_paths({
+        "outputs": result.out_dir,
+        "QA report (open in a browser)": result.out_dir / "report.html",
+        "heatmap": result.out_dir / "heatmap.png",
+        "tumor annotations (QuPath)": result.out_dir / "tumor.geojson",
+        **{f"{kind} (other tools)": result.out_dir / name for kind, name in (result.summary.get("exports") or {}).items()},
+        "summary": result.out_dir / "summary.json",
+    })
+    console.print(f"tumor Dice vs ground truth: [bold]{gt.get('tumor_dice')}[/]")
+
+
+def archive(
+    source: str = typer.Argument(..., help="Folder of slides, glob pattern ('slides/**/*.svs') or CSV manifest."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (one sub-folder per slide)."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Weights file (default model.weights)."),
+    scheduler: str | None = typer.Option(None, help="Address of an existing Dask scheduler (default: a LocalCluster)."),
+    overrides: list[str] = typer.Option([], "--set", help="Config field override, e.g. --set tile.mpp=1.0 (repeatable)."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """The process-archive Prefect flow: only new or changed slides; failures listed, others go on.
+
+    Runs with Prefect's ephemeral server when PREFECT_API_URL is unset (no server needed, offline),
+    else it reports to that server."""
+    from wsipipe.run.archive import archive_message, parse_overrides
+
+    values = parse_overrides(overrides)
+    if scheduler:
+        values["dask.scheduler_address"] = scheduler
+    # A bad field, a missing archive or weights file fails here, before Prefect starts.
+    load_config(config, **values)
+    if not glob.has_magic(source) and not Path(source).exists():
+        raise ConfigError(Path(source), "archive not found (expected a folder, a glob pattern, a .csv manifest or a slide file)")
+    if model is not None and not model.exists():
+        raise ModelLoadError(model, "weights file not found")
+    import flows  # noqa: F401  (offline-safe Prefect settings first)
+    from flows.archive import process_archive
+
+    state: Any = process_archive(
+        source, str(out), model=str(model) if model else None, config=str(config) if config else None,
+        overrides=values, return_state=True,
+    )
+    # This run's own rows (the state carries them even when Failed); archive-results.json may
+    # already hold a concurrent run's.
+    rows = state.result(raise_on_failure=False) if state.is_completed() or state.is_failed() else None
+    if isinstance(rows, list):
+        for row in rows:
+            style = {"ok": "green", "skipped": "cyan", "failed": "red"}[row["status"]]
+            console.print(Text.assemble((f"{row['status']:>7} ", style), f"{row['slide']}  {row['error'] or row['out_dir']}"))
+        console.print(archive_message(rows), highlight=False)
+        if state.is_completed():
+            return
+    else:
+        error_line("archive run failed: ", state.message or state.type)
+    raise typer.Exit(EXIT_ERROR)
+
+
+def report(
+    slide_dir: Path = typer.Argument(..., metavar="SLIDE_OUTPUT_DIR", help="A slide's output folder (with summary.json)."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Write the slide's self-contained QA report (report.html) into its output folder."""
+    from wsipipe.outputs.report import write_slide_report
+
+    qc_cfg = load_config(config).qc if config else None  # default: the thresholds the run used
+    print_paths({"report": write_slide_report(slide_dir, qc_cfg)})
+
+
+def _run_on_cluster(slides: list[Path], out: Path, cfg, model: Path | None) -> None:
+    """`run --scheduler`: one slide per worker, inference on the workers with the GPU resource."""
+    from wsipipe.run.cluster import dask_client, run_slides
+
+    with dask_client(cfg.dask) as client:
+        console.print(f"dask cluster: [cyan]{client.scheduler.address}[/]", highlight=False)
+        rows = run_slides(slides, out, cfg, model, client)
+    failed = [r for r in rows if r["status"] == "failed"]
+    for row in rows:
+        if row["status"] == "failed":
+            error_line("failed: ", row["error"])
+            continue
+        print_summary(row["summary"])
+        workers = ", ".join(f"{stage} on {addr}" for stage, addr in row["workers"].items())
+        console.print(f"{row['status']} in {row['seconds']:.1f} s ({workers})", highlight=False)
+        print_paths({Path(row["slide"]).name: row["out_dir"]})
+    if failed:
+        err.print(f"[red]{len(failed)} of {len(rows)} slides failed[/]")
+        raise typer.Exit(EXIT_ERROR)
+
+
+
+COMMANDS: list[Callable[..., None]] = [synth, tile, infer, stitch, run, demo, archive, report]
