@@ -13,8 +13,8 @@ and 1.0 µm/px = 2x downsampling from level 0) and on the same patch list it mea
   * wsipipe tile_slide with 1, 2 and 3 Dask workers: the chunk phase (reads + QC + Zarr writes),
     also per CPU-second of the process (all threads: the per-core rate), and the whole stage
     (plus thumbnail and tissue detection); with the default zstd, and with tile.codec none
-    and jpeg; at 2x also with tile.resample area; and with each chunk's write done before its QC
-    instead of during it (tiling's behaviour before session 12)
+    and jpeg; at 2x also with tile.resample area; and with each chunk's patch write done
+    before its QC instead of overlapping it (the serial variant, for comparison)
   * naive loop: one openslide read_region per patch, converted to RGB (and Lanczos-resized
     at 2x), the way CLAM / TIAToolbox / WSInfer extract, without any writes
 Variants run in a rotating order for ``--repeats`` rounds; ratios are taken within a round.
@@ -105,7 +105,7 @@ def timed_tile(slide: Path, out: Path, workers: int, overrides: dict) -> dict:
 
 class _SequentialWrites:
     """Stands in for tiling's writer pool: each chunk's patch write runs before its QC, in the
-    task's own thread (how tiling wrote before the overlap), for a side-by-side comparison."""
+    task's own thread instead of overlapping it, for a side-by-side comparison with the real pool."""
 
     def submit(self, fn, *args):
         from concurrent.futures import Future
