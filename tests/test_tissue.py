@@ -10,7 +10,7 @@ from wsipipe.geometry import mask_to_polygons, rasterize
 from wsipipe.slides.slide import open_slide
 from wsipipe.slides.tissue import detect_tissue, patch_tissue_fraction
 
-# Level-0 points looked at by eye in 224-px crops (see the note on issue 2): tissue / glass.
+# Level-0 points checked by eye in 224-px crops of each slide: tissue / glass.
 EYE_CHECKED = {
     "cmu-1-small-region.svs": (None, [(1600, 2400), (1040, 2000)], [(240, 2400), (240, 240), (2000, 600)]),
     "tcga-cr-7395-01a-01-ts1.svs": (0.25, [(1920, 1600), (1000, 1800)], [(4000, 320), (300, 3300)]),
