@@ -33,10 +33,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check wsipipe flows tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
 
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 # The report tests render pages in Debian's headless Chromium; install it once if missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
