@@ -12,8 +12,8 @@ sparse pixel grid, focus on a 2x binned channel, so it costs a small fraction of
   over-stained, dye pooling, ink smears are far above H&E's range).
 
 They are stored as the columns of ``qc/measures`` (:data:`wsipipe.tiles.store.QC_MEASURES`,
-(N, 4) float32, column names in its attrs) in the slide's Zarr group beside ``patches``. :func:`slide_qc` turns them, the tissue and slide attrs and the slide
-score into flags with thresholds from :class:`wsipipe.config.QCConfig`.
+(N, 4) float32, column names in its attrs) in the slide's Zarr group beside ``patches``.
+:func:`slide_qc` turns them, the tissue and slide attrs and the slide score into flags with thresholds from :class:`wsipipe.config.QCConfig`.
 """
 
 from __future__ import annotations
