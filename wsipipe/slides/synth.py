@@ -218,7 +218,7 @@ def lymphoid_aggregates(
     xs, ys = xs[inside][:n], ys[inside][:n]
     radii = rng.uniform(lo, hi, xs.size)
     blobs = [_blob(x, y, r, r * rng.uniform(0.7, 1.0), rng, wobble=0.15, roughness=0.02, n_vertices=96)
-             for x, y, r in zip(xs, ys, radii)]
+             for x, y, r in zip(xs, ys, radii, strict=True)]
     return _clean(shapely.union_all(blobs).intersection(normal)) if blobs else MultiPolygon()
 
 
@@ -650,7 +650,8 @@ def _encode(tile: np.ndarray, quality: int) -> bytes:
     # YCbCr with 4:2:0 chroma subsampling, like scanners write; the TIFF says so with
     # PhotometricInterpretation=YCbCr + YCbCrSubSampling (set by tifffile), which is
     # how OpenSlide knows to convert back (Photometric=RGB on these bytes gives wrong colours).
-    return imagecodecs.jpeg8_encode(tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2))
+    data = imagecodecs.jpeg8_encode(tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2))
+    return bytes(data) if isinstance(data, bytearray) else data  # bytes in practice; the stubs allow either
 
 
 def _level_tiles(
@@ -663,7 +664,7 @@ def _level_tiles(
     xs = np.arange(0, width, tile)
     for y in range(0, height, tile):
         boxes = shapely.box(xs * factor, y * factor, (xs + tile) * factor, (y + tile) * factor)
-        for x, cls in zip(xs.tolist(), scene.classify(boxes).tolist()):
+        for x, cls in zip(xs.tolist(), scene.classify(boxes).tolist(), strict=True):
             if cls < 0:
                 yield _encode(_render(tex, scene, factor, x, y, tile, tile), quality)
                 continue
