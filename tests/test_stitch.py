@@ -93,7 +93,7 @@ def test_chunked_accumulation_equals_one_shot():
     one_shot = stitch_heatmap(cells, probs, (rows, cols), cells_per_patch=2)
     acc = HeatmapAccumulator((rows, cols), cells_per_patch=2)
     edges = np.sort(rng.choice(np.arange(1, len(cells)), size=9, replace=False))
-    for ij, p in zip(np.split(cells, edges), np.split(probs, edges)):
+    for ij, p in zip(np.split(cells, edges), np.split(probs, edges), strict=True):
         acc.add(ij, p)
     acc.add(np.empty((0, 2), dtype=np.int32), np.empty(0, dtype=np.float32))
     # Same cells, same values; only the float32 summation order within a cell differs.

@@ -42,7 +42,7 @@ def test_label_patches_matches_a_plain_loop():
     blob = Polygon(np.c_[500 + radius * np.cos(angles), 500 + radius * np.sin(angles)]).buffer(0)
     coords = rng.uniform(0, 1000, (500, 2)).round()
     labels = label_patches(coords, 64, blob, 0.6, 0.05)
-    for (x, y), label in zip(coords, labels):
+    for (x, y), label in zip(coords, labels, strict=True):
         frac = box(x, y, x + 64, y + 64).intersection(blob).area / 64**2
         assert label == (1 if frac >= 0.6 else 0 if frac <= 0.05 else -1)
     assert {-1, 0, 1} <= set(labels.tolist())

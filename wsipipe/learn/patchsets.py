@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,7 @@ class PatchSet:
         return PatchSet(self.patches[idx], self.labels[idx], self.groups[idx], self.classes, self.identity)
 
 
-def load_patch_sets(paths: list[str | Path], labelled_only: bool = True) -> PatchSet:
+def load_patch_sets(paths: Sequence[str | Path], labelled_only: bool = True) -> PatchSet:
     """Concatenate labelled stores (same classes, same patch size) into one :class:`PatchSet`."""
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     classes: list[str] | None = None

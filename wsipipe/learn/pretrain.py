@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -123,7 +123,7 @@ class PatchStream:
     """Random batches from several stores, chunk-local: a batch takes a few patches from each
     of several random chunks, so reading costs a few chunk decodes, not one per patch."""
 
-    def __init__(self, paths: list[str | Path], per_chunk: int = 8):
+    def __init__(self, paths: Sequence[str | Path], per_chunk: int = 8):
         self.arrays: list[zarr.Array] = []
         self.chunks: list[tuple[int, int, int]] = []  # (array, first patch, end)
         ident: list[list[Any]] = []
@@ -172,7 +172,7 @@ def _view_config(aug: AugmentConfig, crop: int, patch: int) -> AugmentConfig:
 
 
 def pretrain(
-    stores: list[str | Path], out_dir: str | Path, cfg: PretrainConfig, aug: AugmentConfig | None = None,
+    stores: Sequence[str | Path], out_dir: str | Path, cfg: PretrainConfig, aug: AugmentConfig | None = None,
     progress: PretrainProgress | None = None, stop_after: int | None = None,
 ) -> PretrainResult:
     """Run ``cfg.method`` for ``cfg.steps`` steps, checkpointing into ``out_dir`` every
@@ -309,7 +309,7 @@ def linear_probe(encoder: nn.Module, train: tuple[np.ndarray, np.ndarray], test:
             "train_accuracy": float((ptr.argmax(1) == ytr).mean()), "n_train": int(len(ytr)), "n_test": int(len(yte))}
 
 
-def probe_on_sets(checkpoint: str | Path, labelled: list[str | Path], seed: int = 0) -> dict:
+def probe_on_sets(checkpoint: str | Path, labelled: Sequence[str | Path], seed: int = 0) -> dict:
     """Linear probe of a checkpoint's encoder on labelled stores, split by slide / group
     (2/3 of the groups fit the probe, 1/3 score it); stored as ``probe.json`` beside it."""
     from wsipipe.learn.patchsets import load_patch_sets, split_by_group
