@@ -113,3 +113,25 @@ def test_multiclass_fit_runs():
     labels[::3] = 2
     model = fit_classifier(patches, labels, num_classes=3, epochs=1, batch_size=6, precision="fp32", device="cpu")
     assert predict_patches(model, patches, torch.device("cpu")).shape == (12, 3)
+
+
+def test_fit_options_and_keywords_are_one_setting():
+    from wsipipe.learn.train import FitHooks, FitOptions, fit_settings
+
+    opts, hooks = fit_settings(FitOptions(epochs=5, device="cpu"), None, epochs=2, lr=0.1)
+    assert opts == FitOptions(epochs=2, lr=0.1, device="cpu") and hooks == FitHooks()
+    on_step = print
+    _, hooks = fit_settings(None, FitHooks(on_step=on_step))
+    assert hooks.on_step is on_step and hooks.model is None
+    with pytest.raises(TypeError, match="epoch"):
+        fit_settings(None, None, epoch=3)  # type: ignore[call-arg]
+
+
+def test_fit_with_options_equals_fit_with_keywords():
+    from wsipipe.learn.train import FitOptions
+
+    patches, labels = toy_patches(12, seed=2, size=32)
+    kw = dict(epochs=1, batch_size=6, train_size=24, precision="fp32", device="cpu", seed=5)
+    a = fit_classifier(patches, labels, **kw).state_dict()
+    b = fit_classifier(patches, labels, FitOptions(**kw)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
