@@ -408,7 +408,7 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 def stitch_identity(group: zarr.Group, cfg: StitchConfig) -> dict[str, Any]:
     """What the stitch outputs depend on: the inference outputs and the stitch settings."""
     infer = store.stage_entry(group, store.STAGE_INFER) or {}
-    return {"infer": infer.get("identity"), "stitch_config": cfg.model_dump(mode="json")}
+    return {store.STAGE_INFER: infer.get("identity"), "stitch_config": cfg.model_dump(mode="json")}
 
 
 def _identity_hash(identity: dict) -> str:

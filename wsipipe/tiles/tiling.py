@@ -19,6 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any
 from pathlib import Path
 from collections.abc import Callable
 
@@ -381,22 +382,58 @@ def tile_slide(
         group = store.open_store(store_path, mode="a")
         entry = store.stage_entry(group, STAGE)
         if entry and entry.get("identity") == identity and entry.get("complete"):
-            n_done = int(store.array(group, store.COORDS).shape[0])
-            _check_corrupt(slide_path, entry.get("corrupt_patches"), n_done, cfg.tile.on_corrupt_tile)
-            stats = {"skipped": True, "n_patches": n_done, **_stage_stats(entry)}
-            if stats["n_patches"] == 0:
-                raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
-            return stats
+            return _already_tiled(group, entry, slide_path, cfg)
+        plan = _open_plan(group, entry, slide, cfg, identity, store_path)
+    tasks = _run_chunks(plan, slide_path, store_path, cfg, identity, client, progress)
+    local = client is None
+    # Tasks ran in this process: free the shared handle's decoded tiles now, not after inference.
+    decoded = forget_cached_slide(slide_path, cfg.mpp_override) if local and tasks else None
+    _finish(plan, slide_path, store_path, cfg, identity, bool(tasks), time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    return {"skipped": False, "n_patches": plan.n, "seconds": seconds, "resumed": plan.resume, "tiles_decoded": decoded}
 
-        resume = bool(entry and entry.get("identity") == identity and store.PATCHES in group)
-        if resume:
-            spec = GridSpec(**{k: v for k, v in store.meta(group)[store.META_TILE].items() if k in GridSpec.__annotations__})
-            n = int(store.array(group, store.COORDS).shape[0])
-        else:
-            group = zarr.open_group(str(store_path), mode="w")  # stale or new: start clean
-            spec, n = _plan_store(group, slide, cfg, identity)
-    chunk = cfg.tile.chunk_patches
-    slices = store.chunk_slices(n, chunk)
+
+@dataclass
+class _Plan:
+    """The store a tiling run writes: its group, grid and patch count, and whether it resumes."""
+
+    group: zarr.Group
+    spec: GridSpec
+    n: int
+    resume: bool
+
+
+def _already_tiled(group: zarr.Group, entry: dict[str, Any], slide_path: Path, cfg: PipelineConfig) -> dict[str, Any]:
+    """Stats of a store tiling already completed with the same identity (nothing is rewritten)."""
+    n_done = int(store.array(group, store.COORDS).shape[0])
+    _check_corrupt(slide_path, entry.get("corrupt_patches"), n_done, cfg.tile.on_corrupt_tile)
+    stats = {"skipped": True, "n_patches": n_done, **_stage_stats(entry)}
+    if stats["n_patches"] == 0:
+        raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
+    return stats
+
+
+def _open_plan(
+    group: zarr.Group, entry: dict[str, Any] | None, slide: Slide, cfg: PipelineConfig, identity: dict[str, Any],
+    store_path: Path,
+) -> _Plan:
+    """The interrupted run's grid when it had the same identity; otherwise a clean store, planned anew."""
+    resume = bool(entry and entry.get("identity") == identity and store.PATCHES in group)
+    if resume:
+        spec = GridSpec(**{k: v for k, v in store.meta(group)[store.META_TILE].items() if k in GridSpec.__annotations__})
+        return _Plan(group, spec, int(store.array(group, store.COORDS).shape[0]), True)
+    group = zarr.open_group(str(store_path), mode="w")  # stale or new: start clean
+    spec, n = _plan_store(group, slide, cfg, identity)
+    return _Plan(group, spec, n, False)
+
+
+def _run_chunks(
+    plan: _Plan, slide_path: Path, store_path: Path, cfg: PipelineConfig, identity: dict[str, Any], client,
+    progress: Progress | None,
+) -> list:
+    """Tile every chunk not flagged done (Dask tasks, on ``client`` or local threads); the tasks run."""
+    group, spec, n = plan.group, plan.spec, plan.n
+    slices = store.chunk_slices(n, cfg.tile.chunk_patches)
     flags = store.progress_array(group, STAGE, len(slices))
     todo = store.pending_chunks(flags) if n else []
     done = n - sum(slices[i].stop - slices[i].start for i in todo)
@@ -417,25 +454,28 @@ def tile_slide(
         for i in todo
     ]
     _run_tasks(tasks, cfg, client, progress, done, n)
-    local = client is None
-    # Tasks ran in this process: free the shared handle's decoded tiles now, not after inference.
-    decoded = forget_cached_slide(slide_path, cfg.mpp_override) if local and tasks else None
+    return tasks
 
+
+def _finish(
+    plan: _Plan, slide_path: Path, store_path: Path, cfg: PipelineConfig, identity: dict[str, Any], ran: bool,
+    seconds: float,
+) -> None:
+    """Check every chunk landed, clean up after killed workers, report corrupt tiles, mark the stage complete."""
+    group, n = plan.group, plan.n
     if n and store.pending_chunks(store.array(group, store.progress_name(STAGE))):
         raise StoreError(store_path, "some chunks were not written; rerun to resume")
     # Every chunk is written, so a Zarr *.partial file left in the store is a killed worker's
     # (its task ran again elsewhere): nothing will ever rename it. Same caveat as locks.py.
-    if tasks and remove_stale_temps(store_path):
+    if ran and remove_stale_temps(store_path):
         log.info("%s: removed temporary files of killed tiling tasks", store_path)
     corrupt = corrupt_report(group)
     _check_corrupt(slide_path, corrupt, n, cfg.tile.on_corrupt_tile)
-    seconds = time.perf_counter() - t0
     store.set_stage(
-        group, STAGE, identity, True, seconds=round(seconds, 3), n_patches=n, resumed=resume, corrupt_patches=corrupt,
+        group, STAGE, identity, True, seconds=round(seconds, 3), n_patches=n, resumed=plan.resume, corrupt_patches=corrupt,
     )
     if n == 0:
         raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
-    return {"skipped": False, "n_patches": n, "seconds": seconds, "resumed": resume, "tiles_decoded": decoded}
 
 
 def _check_corrupt(slide_path: Path, corrupt: dict | None, n: int, mode: str) -> None:
