@@ -311,7 +311,7 @@ def test_a_batch_of_bad_slides_never_stops_the_run(work, slides_dir, tmp_path):
     assert f"{len(bad)} of {len(bad) + 1} slides failed" in res.stderr
     failed = [ln for ln in stderr_lines(res) if ln.startswith("failed: ")]
     assert len(failed) == len(bad) and "Traceback" not in res.stderr
-    for path, line in zip(bad, failed):
+    for path, line in zip(bad, failed, strict=True):
         assert str(path) in line, line
     assert "no resolution" in failed[4] and "Bogus marker length" in failed[5] and "no tissue" in failed[6]
     (folder,) = [p for p in out.iterdir() if (p / "summary.json").exists()]

@@ -50,7 +50,7 @@ def test_omezarr_heatmap_opens_with_ome_zarr_reader_at_slide_scale(outputs):
     levels = [np.asarray(d) for d in image.data]
     assert len(levels) >= 2  # a pyramid, not one level
     np.testing.assert_array_equal(levels[0], np.load(out / "heatmap.npy"))  # same values as stitch
-    for k, (level, transforms) in enumerate(zip(levels, image.metadata["coordinateTransformations"])):
+    for k, (level, transforms) in enumerate(zip(levels, image.metadata["coordinateTransformations"], strict=True)):
         scale = next(t["scale"] for t in transforms if t["type"] == "scale")
         shift = next(t["translation"] for t in transforms if t["type"] == "translation")
         assert scale == pytest.approx([STRIDE * MPP * 2**k] * 2)
@@ -96,7 +96,7 @@ def test_ometiff_mask_is_pyramidal_with_physical_size_and_aligned(outputs):
         series = tif.series[0]
         levels = [lvl.asarray() for lvl in series.levels]
         pixels = tif.ome_metadata
-    assert len(levels) >= 2 and all(b.shape[0] == -(-a.shape[0] // 2) for a, b in zip(levels, levels[1:]))
+    assert len(levels) >= 2 and all(b.shape[0] == -(-a.shape[0] // 2) for a, b in zip(levels, levels[1:], strict=False))
     assert 'PhysicalSizeX="2.0"' in pixels and 'PhysicalSizeY="2.0"' in pixels and "µm" in pixels
     ds = 2.0 / MPP  # level-0 px per TIFF pixel
     assert levels[0].shape == (-(-SLIDE_H // ds), -(-SLIDE_W // ds))  # covers the slide exactly

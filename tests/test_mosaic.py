@@ -21,7 +21,7 @@ def test_mosaic_is_a_pyramidal_svs_of_real_source_tiles(slides_dir, tmp_path):
         rows, cols = np.nonzero(m.choice >= 0)
         assert 0 < len(rows) < m.choice.size  # tissue and glass both present
         t = m.tile_size
-        for r, c in list(zip(rows, cols))[:: max(1, len(rows) // 6)]:
+        for r, c in list(zip(rows, cols, strict=True))[:: max(1, len(rows) // 6)]:
             k = int(m.choice[r, c])
             got = composite_rgba(np.asarray(s.read_region((int(c) * t, int(r) * t), 0, (t, t)))).astype(int)
             x, y = m.pool.origins[k]

@@ -34,7 +34,7 @@ def test_jpeg_patches_match_lossless_ones_within_jpeg_error(slides_dir, tmp_path
     picked = j["patches"].get_orthogonal_selection(([1, len(exact) - 1],))  # the way training reads them
     np.testing.assert_array_equal(picked, lossy[[1, -1]])
     # A fresh process reads the store through wsipipe.tiles.store alone (the codec registers on import).
-    code = "import sys; from wsipipe.tiles import store; print(int(store.open_store(sys.argv[1])['patches'][-1].sum()))"
+    code = "import sys; from wsipipe.tiles import store; print(int(store.array(store.open_store(sys.argv[1]), store.PATCHES)[-1].sum()))"
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "j.zarr")], capture_output=True, text=True, check=True)
     assert int(out.stdout) == int(lossy[-1].sum())
 

@@ -17,7 +17,7 @@ from wsipipe.learn.patchsets import folder_patch_set, load_patch_sets, read_anno
 
 
 def test_annotation_labels_agree_with_the_polygons(labelled_slides):
-    for s, path in zip(labelled_slides["slides"], labelled_slides["stores"]):
+    for s, path in zip(labelled_slides["slides"], labelled_slides["stores"], strict=True):
         g = store.open_store(path)
         info = store.meta(g)
         assert info["labels"]["classes"] == ["Normal", "Tumor"]

@@ -65,7 +65,7 @@ def test_interrupted_run_resumes_to_the_same_encoder(unlabelled, tmp_path):
     np.testing.assert_allclose(rest.losses, whole.losses, rtol=1e-4, atol=1e-5)
     a, _ = load_encoder(tmp_path / "whole")
     b, _ = load_encoder(tmp_path / "split")
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=k)
     # a different config does not resume from someone else's checkpoint
     other = pretrain(unlabelled, tmp_path / "split", _cfg("byol", steps=2, checkpoint_every=2, lr=5e-4))

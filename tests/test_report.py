@@ -253,7 +253,7 @@ def test_archive_report_sorts_filters_and_links(outputs):
     """
     page = probe(out, outputs["tmp"], js)
     names = [r["name"] or Path(r["slide"]).name for r in rows]
-    scores = {n: (r["summary"] or {}).get("slide_score", {}).get("top_k_mean") for n, r in zip(names, rows)}
+    scores = {n: (r["summary"] or {}).get("slide_score", {}).get("top_k_mean") for n, r in zip(names, rows, strict=True)}
     assert page["initial"] == names
     by_score = sorted((n for n in names if scores[n] is not None), key=lambda n: scores[n])
     assert page["score_asc"] == by_score + ["broken.svs"]  # no score: last either way
@@ -261,7 +261,7 @@ def test_archive_report_sorts_filters_and_links(outputs):
     assert page["name_asc"] == sorted(names, key=str.lower)
     assert page["failed_visible"] == 1 and rows[2]["error"] in html.unescape(page["failed_text"])
     assert page["cmu_visible"] == 1
-    for name, r in zip(names, rows):
+    for name in names:
         shown = page["scores"][name]
         assert (shown == "—") if scores[name] is None else float(shown) == pytest.approx(scores[name], abs=5e-4)
     decisions = [(r["summary"] or {}).get("decision") for r in rows]

@@ -93,7 +93,7 @@ def test_chunked_accumulation_equals_one_shot():
     one_shot = stitch_heatmap(cells, probs, (rows, cols), cells_per_patch=2)
     acc = HeatmapAccumulator((rows, cols), cells_per_patch=2)
     edges = np.sort(rng.choice(np.arange(1, len(cells)), size=9, replace=False))
-    for ij, p in zip(np.split(cells, edges), np.split(probs, edges)):
+    for ij, p in zip(np.split(cells, edges), np.split(probs, edges), strict=True):
         acc.add(ij, p)
     acc.add(np.empty((0, 2), dtype=np.int32), np.empty(0, dtype=np.float32))
     # Same cells, same values; only the float32 summation order within a cell differs.
@@ -442,3 +442,69 @@ def test_heatmap_png_of_a_100k_slide_thumbnail_stays_small_in_memory():
         tracemalloc.stop()
     assert Image.open(io.BytesIO(png)).size[0] == 1500  # the 10 in x 150 dpi figure
     assert peak < 300 << 20, f"traced peak {peak / 2**20:.0f} MiB while drawing"
+
+
+# --------------------------------------------------------------------------- contracts: steps and summary.json
+
+
+def test_stitch_steps_compose_to_the_driver(tmp_path):
+    """read_inputs -> accumulate -> render are the driver's steps: the same heatmap and score."""
+    from wsipipe.outputs.stitch import accumulate, read_inputs, render
+
+    store_path = build_store(tmp_path / "case.zarr")
+    cfg = StitchConfig(threshold=0.5, min_tumor_area_um2=50_000, top_k=10)
+    group = store.open_store(store_path)
+    inputs = read_inputs(group, store_path)
+    assert inputs.n == len(_tissue_cells()) and inputs.grid_shape == (ROWS, COLS)
+    assert inputs.bounds == (float(SLIDE_W), float(SLIDE_H)) and inputs.corrupt is None
+    acc = accumulate(inputs, cfg, chunk_patches=10)
+    expected = stitch_heatmap(_tissue_cells(), _probs(_tissue_cells()), (ROWS, COLS), cells_per_patch(PATCH, STRIDE))
+    np.testing.assert_allclose(acc.heatmap, expected, rtol=1e-6)
+    assert acc.scores == slide_score(_probs(_tissue_cells()), 10)
+    rendered = render(inputs, acc, cfg, np.asarray(store.array(group, store.THUMBNAIL)[...]))
+    assert rendered.decision == "tumor" and len(rendered.polygons.geoms) == 1
+
+    summary = stitch_store(store_path, tmp_path / "out", cfg, chunk_patches=10)
+    assert summary["n_patches"] == inputs.n and summary["n_tumor_regions"] == 1
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "heatmap.npy"), acc.heatmap)
+
+
+def test_summary_json_round_trips_through_the_model(tmp_path):
+    from wsipipe.outputs.summary import SlideSummary, load_summary, summary_json
+
+    out = tmp_path / "out"
+    summary = stitch_store(build_store(tmp_path / "case.zarr"), out, StitchConfig(threshold=0.5, top_k=10))
+    text = (out / "summary.json").read_text()
+    assert json.loads(text) == summary  # the returned dict is what the file holds
+    model = load_summary(out)  # a folder or the file itself
+    assert isinstance(model, SlideSummary) and load_summary(out / "summary.json") == model
+    assert summary_json(model) == text  # same keys, order and values
+    assert model.slide.identity == "slide-abc" and model.provenance.model.sha256 == "sha-xyz"
+    assert model.slide_score.top_k_mean == pytest.approx(0.8) and model.decision == "tumor"
+    # A section added later (ground truth) is kept, not dropped.
+    extended = json.loads(text) | {"ground_truth": {"tumor_dice": 0.9}}
+    (out / "summary.json").write_text(json.dumps(extended, indent=2))
+    assert load_summary(out).as_dict()["ground_truth"] == {"tumor_dice": 0.9}
+
+
+def test_load_summary_names_a_missing_or_broken_file(tmp_path):
+    from wsipipe.outputs.summary import SummaryError, load_summary
+
+    with pytest.raises(SummaryError, match="no summary.json") as missing:
+        load_summary(tmp_path)
+    assert isinstance(missing.value, StoreError) and missing.value.path == tmp_path / "summary.json"
+    (tmp_path / "summary.json").write_text("{not json")
+    with pytest.raises(SummaryError, match="not valid JSON"):
+        load_summary(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"version": "1", "decision": "tumor"}))
+    with pytest.raises(SummaryError, match="not a wsipipe summary"):
+        load_summary(tmp_path / "summary.json")
+
+
+def test_a_broken_summary_json_is_recomputed_not_returned(tmp_path):
+    store_path = build_store(tmp_path / "case.zarr")
+    out, cfg = tmp_path / "out", StitchConfig(threshold=0.5, top_k=10)
+    first = stitch_store(store_path, out, cfg)
+    (out / "summary.json").write_text("{}")
+    again = stitch_store(store_path, out, cfg)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}

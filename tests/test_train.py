@@ -42,7 +42,7 @@ def test_label_patches_matches_a_plain_loop():
     blob = Polygon(np.c_[500 + radius * np.cos(angles), 500 + radius * np.sin(angles)]).buffer(0)
     coords = rng.uniform(0, 1000, (500, 2)).round()
     labels = label_patches(coords, 64, blob, 0.6, 0.05)
-    for (x, y), label in zip(coords, labels):
+    for (x, y), label in zip(coords, labels, strict=True):
         frac = box(x, y, x + 64, y + 64).intersection(blob).area / 64**2
         assert label == (1 if frac >= 0.6 else 0 if frac <= 0.05 else -1)
     assert {-1, 0, 1} <= set(labels.tolist())
@@ -113,3 +113,25 @@ def test_multiclass_fit_runs():
     labels[::3] = 2
     model = fit_classifier(patches, labels, num_classes=3, epochs=1, batch_size=6, precision="fp32", device="cpu")
     assert predict_patches(model, patches, torch.device("cpu")).shape == (12, 3)
+
+
+def test_fit_options_and_keywords_are_one_setting():
+    from wsipipe.learn.train import FitHooks, FitOptions, fit_settings
+
+    opts, hooks = fit_settings(FitOptions(epochs=5, device="cpu"), None, epochs=2, lr=0.1)
+    assert opts == FitOptions(epochs=2, lr=0.1, device="cpu") and hooks == FitHooks()
+    on_step = print
+    _, hooks = fit_settings(None, FitHooks(on_step=on_step))
+    assert hooks.on_step is on_step and hooks.model is None
+    with pytest.raises(TypeError, match="epoch"):
+        fit_settings(None, None, epoch=3)  # type: ignore[call-arg]
+
+
+def test_fit_with_options_equals_fit_with_keywords():
+    from wsipipe.learn.train import FitOptions
+
+    patches, labels = toy_patches(12, seed=2, size=32)
+    kw = dict(epochs=1, batch_size=6, train_size=24, precision="fp32", device="cpu", seed=5)
+    a = fit_classifier(patches, labels, **kw).state_dict()
+    b = fit_classifier(patches, labels, FitOptions(**kw)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

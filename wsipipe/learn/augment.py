@@ -181,32 +181,35 @@ def augment_store(src: str | Path, out: str | Path, cfg: AugmentConfig, copies: 
     from wsipipe.files import write_atomic
 
     g = store.open_store(src)
-    n = g["patches"].shape[0]
+    patches = store.array(g, store.PATCHES)
+    n = int(patches.shape[0])
     aug = Augmenter(cfg)
-    chunk = g["patches"].chunks[0]
-    first = aug(g["patches"][:1], 0)
+    chunk = int(patches.chunks[0])
+    first = aug(np.asarray(patches[:1]), 0)
     o = store.open_store(out, "w")
-    dst = o.create_array("patches", shape=(n * copies, *first.shape[1:]), chunks=(chunk, *first.shape[1:]),
+    dst = o.create_array(store.PATCHES, shape=(n * copies, *first.shape[1:]), chunks=(chunk, *first.shape[1:]),
                          dtype="uint8")
     total = copies * len(store.chunk_slices(n, chunk))
     done = 0
     for c in range(copies):
         for sl in store.chunk_slices(n, chunk):
             # seed per (copy, chunk): reproducible, and independent of how the work is split
-            dst[c * n + sl.start : c * n + sl.stop] = aug(g["patches"][sl], cfg.seed * 1_000_003 + c * n + sl.start)
+            dst[c * n + sl.start : c * n + sl.stop] = aug(np.asarray(patches[sl]), cfg.seed * 1_000_003 + c * n + sl.start)
             done += 1
             if progress:
                 progress(done, total)
-    for name in ("coords", "labels", "groups"):
-        if name in g:
-            o.create_array(name, data=np.concatenate([g[name][:]] * copies), overwrite=True)
+    for name in (store.COORDS, store.LABELS, store.GROUPS):
+        arr = store.optional_array(g, name)
+        if arr is not None:
+            o.create_array(name, data=np.concatenate([np.asarray(arr[:])] * copies), overwrite=True)
     info = store.meta(g)
-    store.update_meta(o, **{k: v for k, v in info.items() if k in ("slide", "tile", "labels")},
+    sections = (store.META_SLIDE, store.META_TILE, store.META_LABELS)
+    store.update_meta(o, **{k: v for k, v in info.items() if k in sections},
                       augment={"source": str(src), "copies": copies, "config": cfg.model_dump(mode="json")})
     if preview is not None:
         import io
 
         buf = io.BytesIO()
-        Image.fromarray(preview_grid(g["patches"][:1], cfg, n_preview, cfg.seed)).save(buf, format="PNG")
+        Image.fromarray(preview_grid(np.asarray(patches[:1]), cfg, n_preview, cfg.seed)).save(buf, format="PNG")
         write_atomic(preview, buf.getvalue())
     return {"n_patches": n * copies, "transforms": aug.names}

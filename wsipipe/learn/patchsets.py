@@ -22,11 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import shapely
+import zarr
 from shapely.geometry import MultiPolygon, shape
 
 from wsipipe.tiles import store
@@ -112,11 +115,12 @@ def label_store(
     if classes is None:
         classes = ([background] if background else []) + sorted(c for c in regions if c != background)
     group = store.open_store(store_path, "r+")
-    store.require_complete(group, "tile", store_path)
+    store.require_complete(group, store.STAGE_TILE, store_path)
     info = store.meta(group)
-    labels = label_by_regions(group["coords"][:], info["tile"]["patch_size_l0"], regions, classes,
+    coords = np.asarray(store.array(group, store.COORDS)[:])
+    labels = label_by_regions(coords, info[store.META_TILE]["patch_size_l0"], regions, classes,
                               min_overlap, max_normal_overlap, background)
-    slide_id = info.get("slide", {}).get("identity") or str(store_path)
+    slide_id = (info.get(store.META_SLIDE) or {}).get("identity") or str(store_path)
     _write_labels(group, labels, np.zeros(len(labels), np.int32), {
         "classes": classes, "groups": [slide_id], "source": str(geojson_path),
         "min_overlap": min_overlap, "max_normal_overlap": max_normal_overlap,
@@ -124,11 +128,32 @@ def label_store(
     return labels
 
 
-def _write_labels(group, labels: np.ndarray, groups: np.ndarray, info: dict) -> None:
+def _write_labels(group: zarr.Group, labels: np.ndarray, groups: np.ndarray, info: dict[str, Any]) -> None:
     chunk = max(len(labels), 1)
-    group.create_array("labels", data=labels.astype(np.int8), chunks=(chunk,), overwrite=True)
-    group.create_array("groups", data=groups.astype(np.int32), chunks=(chunk,), overwrite=True)
+    group.create_array(store.LABELS, data=labels.astype(np.int8), chunks=(chunk,), overwrite=True)
+    group.create_array(store.GROUPS, data=groups.astype(np.int32), chunks=(chunk,), overwrite=True)
     store.update_meta(group, labels=info)
+
+
+def _load_rgb(f: Path, size: int | None) -> np.ndarray:
+    """An image file as (size, size, 3) uint8 RGB: alpha composited on white, resized (Lanczos)
+    when ``size`` is given and differs."""
+    from PIL import Image
+
+    try:
+        with Image.open(f) as src:
+            src.load()
+            im: Image.Image = src
+            if im.mode in ("RGBA", "LA", "P"):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            im = im.convert("RGB")
+            if size and im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.LANCZOS)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise AnnotationError(f, f"not a readable image: {exc}") from None
 
 
 def folder_patch_set(
@@ -142,8 +167,6 @@ def folder_patch_set(
     image's size) when they differ. Source groups come from ``group_regex`` (its first
     capture group, matched on the file stem, e.g. a patient or slide id); without it every
     file is its own group. Nested folders below a class count as groups of their own."""
-    from PIL import Image
-
     folder, out = Path(folder), Path(out)
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
     if not class_dirs:
@@ -163,40 +186,24 @@ def folder_patch_set(
     if not files:
         raise AnnotationError(folder, f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders")
 
-    def load(f: Path) -> np.ndarray:
-        try:
-            with Image.open(f) as im:
-                im.load()
-                if im.mode in ("RGBA", "LA", "P"):
-                    im = im.convert("RGBA")
-                    bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                    im = Image.alpha_composite(bg, im)
-                im = im.convert("RGB")
-                if size and im.size != (size, size):
-                    im = im.resize((size, size), Image.Resampling.LANCZOS)
-                return np.asarray(im, dtype=np.uint8)
-        except (OSError, ValueError) as exc:
-            raise AnnotationError(f, f"not a readable image: {exc}") from None
-
-    size = patch_size
-    first = load(files[0])
-    size = size or first.shape[0]
-    first = load(files[0]) if first.shape[:2] != (size, size) else first
+    first = _load_rgb(files[0], patch_size)
+    size = patch_size or first.shape[0]
+    first = _load_rgb(files[0], size) if first.shape[:2] != (size, size) else first
     uniq = sorted(set(group_names))
     group_ids = np.searchsorted(uniq, group_names).astype(np.int32)
     g = store.open_store(out, "w")
-    patches = g.create_array("patches", shape=(len(files), size, size, 3), chunks=(chunk_patches, size, size, 3),
+    patches = g.create_array(store.PATCHES, shape=(len(files), size, size, 3), chunks=(chunk_patches, size, size, 3),
                              dtype="uint8")
     for start in range(0, len(files), chunk_patches):
-        block = [first if i == 0 else load(files[i]) for i in range(start, min(start + chunk_patches, len(files)))]
+        block = [first if i == 0 else _load_rgb(files[i], size) for i in range(start, min(start + chunk_patches, len(files)))]
         patches[start : start + len(block)] = np.stack(block)
-    g.create_array("coords", data=np.zeros((len(files), 2), np.int64), chunks=(max(len(files), 1), 2))
+    g.create_array(store.COORDS, data=np.zeros((len(files), 2), np.int64), chunks=(max(len(files), 1), 2))
     _write_labels(g, np.asarray(labels, np.int8), group_ids, {
         "classes": [d.name for d in class_dirs], "groups": uniq, "source": str(folder),
         "files": [str(f.relative_to(folder)) for f in files],
     })
     store.update_meta(g, tile={"patch_size": size}, slide=None)
-    store.set_stage(g, "tile", {"folder": str(folder), "n": len(files)}, True)
+    store.set_stage(g, store.STAGE_TILE, {"folder": str(folder), "n": len(files)}, True)
     return {"n_patches": len(files), "classes": [d.name for d in class_dirs], "n_groups": len(uniq)}
 
 
@@ -214,23 +221,24 @@ class PatchSet:
         return PatchSet(self.patches[idx], self.labels[idx], self.groups[idx], self.classes, self.identity)
 
 
-def load_patch_sets(paths: list[str | Path], labelled_only: bool = True) -> PatchSet:
+def load_patch_sets(paths: Sequence[str | Path], labelled_only: bool = True) -> PatchSet:
     """Concatenate labelled stores (same classes, same patch size) into one :class:`PatchSet`."""
-    parts, classes, ident = [], None, hashlib.sha256()
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    classes: list[str] | None = None
+    ident = hashlib.sha256()
     for p in paths:
         g = store.open_store(p)
-        info = store.meta(g).get("labels")
-        if info is None or "labels" not in g:
+        info = store.meta(g).get(store.META_LABELS)
+        if info is None or store.LABELS not in g:
             raise AnnotationError(p, "store has no labels; run `wsipipe patches` on it first")
         if classes is None:
             classes = list(info["classes"])
         elif list(info["classes"]) != classes:
             raise AnnotationError(p, f"classes {info['classes']} differ from the first store's {classes}")
-        labels = g["labels"][:].astype(np.int64)
+        labels = np.asarray(store.array(g, store.LABELS)[:]).astype(np.int64)
         keep = np.flatnonzero(labels >= 0) if labelled_only else np.arange(len(labels))
-        names = np.asarray(info["groups"], dtype=object)[g["groups"][:][keep]]
-        parts.append((g["patches"].get_orthogonal_selection((keep,)) if len(keep) else
-                      np.zeros((0, *g["patches"].shape[1:]), np.uint8), labels[keep], names))
+        names = np.asarray(info["groups"], dtype=object)[np.asarray(store.array(g, store.GROUPS)[:])[keep]]
+        parts.append((_patches_at(store.array(g, store.PATCHES), keep), labels[keep], names))
         ident.update(json.dumps([info["groups"], info.get("source"), int(len(labels))]).encode())
     if not parts:
         raise AnnotationError(None, "no patch sets given")
@@ -238,7 +246,14 @@ def load_patch_sets(paths: list[str | Path], labelled_only: bool = True) -> Patc
     if len(shapes) > 1:
         raise AnnotationError(paths[0], f"patch sets have different patch shapes {sorted(shapes)}")
     return PatchSet(np.concatenate([x for x, _, _ in parts]), np.concatenate([y for _, y, _ in parts]),
-                    np.concatenate([g for _, _, g in parts]).astype(str), classes, ident.hexdigest()[:16])
+                    np.concatenate([g for _, _, g in parts]).astype(str), classes or [], ident.hexdigest()[:16])
+
+
+def _patches_at(patches: zarr.Array, idx: np.ndarray) -> np.ndarray:
+    """The patches ``idx`` (increasing) of a store, as one array ((0, H, W, 3) for none)."""
+    if not len(idx):
+        return np.zeros((0, *patches.shape[1:]), np.uint8)
+    return np.asarray(patches.get_orthogonal_selection((idx,)))
 
 
 def split_by_group(groups: np.ndarray, fractions=(0.6, 0.2, 0.2), seed: int = 0) -> dict[str, np.ndarray]:

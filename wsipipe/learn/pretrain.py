@@ -21,11 +21,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import zarr
 from torch import nn
 
 from wsipipe.tiles import store
@@ -79,8 +81,8 @@ class SimCLR(nn.Module):
         self.encoder, self.projector, self.temperature = encoder, mlp(dim, cfg.hidden_dim, cfg.projection_dim), cfg.temperature
 
     def loss(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
-        z = self.projector(self.encoder(torch.cat([v1, v2])))
-        return nt_xent(*z.chunk(2), self.temperature)
+        z1, z2 = self.projector(self.encoder(torch.cat([v1, v2]))).chunk(2)
+        return nt_xent(z1, z2, self.temperature)
 
     def after_step(self, step: int, total: int) -> None:
         pass
@@ -108,9 +110,9 @@ class BYOL(nn.Module):
         # EMA momentum rises from cfg.ema to 1 on a cosine (BYOL's schedule).
         tau = 1 - (1 - self.ema) * (np.cos(np.pi * step / max(total, 1)) + 1) / 2
         for online, target in ((self.encoder, self.target_encoder), (self.projector, self.target_projector)):
-            for po, pt in zip(online.parameters(), target.parameters()):
+            for po, pt in zip(online.parameters(), target.parameters(), strict=True):
                 pt.mul_(tau).add_(po.detach(), alpha=1 - tau)
-            for bo, bt in zip(online.buffers(), target.buffers()):
+            for bo, bt in zip(online.buffers(), target.buffers(), strict=True):
                 bt.copy_(bo)
 
     def trainable(self):
@@ -121,17 +123,20 @@ class PatchStream:
     """Random batches from several stores, chunk-local: a batch takes a few patches from each
     of several random chunks, so reading costs a few chunk decodes, not one per patch."""
 
-    def __init__(self, paths: list[str | Path], per_chunk: int = 8):
-        self.arrays, self.chunks, ident = [], [], []
+    def __init__(self, paths: Sequence[str | Path], per_chunk: int = 8):
+        self.arrays: list[zarr.Array] = []
+        self.chunks: list[tuple[int, int, int]] = []  # (array, first patch, end)
+        ident: list[list[Any]] = []
         for p in paths:
             g = store.open_store(p)
-            if "patches" not in g or g["patches"].shape[0] == 0:
+            arr = store.optional_array(g, store.PATCHES)
+            if arr is None or arr.shape[0] == 0:
                 raise StoreError(p, "no patches in this store")
-            arr = g["patches"]
             self.arrays.append(arr)
-            n, c = arr.shape[0], arr.chunks[0]
+            n, c = int(arr.shape[0]), int(arr.chunks[0])
             self.chunks += [(len(self.arrays) - 1, s, min(s + c, n)) for s in range(0, n, c)]
-            ident.append([store.meta(g).get("slide", {}) and store.meta(g)["slide"].get("identity"), str(Path(p).name), n])
+            slide = store.meta(g).get(store.META_SLIDE, {})
+            ident.append([slide and slide.get("identity"), str(Path(p).name), n])
         shapes = {a.shape[1:] for a in self.arrays}
         if len(shapes) > 1:
             raise StoreError(paths[0], f"stores have different patch shapes {sorted(shapes)}")
@@ -140,10 +145,10 @@ class PatchStream:
 
     def batch(self, size: int, seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
-        out = []
+        out: list[np.ndarray] = []
         while sum(len(x) for x in out) < size:
             i, start, stop = self.chunks[int(rng.integers(len(self.chunks)))]
-            block = self.arrays[i][start:stop]
+            block = np.asarray(self.arrays[i][start:stop])
             take = min(self.per_chunk, len(block), size - sum(len(x) for x in out))
             out.append(block[rng.choice(len(block), take, replace=False)])
         return np.concatenate(out)
@@ -167,7 +172,7 @@ def _view_config(aug: AugmentConfig, crop: int, patch: int) -> AugmentConfig:
 
 
 def pretrain(
-    stores: list[str | Path], out_dir: str | Path, cfg: PretrainConfig, aug: AugmentConfig | None = None,
+    stores: Sequence[str | Path], out_dir: str | Path, cfg: PretrainConfig, aug: AugmentConfig | None = None,
     progress: PretrainProgress | None = None, stop_after: int | None = None,
 ) -> PretrainResult:
     """Run ``cfg.method`` for ``cfg.steps`` steps, checkpointing into ``out_dir`` every
@@ -224,7 +229,7 @@ def _save_checkpoint(out_dir: Path, net: nn.Module, opt: torch.optim.Optimizer, 
     from safetensors.torch import save
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    enc = {k: v.detach().cpu().contiguous() for k, v in net.encoder.state_dict().items()}
+    enc = {k: v.detach().cpu().contiguous() for k, v in net.get_submodule("encoder").state_dict().items()}
     write_atomic(out_dir / "encoder.safetensors", save(enc, metadata={"format": FORMAT, "arch": cfg.arch}))
     state = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     opt_state = opt.state_dict()
@@ -288,23 +293,23 @@ def linear_probe(encoder: nn.Module, train: tuple[np.ndarray, np.ndarray], test:
     (xtr, ytr), (xte, yte) = train, test
     ftr, fte = embed(encoder, xtr), embed(encoder, xte)
     mean, std = ftr.mean(0), ftr.std(0) + 1e-6
-    ftr, fte = torch.from_numpy((ftr - mean) / std), torch.from_numpy((fte - mean) / std)
+    xs_tr, xs_te = torch.from_numpy((ftr - mean) / std), torch.from_numpy((fte - mean) / std)
     n_classes = int(max(ytr.max(), yte.max())) + 1
     torch.manual_seed(seed)
-    head = nn.Linear(ftr.shape[1], n_classes)
+    head = nn.Linear(xs_tr.shape[1], n_classes)
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-3)
     target = torch.as_tensor(ytr, dtype=torch.long)
     for _ in range(epochs):
         opt.zero_grad()
-        F.cross_entropy(head(ftr), target).backward()
+        F.cross_entropy(head(xs_tr), target).backward()
         opt.step()
     with torch.no_grad():
-        ptr, pte = torch.softmax(head(ftr), 1).numpy(), torch.softmax(head(fte), 1).numpy()
+        ptr, pte = torch.softmax(head(xs_tr), 1).numpy(), torch.softmax(head(xs_te), 1).numpy()
     return {"accuracy": float((pte.argmax(1) == yte).mean()), "auc": auc(pte, yte),
             "train_accuracy": float((ptr.argmax(1) == ytr).mean()), "n_train": int(len(ytr)), "n_test": int(len(yte))}
 
 
-def probe_on_sets(checkpoint: str | Path, labelled: list[str | Path], seed: int = 0) -> dict:
+def probe_on_sets(checkpoint: str | Path, labelled: Sequence[str | Path], seed: int = 0) -> dict:
     """Linear probe of a checkpoint's encoder on labelled stores, split by slide / group
     (2/3 of the groups fit the probe, 1/3 score it); stored as ``probe.json`` beside it."""
     from wsipipe.learn.patchsets import load_patch_sets, split_by_group

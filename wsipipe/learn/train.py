@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -24,6 +26,9 @@ from wsipipe.errors import ParameterError, TrainingDataError
 from wsipipe.geometry import overlap_fraction
 from wsipipe.models.inference import predict_patches, resolve_device, resolve_precision, to_tensor
 from wsipipe.models.model import build_model
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 Progress = Callable[[int, int], None]
 StepLog = Callable[[int, int, float, float], None]  # step, total, loss, patches per second
@@ -65,25 +70,84 @@ def augment(patches: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
     return out
 
 
+@dataclass(frozen=True)
+class FitOptions:
+    """What a fit is: the architecture, the schedule and where it runs (see :func:`fit_classifier`)."""
+
+    arch: str = "resnet18"
+    num_classes: int = 1  # 1 = one logit (BCE); more = cross-entropy over class indices
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    train_size: int | None = 128  # edge of the random training crops; None = whole patches
+
+    @classmethod
+    def from_train_config(cls, cfg: Any, num_classes: int) -> FitOptions:
+        """The options of a :class:`wsipipe.config.TrainConfig` (``train`` section)."""
+        return cls(arch=cfg.arch, num_classes=num_classes, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                   seed=cfg.seed, device=cfg.device, precision=cfg.precision, train_size=cfg.train_size)
+
+
+@dataclass(frozen=True)
+class FitHooks:
+    """Where a fit starts from and who hears of it (retraining, progress bars, early stopping)."""
+
+    progress: Progress | None = None  # (step, total steps)
+    model: nn.Module | None = None  # start from these weights instead of a fresh ``arch``
+    augmenter: Callable[[np.ndarray, int], np.ndarray] | None = None  # (batch, seed) after crops and flips
+    on_step: StepLog | None = None
+    on_epoch: Callable[[int, nn.Module], bool] | None = None  # True stops training
+
+
+class FitKeywords(TypedDict, total=False):
+    """The keyword form of :class:`FitOptions` and :class:`FitHooks` (``fit_classifier(..., epochs=3)``)."""
+
+    arch: str
+    num_classes: int
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    device: str
+    precision: str
+    train_size: int | None
+    progress: Progress | None
+    model: nn.Module | None
+    augmenter: Callable[[np.ndarray, int], np.ndarray] | None
+    on_step: StepLog | None
+    on_epoch: Callable[[int, nn.Module], bool] | None
+
+
+def fit_settings(
+    options: FitOptions | None = None, hooks: FitHooks | None = None, **keywords: Unpack[FitKeywords]
+) -> tuple[FitOptions, FitHooks]:
+    """Options and hooks, with any keyword given replacing its field."""
+    options, hooks = options or FitOptions(), hooks or FitHooks()
+    option_names, hook_names = {f.name for f in fields(FitOptions)}, {f.name for f in fields(FitHooks)}
+    given: dict[str, Any] = dict(keywords)
+    unknown = set(given) - option_names - hook_names
+    if unknown:
+        raise TypeError(f"fit_classifier() got unexpected keyword arguments {sorted(unknown)}")
+    options = replace(options, **{k: v for k, v in given.items() if k in option_names})
+    hooks = replace(hooks, **{k: v for k, v in given.items() if k in hook_names})
+    return options, hooks
+
+
 def fit_classifier(
     patches: np.ndarray,
     labels: np.ndarray,
-    arch: str = "resnet18",
-    num_classes: int = 1,
-    epochs: int = 3,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    seed: int = 0,
-    device: str = "auto",
-    precision: str = "auto",
-    train_size: int | None = 128,
-    progress: Progress | None = None,
-    model: nn.Module | None = None,
-    augmenter: Callable[[np.ndarray, int], np.ndarray] | None = None,
-    on_step: StepLog | None = None,
-    on_epoch: Callable[[int, nn.Module], bool] | None = None,
+    options: FitOptions | None = None,
+    hooks: FitHooks | None = None,
+    **keywords: Unpack[FitKeywords],
 ) -> nn.Module:
     """Fit a from-scratch ``arch`` (``weights=None``) on (N, H, W, 3) uint8 patches.
+
+    ``options`` (:class:`FitOptions`) says what to fit, ``hooks`` (:class:`FitHooks`) where
+    from and who to tell; any of their fields may be given as a keyword instead
+    (``fit_classifier(patches, labels, epochs=3, device="cpu")``).
 
     ``labels``: 0/1 for ``num_classes=1`` (one logit, BCE), class indices for more
     (cross-entropy); -1 = ambiguous, skipped. Each epoch draws N patches class-balanced
@@ -102,6 +166,8 @@ def fit_classifier(
     ``augmenter(batch, seed)`` runs after the crop and flips (e.g. a
     :class:`wsipipe.learn.augment.Augmenter`); ``on_step(step, total, loss, patches_per_s)``;
     ``on_epoch(epoch, model)`` after each epoch, returning True stops training."""
+    opts, hooks = fit_settings(options, hooks, **keywords)
+    num_classes, seed = opts.num_classes, opts.seed
     patches = np.asarray(patches)
     labels = np.asarray(labels).astype(np.int64)
     if patches.ndim != 4 or len(labels) != len(patches):
@@ -114,54 +180,77 @@ def fit_classifier(
 
     torch.manual_seed(seed)  # the initial weights
     rng = np.random.default_rng(seed)  # sampling, crops, flips
-    dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
-    model = (model if model is not None else build_model(arch, num_classes)).to(dev).to(memory_format=torch.channels_last)
+    dev = resolve_device(opts.device)
+    dtype = resolve_precision(opts.precision, dev)
+    start = hooks.model if hooks.model is not None else build_model(opts.arch, num_classes)
+    model = start.to(dev).to(memory_format=torch.channels_last)
     # Class-balanced: each class is drawn equally often, whatever its count.
     weights = 1.0 / counts[np.searchsorted(classes, labels[keep])]
     weights /= weights.sum()
-    # A last batch of one is dropped: BatchNorm can't normalise a single sample.
-    starts = [b for b in range(0, len(keep), batch_size) if len(keep) - b >= 2]
-    total = epochs * len(starts)
-    # fused: one kernel over all 11M parameters instead of a loop of small ones (~3x faster steps on CPU).
-    fused = dev.type in ("cpu", "cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, fused=fused)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2)
-    loss_fn = nn.BCEWithLogitsLoss() if num_classes == 1 else nn.CrossEntropyLoss()
-    # fp16 autocast (CUDA GPUs without bf16) needs loss scaling; bf16 and fp32 don't.
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype is torch.float16)
-    model.train()
-    step = 0
-    t0 = time.perf_counter()
-    for epoch in range(epochs):
-        order = rng.choice(keep, size=len(keep), replace=True, p=weights)
-        for b in starts:
-            idx = order[b : b + batch_size]
-            batch = augment(patches[idx], train_size or patches.shape[1], rng)
-            if augmenter is not None:
-                batch = augmenter(batch, seed * 1_000_003 + step)
-            x = to_tensor(batch, dev).contiguous(memory_format=torch.channels_last)
-            y = torch.as_tensor(labels[idx], device=dev)
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                logits = model(x).float()
-            loss = loss_fn(logits[:, 0], y.float()) if num_classes == 1 else loss_fn(logits, y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            step += 1
-            if progress:
-                progress(step, total)
-            if on_step:
-                on_step(step, total, float(loss.detach()), step * batch_size / max(time.perf_counter() - t0, 1e-9))
-        if on_epoch is not None and on_epoch(epoch, model):
-            model.train()
-            break
-        model.train()
+    run = _FitRun(opts, hooks, model, dev, dtype, patches, labels, rng)
+    run.train(keep, weights)
     sample = rng.choice(keep, size=min(len(keep), 256), replace=False, p=weights)
-    recalibrate_batchnorm(model, patches, np.sort(sample), max(batch_size, 2), dev, dtype)
+    recalibrate_batchnorm(model, patches, np.sort(sample), max(opts.batch_size, 2), dev, dtype)
     return model.eval()
+
+
+class _FitRun:
+    """The training loop of one :func:`fit_classifier` call: optimiser, schedule, steps, epochs."""
+
+    def __init__(
+        self, opts: FitOptions, hooks: FitHooks, model: nn.Module, dev: torch.device, dtype: torch.dtype | None,
+        patches: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+    ):
+        self.opts, self.hooks, self.model, self.dev, self.dtype = opts, hooks, model, dev, dtype
+        self.patches, self.labels, self.rng = patches, labels, rng
+        self.loss_fn: nn.Module = nn.BCEWithLogitsLoss() if opts.num_classes == 1 else nn.CrossEntropyLoss()
+        # fp16 autocast (CUDA GPUs without bf16) needs loss scaling; bf16 and fp32 don't.
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=dtype is torch.float16)
+        self.step = 0
+        self.total = 0
+        self.t0 = time.perf_counter()
+
+    def train(self, keep: np.ndarray, weights: np.ndarray) -> None:
+        opts, model = self.opts, self.model
+        # A last batch of one is dropped: BatchNorm can't normalise a single sample.
+        starts = [b for b in range(0, len(keep), opts.batch_size) if len(keep) - b >= 2]
+        self.total = opts.epochs * len(starts)
+        # fused: one kernel over all 11M parameters instead of a loop of small ones (~3x faster steps on CPU).
+        fused = self.dev.type in ("cpu", "cuda")
+        opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=1e-4, fused=fused)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts.lr, total_steps=self.total, pct_start=0.2)
+        model.train()
+        self.t0 = time.perf_counter()
+        for epoch in range(opts.epochs):
+            order = self.rng.choice(keep, size=len(keep), replace=True, p=weights)
+            for b in starts:
+                self._step(order[b : b + opts.batch_size], opt, sched)
+            if self.hooks.on_epoch is not None and self.hooks.on_epoch(epoch, model):
+                model.train()
+                break
+            model.train()
+
+    def _step(self, idx: np.ndarray, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+        opts, hooks, dev, dtype = self.opts, self.hooks, self.dev, self.dtype
+        batch = augment(self.patches[idx], opts.train_size or self.patches.shape[1], self.rng)
+        if hooks.augmenter is not None:
+            batch = hooks.augmenter(batch, opts.seed * 1_000_003 + self.step)
+        x = to_tensor(batch, dev).contiguous(memory_format=torch.channels_last)
+        y = torch.as_tensor(self.labels[idx], device=dev)
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            logits = self.model(x).float()
+        loss = self.loss_fn(logits[:, 0], y.float()) if opts.num_classes == 1 else self.loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(opt)
+        self.scaler.update()
+        sched.step()
+        self.step += 1
+        if hooks.progress:
+            hooks.progress(self.step, self.total)
+        if hooks.on_step:
+            rate = self.step * opts.batch_size / max(time.perf_counter() - self.t0, 1e-9)
+            hooks.on_step(self.step, self.total, float(loss.detach()), rate)
 
 
 @torch.no_grad()
@@ -184,7 +273,7 @@ def recalibrate_batchnorm(model: nn.Module, patches: np.ndarray, idx: np.ndarray
         for b in range(0, len(idx), batch_size):
             if len(idx[b : b + batch_size]) >= 2:
                 model(to_tensor(patches[idx[b : b + batch_size]], device))
-    for m, momentum in zip(norms, momenta):
+    for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
 
 
@@ -232,6 +321,15 @@ def initial_model(arch: str, num_classes: int, init: str = "scratch", path=None,
     return model, {"init": init, "path": str(path), "sha256": file_sha256(path)}
 
 
+@dataclass
+class _Best:
+    """The best model of a retraining so far (by validation AUC)."""
+
+    auc: float = -np.inf
+    model: nn.Module | None = None
+    epoch: int = -1
+
+
 def retrain(
     train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], cfg, num_classes: int,
     model: nn.Module | None = None, augmenter=None, on_step: StepLog | None = None,
@@ -252,7 +350,7 @@ def retrain(
     rng = np.random.default_rng(cfg.seed + 1)
     bn_sample = np.sort(rng.choice(keep, size=min(len(keep), 256), replace=False))
     history: list[dict] = []
-    best = {"auc": -np.inf, "model": None, "epoch": -1}
+    best = _Best()
     losses: list[float] = []
 
     def step_log(step, total, loss, rate):
@@ -266,14 +364,15 @@ def retrain(
         score = auc(predict_patches(snapshot, xva, dev), yva) if len(yva) else float("nan")
         score = -np.inf if np.isnan(score) else score
         history.append({"epoch": epoch, "val_auc": float(score), "train_loss": float(np.mean(losses[-50:] or [np.nan]))})
-        if score > best["auc"] or best["model"] is None:
-            best.update(auc=score, model=snapshot, epoch=epoch)
-        return epoch - best["epoch"] >= cfg.patience
+        if score > best.auc or best.model is None:
+            best.auc, best.model, best.epoch = float(score), snapshot, epoch
+        return epoch - best.epoch >= cfg.patience
 
-    fit_classifier(xtr, ytr, arch=cfg.arch, num_classes=num_classes, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                   lr=cfg.lr, seed=cfg.seed, device=cfg.device, precision=cfg.precision, train_size=cfg.train_size,
-                   model=model, augmenter=augmenter, on_step=step_log, on_epoch=epoch_end)
-    return best["model"].eval(), history, int(best["epoch"])
+    fit_classifier(xtr, ytr, FitOptions.from_train_config(cfg, num_classes),
+                   FitHooks(model=model, augmenter=augmenter, on_step=step_log, on_epoch=epoch_end))
+    if best.model is None:  # epoch_end keeps a model after the first epoch
+        raise RuntimeError("retraining ran no epoch")
+    return best.model.eval(), history, best.epoch
 
 
 CARD_FORMAT = "wsipipe-model-card-1"

@@ -25,11 +25,12 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple, TypeVar
-from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple, TypeVar
+from collections.abc import Callable, Generator, Iterable, Iterator
 
 import numpy as np
 import torch
+import zarr
 from torch import nn
 
 from wsipipe.tiles import store
@@ -37,7 +38,7 @@ from wsipipe.config import InferenceConfig
 from wsipipe.errors import ConfigError, StoreError
 from wsipipe.models.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 
-STAGE = "infer"
+STAGE = store.STAGE_INFER
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
@@ -116,7 +117,8 @@ def device_batch(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Cached: copying them from pageable memory per batch would block the host until the
     # GPU drained its queue, serialising host and device.
-    return tuple(torch.from_numpy(c).to(device).view(1, 3, 1, 1) for c in (_SCALE, _BIAS))
+    scale, bias = (torch.from_numpy(c).to(device).view(1, 3, 1, 1) for c in (_SCALE, _BIAS))
+    return scale, bias
 
 
 def to_tensor(patches: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -164,7 +166,7 @@ class BatchLimit:
     backoffs: int = 0
 
 
-def forward_with_backoff(net: nn.Module, x: torch.Tensor, limit: BatchLimit) -> torch.Tensor:
+def forward_with_backoff(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, limit: BatchLimit) -> torch.Tensor:
     """Probabilities for the batch ``x``, in slices of at most ``limit.size``. On an out-of-memory
     error (CUDA or any other device: torch.cuda.OutOfMemoryError is torch.OutOfMemoryError) the
     slice is halved and retried, and the smaller size is kept for the batches that follow; a
@@ -189,9 +191,9 @@ def forward_with_backoff(net: nn.Module, x: torch.Tensor, limit: BatchLimit) -> 
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def infer_identity(group, info: ModelInfo) -> dict:
+def infer_identity(group: zarr.Group, info: ModelInfo) -> dict[str, Any]:
     """What the probabilities depend on: the tiled patches and the model."""
-    tile = store.stage_entry(group, "tile") or {}
+    tile = store.stage_entry(group, store.STAGE_TILE) or {}
     return {
         "tile": tile.get("identity"), "model_sha256": info.sha256, "num_classes": info.num_classes, "arch": info.arch,
     }
@@ -218,10 +220,10 @@ def infer_store(
     cfg = cfg or InferenceConfig()
     t0 = time.perf_counter()
     group = store.open_store(store_path, mode="r+")
-    store.require_complete(group, "tile", store_path)
+    store.require_complete(group, store.STAGE_TILE, store_path)
     identity = infer_identity(group, info)
-    patches = group["patches"]
-    n = patches.shape[0]
+    patches = store.array(group, store.PATCHES)
+    n = int(patches.shape[0])
     if store.is_complete(group, STAGE, identity):
         return {"skipped": True, "n": n, "computed": 0, "seconds": 0.0, "images_per_s": None}
 
@@ -229,7 +231,7 @@ def infer_store(
     dtype = resolve_precision(cfg.precision, device)
     net = prepare_model(model, device)
     run = torch.compile(net, dynamic=False) if cfg.compile else net
-    chunk = max(1, patches.chunks[0])
+    chunk = max(1, int(patches.chunks[0]))
     slices = store.chunk_slices(n, chunk)
     probs, flags = _outputs(group, identity, info, n, chunk, len(slices))
     todo = [i for i in store.pending_chunks(flags) if i < len(slices)]
@@ -280,11 +282,13 @@ def infer_store(
             "images_per_s": computed / seconds if computed and seconds else None}
 
 
-def _outputs(group, identity: dict, info: ModelInfo, n: int, chunk: int, n_chunks: int):
+def _outputs(
+    group: zarr.Group, identity: dict[str, Any], info: ModelInfo, n: int, chunk: int, n_chunks: int
+) -> tuple[zarr.Array, zarr.Array]:
     """The probabilities array and per-chunk done flags: the previous run's to resume, or fresh."""
     shape = (n,) if info.num_classes == 1 else (n, info.num_classes)
     entry = store.stage_entry(group, STAGE) or {}
-    old = group["probabilities"] if "probabilities" in group else None
+    old = store.optional_array(group, store.PROBABILITIES)
     resumable = (
         entry.get("identity") == identity
         and old is not None
@@ -292,7 +296,7 @@ def _outputs(group, identity: dict, info: ModelInfo, n: int, chunk: int, n_chunk
         and old.chunks[0] == chunk
         and old.attrs.get("model_sha256") == info.sha256
     )
-    if resumable:
+    if resumable and old is not None:  # (repeated for the type checker)
         return old, store.progress_array(group, STAGE, n_chunks)
     # Order matters for a crash between steps: forget old flags first (the old complete
     # marker still describes the old, untouched probabilities), then claim the stage with
@@ -300,7 +304,7 @@ def _outputs(group, identity: dict, info: ModelInfo, n: int, chunk: int, n_chunk
     flags = store.progress_array(group, STAGE, n_chunks, reset=True)
     store.set_stage(group, STAGE, identity, False)
     probs = group.create_array(
-        "probabilities", shape=shape, chunks=(chunk,) + shape[1:], dtype="float32", fill_value=float("nan"),
+        store.PROBABILITIES, shape=shape, chunks=(chunk,) + shape[1:], dtype="float32", fill_value=float("nan"),
         overwrite=True, dimension_names=["patch"] if len(shape) == 1 else ["patch", "class"],
         attributes={"model_sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes},
     )
@@ -345,7 +349,7 @@ class _Raised(NamedTuple):
     exc: BaseException
 
 
-def _prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
+def _prefetch(items: Iterable[T], depth: int) -> Generator[T, None, None]:
     """Produce ``items`` in a background thread, up to ``depth`` ahead of the consumer.
 
     An exception in the producer is re-raised in the consumer; a consumer that stops

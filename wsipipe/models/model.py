@@ -86,7 +86,7 @@ def _head(model: nn.Module) -> tuple[nn.Module, str]:
             if isinstance(classifier[i], (nn.Linear, nn.Conv2d)):
                 return classifier, str(i)
     heads = getattr(model, "heads", None)
-    if isinstance(getattr(heads, "head", None), nn.Linear):
+    if isinstance(heads, nn.Module) and isinstance(getattr(heads, "head", None), nn.Linear):
         return heads, "head"
     if isinstance(getattr(model, "head", None), nn.Linear):
         return model, "head"
@@ -99,7 +99,7 @@ def _set_head(model: nn.Module, num_classes: int) -> None:
     if isinstance(old, nn.Conv2d):  # SqueezeNet: conv -> ReLU -> pool; a ReLU'd logit can't go negative
         setattr(parent, name, nn.Conv2d(old.in_channels, num_classes, kernel_size=1))
         after = int(name) + 1
-        if after < len(parent) and isinstance(parent[after], nn.ReLU):
+        if isinstance(parent, nn.Sequential) and after < len(parent) and isinstance(parent[after], nn.ReLU):
             parent[after] = nn.Identity()
         return
     setattr(parent, name, nn.Linear(old.in_features, num_classes))

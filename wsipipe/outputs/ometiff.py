@@ -37,7 +37,6 @@ def write_mask_ometiff(path: str | Path, mask: np.ndarray, pixel_size_um: float,
         "PhysicalSizeY": float(pixel_size_um),
         "PhysicalSizeYUnit": "µm",
     }
-    options = {"tile": (TILE, TILE), "compression": "zlib", "photometric": "minisblack", "resolutionunit": "CENTIMETER"}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -51,7 +50,10 @@ def write_mask_ometiff(path: str | Path, mask: np.ndarray, pixel_size_um: float,
                     subfiletype=0 if k == 0 else 1,
                     metadata=metadata if k == 0 else None,
                     resolution=(per_cm, per_cm),
-                    **options,
+                    tile=(TILE, TILE),
+                    compression="zlib",
+                    photometric="minisblack",
+                    resolutionunit="CENTIMETER",
                 )
         os.replace(tmp, path)
     except BaseException:

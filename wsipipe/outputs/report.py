@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
 import os
 from pathlib import Path
@@ -21,14 +20,15 @@ from typing import Any
 from collections.abc import Iterable
 
 import numpy as np
+import zarr
 
 from wsipipe import __version__
 
 from wsipipe.tiles import qc, store
 from wsipipe.config import QCConfig
-from wsipipe.errors import StoreError
 from wsipipe.geojson import read_geojson
 from wsipipe.files import write_atomic
+from wsipipe.outputs.summary import SUMMARY_NAME, load_summary
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +119,14 @@ def _slide_properties(path: str | None) -> tuple[list[tuple[str, str]], str | No
     return shown, note
 
 
-def _patch_cards(group, indices: Iterable[int], probs: np.ndarray | None, reasons: dict[int, str] | None = None) -> list[dict]:
+def _patch_cards(group: zarr.Group, indices: Iterable[int], probs: np.ndarray | None, reasons: dict[int, str] | None = None) -> list[dict]:
     indices = [int(i) for i in indices]
     if not indices:
         return []
     order = np.argsort(indices)  # zarr wants increasing indices
     sorted_idx = np.asarray(indices)[order]
-    pixels = group["patches"].get_orthogonal_selection((sorted_idx,))
-    coords = group["coords"].get_orthogonal_selection((sorted_idx,))
+    pixels = np.asarray(store.array(group, store.PATCHES).get_orthogonal_selection((sorted_idx,)))
+    coords = np.asarray(store.array(group, store.COORDS).get_orthogonal_selection((sorted_idx,)))
     cards: list[dict | None] = [None] * len(indices)
     for pos, k in enumerate(order):
         i = int(sorted_idx[pos])
@@ -141,14 +141,69 @@ def _patch_cards(group, indices: Iterable[int], probs: np.ndarray | None, reason
     return [c for c in cards if c is not None]
 
 
-def _tumor_probabilities(group, class_index: int) -> np.ndarray | None:
-    if "probabilities" not in group:
+def _tumor_probabilities(group: zarr.Group, class_index: int) -> np.ndarray | None:
+    arr = store.optional_array(group, store.PROBABILITIES)
+    if arr is None:
         return None
-    probs = np.asarray(group["probabilities"][:], dtype=np.float32)
+    probs = np.asarray(arr[:], dtype=np.float32)
     return probs if probs.ndim == 1 else probs[:, class_index]
 
 
 # --------------------------------------------------------------------------- slide report: figures
+
+
+def _rings(geom):
+    """Exterior and interior rings of a (multi)polygon's non-empty parts."""
+    for poly in getattr(geom, "geoms", [geom]):
+        if poly.is_empty:
+            continue
+        yield from (poly.exterior, *poly.interiors)
+
+
+def _draw_tissue(ax, tissue_wkt: str | None, ds: float) -> list[tuple[Any, str]]:
+    """The tissue outline; its legend entry."""
+    import shapely
+    from matplotlib.lines import Line2D
+
+    if not tissue_wkt:
+        return []
+    for ring in _rings(shapely.from_wkt(tissue_wkt)):
+        xy = np.asarray(ring.coords) / ds
+        ax.plot(xy[:, 0], xy[:, 1], color="#1a9850", linewidth=1.2)
+    return [(Line2D([], [], color="#1a9850", linewidth=1.2), "tissue")]
+
+
+def _draw_tumor(ax, tumor, ds: float) -> list[tuple[Any, str]]:
+    """Numbered tumor regions; their legend entry."""
+    from matplotlib.lines import Line2D
+
+    for k, poly in enumerate(tumor.geoms, start=1):
+        for ring in _rings(poly):
+            xy = np.asarray(ring.coords) / ds
+            ax.plot(xy[:, 0], xy[:, 1], color="white", linewidth=2.2)
+            ax.plot(xy[:, 0], xy[:, 1], color="#b2182b", linewidth=1.1)
+        p = poly.representative_point()
+        ax.annotate(str(k), (p.x / ds, p.y / ds), color="white", fontsize=9, fontweight="bold", ha="center",
+                    va="center", bbox={"boxstyle": "circle,pad=0.2", "fc": "#b2182b", "ec": "white", "lw": 0.8})
+    if not len(tumor.geoms):
+        return []
+    return [(Line2D([], [], color="#b2182b", linewidth=1.6), "tumor region (numbered)")]
+
+
+def _draw_flagged(ax, flagged_xy: dict[str, np.ndarray], patch_size_l0: float, ds: float) -> list[tuple[Any, str]]:
+    """Outlines of QC-flagged patches (up to 400 per reason); a legend entry per reason present."""
+    from matplotlib.patches import Rectangle
+
+    colours = {"pen": "#2166ac", "blur": "#f58d16", "colour": "#c51b7d"}
+    legend: list[tuple[Any, str]] = []
+    for reason, xy in flagged_xy.items():
+        for x, y in xy[:400]:  # enough to show where; the gallery lists them
+            ax.add_patch(Rectangle((x / ds, y / ds), patch_size_l0 / ds, patch_size_l0 / ds, fill=False,
+                                   ec=colours[reason], lw=0.9))
+        if len(xy):
+            legend.append((Rectangle((0, 0), 1, 1, fill=False, ec=colours[reason], lw=1.2),
+                           f"QC: {reason} ({len(xy)} patches)"))
+    return legend
 
 
 def overview_figure(
@@ -160,11 +215,8 @@ def overview_figure(
     patch_size_l0: float,
 ) -> str:
     """Thumbnail with the tissue outline, numbered tumor regions and QC-flagged patches (PNG data URI)."""
-    import shapely
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Rectangle
 
     from wsipipe.outputs.stitch import display_image
 
@@ -175,46 +227,14 @@ def overview_figure(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.imshow(display_image(thumbnail), extent=(0, tw, th, 0))
-    handles, labels = [], []
-
-    def rings(geom):
-        for poly in getattr(geom, "geoms", [geom]):
-            if poly.is_empty:
-                continue
-            yield from (poly.exterior, *poly.interiors)
-
-    if tissue_wkt:
-        tissue = shapely.from_wkt(tissue_wkt)
-        for ring in rings(tissue):
-            xy = np.asarray(ring.coords) / ds
-            ax.plot(xy[:, 0], xy[:, 1], color="#1a9850", linewidth=1.2)
-        handles.append(Line2D([], [], color="#1a9850", linewidth=1.2))
-        labels.append("tissue")
-    for k, poly in enumerate(tumor.geoms, start=1):
-        for ring in rings(poly):
-            xy = np.asarray(ring.coords) / ds
-            ax.plot(xy[:, 0], xy[:, 1], color="white", linewidth=2.2)
-            ax.plot(xy[:, 0], xy[:, 1], color="#b2182b", linewidth=1.1)
-        p = poly.representative_point()
-        ax.annotate(str(k), (p.x / ds, p.y / ds), color="white", fontsize=9, fontweight="bold", ha="center",
-                    va="center", bbox={"boxstyle": "circle,pad=0.2", "fc": "#b2182b", "ec": "white", "lw": 0.8})
-    if len(tumor.geoms):
-        handles.append(Line2D([], [], color="#b2182b", linewidth=1.6))
-        labels.append("tumor region (numbered)")
-    colours = {"pen": "#2166ac", "blur": "#f58d16", "colour": "#c51b7d"}
-    for reason, xy in flagged_xy.items():
-        for x, y in xy[:400]:  # enough to show where; the gallery lists them
-            ax.add_patch(Rectangle((x / ds, y / ds), patch_size_l0 / ds, patch_size_l0 / ds, fill=False,
-                                   ec=colours[reason], lw=0.9))
-        if len(xy):
-            handles.append(Rectangle((0, 0), 1, 1, fill=False, ec=colours[reason], lw=1.2))
-            labels.append(f"QC: {reason} ({len(xy)} patches)")
+    legend = _draw_tissue(ax, tissue_wkt, ds) + _draw_tumor(ax, tumor, ds) + _draw_flagged(ax, flagged_xy, patch_size_l0, ds)
     ax.set_xlim(0, tw)
     ax.set_ylim(th, 0)
     ax.set_xticks([])
     ax.set_yticks([])
-    if handles:
-        ax.legend(handles, labels, loc="lower right", fontsize=7, framealpha=0.85)
+    if legend:
+        handles, labels = zip(*legend, strict=True)
+        ax.legend(list(handles), list(labels), loc="lower right", fontsize=7, framealpha=0.85)
     return _figure_uri(fig)
 
 
@@ -224,63 +244,49 @@ def overview_figure(
 def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None) -> dict[str, Any]:
     """Everything the slide template shows, read from a slide output folder."""
     slide_dir = Path(slide_dir)
-    summary_path = slide_dir / "summary.json"
-    try:
-        summary = json.loads(summary_path.read_text())
-    except FileNotFoundError:
-        raise StoreError(summary_path, "no summary.json in the slide output folder; run the pipeline (or stitch) first") from None
-    except json.JSONDecodeError as exc:
-        raise StoreError(summary_path, f"summary.json is not valid JSON: {exc}") from None
+    summary = load_summary(slide_dir / SUMMARY_NAME)
     store_path = slide_dir / "patches.zarr"
     if not (store_path / "zarr.json").is_file():
-        store_path = Path(summary.get("store") or store_path)
+        store_path = Path(summary.store or store_path)
     group = store.open_store(store_path)
     meta = store.meta(group)
-    slide, tile, tissue = meta.get("slide") or {}, meta.get("tile") or {}, meta.get("tissue") or {}
-    qc_section = summary.get("qc") or {}
+    slide = meta.get(store.META_SLIDE) or {}
+    tile, tissue = meta.get(store.META_TILE) or {}, meta.get(store.META_TISSUE) or {}
     if qc_cfg is None:  # the thresholds the flags were computed with
-        qc_cfg = QCConfig(**qc_section["config"]) if qc_section.get("config") else QCConfig()
-    mpp = float(summary.get("slide", {}).get("mpp") or slide.get("mpp") or 0.0)
+        qc_cfg = QCConfig(**summary.qc.config) if summary.qc.config else QCConfig()
+    mpp = float(summary.slide.mpp or slide.get("mpp") or 0.0)
 
     regions, tumor = _tumor_regions(slide_dir / "tumor.geojson", mpp)
-    config = summary.get("config") or {}
-    probs = _tumor_probabilities(group, int(config.get("class_index", -1)))
+    probs = _tumor_probabilities(group, int(summary.config.get("class_index", -1)))
     n_gallery = qc_cfg.report_patches
-    top = [] if probs is None or not len(probs) else np.argsort(-probs, kind="stable")[:n_gallery]
-    measures = qc.read_measures(group)
-    flagged: list[tuple[int, str]] = []
-    flagged_xy: dict[str, np.ndarray] = {}
-    if measures is not None and len(measures["focus"]):
-        flagged = qc.flagged_patches(measures, qc_cfg, n_gallery)
-        coords = np.asarray(group["coords"][:])
-        flagged_xy = {reason: coords[mask] for reason, mask in qc.patch_flags(measures, qc_cfg).items()}
+    top: list[int] = [] if probs is None or not len(probs) else [int(i) for i in np.argsort(-probs, kind="stable")[:n_gallery]]
+    flagged, flagged_xy = _qc_flagged(group, qc_cfg, n_gallery)
 
-    thumbnail = np.asarray(group["thumbnail"][...])
+    thumbnail = np.asarray(store.array(group, store.THUMBNAIL)[...])
     heatmap_png = slide_dir / "heatmap.png"
     properties, properties_note = _slide_properties(slide.get("path"))
-    score = summary.get("slide_score") or {}
-    seconds = {k: v for k, v in (summary.get("seconds") or {}).items() if v is not None}
+    seconds = {k: v for k, v in summary.seconds.items() if v is not None}
     return {
-        "title": f"wsipipe slide report — {slide.get('name') or summary.get('slide', {}).get('name')}",
+        "title": f"wsipipe slide report — {slide.get('name') or summary.slide.name}",
         "version": __version__,
         "summary": summary,
         "slide": slide,
         "tile": tile,
         "tissue": tissue,
-        "levels": list(zip(slide.get("level_dimensions") or [], slide.get("level_downsamples") or [])),
+        "levels": list(zip(slide.get("level_dimensions") or [], slide.get("level_downsamples") or [], strict=False)),
         "properties": properties,
         "properties_note": properties_note,
-        "score": score,
-        "decision": summary.get("decision"),
-        "threshold": summary.get("threshold"),
-        "tumor_area_mm2": summary.get("tumor_area_mm2"),
+        "score": summary.slide_score,
+        "decision": summary.decision,
+        "threshold": summary.threshold,
+        "tumor_area_mm2": summary.tumor_area_mm2,
         "regions": regions,
-        "flags": qc_section.get("flags", []),
-        "qc_measured": qc_section.get("measured", False),
-        "flag_counts": qc_section.get("flagged_patches", {}),
+        "flags": summary.qc.flags,
+        "qc_measured": summary.qc.measured,
+        "flag_counts": summary.qc.flagged_patches,
         "seconds": seconds,
         "total_seconds": sum(float(v) for v in seconds.values()),
-        "provenance": summary.get("provenance") or {},
+        "provenance": summary.provenance,
         "overview_src": overview_figure(
             thumbnail, float(tile.get("thumb_downsample", 1.0)), tissue.get("polygon_wkt"), tumor, flagged_xy,
             float(tile.get("patch_size_l0", 0.0)),
@@ -289,6 +295,16 @@ def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None) 
         "top_patches": _patch_cards(group, top, probs),
         "flagged_patches": _patch_cards(group, [i for i, _ in flagged], probs, dict(flagged)),
     }
+
+
+def _qc_flagged(group: zarr.Group, qc_cfg: QCConfig, limit: int) -> tuple[list[tuple[int, str]], dict[str, np.ndarray]]:
+    """(patch index, reasons) of up to ``limit`` flagged patches, and the coords of every flagged patch by reason."""
+    measures = qc.read_measures(group)
+    if measures is None or not len(measures["focus"]):
+        return [], {}
+    coords = np.asarray(store.array(group, store.COORDS)[:])
+    flagged_xy = {reason: coords[mask] for reason, mask in qc.patch_flags(measures, qc_cfg).items()}
+    return qc.flagged_patches(measures, qc_cfg, limit), flagged_xy
 
 
 def write_slide_report(slide_dir: str | Path, qc_cfg: QCConfig | None = None, only_if_changed: bool = False) -> Path:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 import shapely
+import zarr
 from shapely.geometry import MultiPolygon, box
 from skimage import morphology
 
@@ -40,10 +41,15 @@ from wsipipe.errors import NoTissueError, StoreError
 from wsipipe.geojson import write_geojson
 from wsipipe.files import write_atomic
 from wsipipe.geometry import as_multipolygon, mask_to_polygons
+from wsipipe.outputs.summary import (
+    HeatmapInfo, ModelRef, Provenance, QCSection, SlideScore, SlideSummary, SummaryError, SummarySlide, load_summary,
+    summary_json,
+)
+from wsipipe.outputs.summary import SUMMARY_NAME
 
 log = logging.getLogger(__name__)
 
-STAGE = "stitch"
+STAGE = store.STAGE_STITCH
 Progress = Callable[[int, int], None]  # (patches done, patches total)
 
 # Patches read per step: ~1 MiB of grid_ij + probabilities, far below the grid itself.
@@ -54,7 +60,7 @@ OUTPUT_FILES = {
     "heatmap_png": "heatmap.png",
     "tumor_mask_png": "tumor_mask.png",
     "tumor_geojson": "tumor.geojson",
-    "summary": "summary.json",
+    "summary": SUMMARY_NAME,
 }
 
 
@@ -399,17 +405,17 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------- store level
 
 
-def stitch_identity(group, cfg: StitchConfig) -> dict[str, Any]:
+def stitch_identity(group: zarr.Group, cfg: StitchConfig) -> dict[str, Any]:
     """What the stitch outputs depend on: the inference outputs and the stitch settings."""
-    infer = store.stage_entry(group, "infer") or {}
-    return {"infer": infer.get("identity"), "stitch_config": cfg.model_dump(mode="json")}
+    infer = store.stage_entry(group, store.STAGE_INFER) or {}
+    return {store.STAGE_INFER: infer.get("identity"), "stitch_config": cfg.model_dump(mode="json")}
 
 
 def _identity_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def summary_identity(group, cfg: StitchConfig, qc_cfg: QCConfig, export: ExportConfig) -> str:
+def summary_identity(group: zarr.Group, cfg: StitchConfig, qc_cfg: QCConfig, export: ExportConfig) -> str:
     """Hash of everything summary.json and its files depend on. QC thresholds and export
     settings decide flags and which files exist, not the heatmap: they are in this hash (a
     changed setting rewrites the outputs) but not in the store's stitch stage identity."""
@@ -419,24 +425,34 @@ def summary_identity(group, cfg: StitchConfig, qc_cfg: QCConfig, export: ExportC
     )
 
 
-def existing_outputs(group, out_dir: str | Path, cfg: StitchConfig, qc_cfg: QCConfig, export: ExportConfig) -> dict | None:
-    """The summary of complete stitch outputs in ``out_dir`` made from these very inputs, else None."""
+def existing_outputs(
+    group: zarr.Group, out_dir: str | Path, cfg: StitchConfig, qc_cfg: QCConfig, export: ExportConfig
+) -> dict[str, Any] | None:
+    """The summary (as a dict) of complete stitch outputs in ``out_dir`` made from these very inputs, else None."""
+    summary = existing_summary(group, out_dir, cfg, qc_cfg, export)
+    return None if summary is None else summary.as_dict()
+
+
+def existing_summary(
+    group: zarr.Group, out_dir: str | Path, cfg: StitchConfig, qc_cfg: QCConfig, export: ExportConfig
+) -> SlideSummary | None:
+    """The typed summary of complete stitch outputs in ``out_dir`` made from these very inputs, else None."""
     if not store.is_complete(group, STAGE, stitch_identity(group, cfg)):
         return None
     return _existing_summary(Path(out_dir), summary_identity(group, cfg, qc_cfg, export))
 
 
-def _existing_summary(out_dir: Path, identity_hash: str) -> dict | None:
+def _existing_summary(out_dir: Path, identity_hash: str) -> SlideSummary | None:
     """The previous summary when every output is there and was made from the same inputs."""
     if not all((out_dir / name).is_file() for name in OUTPUT_FILES.values()):
         return None
     try:
-        summary = json.loads((out_dir / OUTPUT_FILES["summary"]).read_text())
-    except (OSError, json.JSONDecodeError):
+        summary = load_summary(out_dir / OUTPUT_FILES["summary"])
+    except SummaryError:
         return None
-    if not isinstance(summary, dict) or summary.get("provenance", {}).get("stitch_identity") != identity_hash:
+    if summary.provenance.stitch_identity != identity_hash:
         return None  # outputs of another store or older settings in the same folder
-    if not all((out_dir / name).exists() for name in (summary.get("exports") or {}).values()):
+    if not all((out_dir / name).exists() for name in summary.exports.values()):
         return None  # an export (e.g. heatmap.ome.zarr) was deleted
     return summary
 
@@ -481,41 +497,68 @@ def _tumor_column(probs: np.ndarray, class_index: int, store_path: Path) -> np.n
     return probs[:, class_index]
 
 
-def stitch_store(
-    store_path: str | Path,
-    out_dir: str | Path,
-    cfg: StitchConfig,
-    progress: Progress | None = None,
-    *,
-    chunk_patches: int = CHUNK_PATCHES,
-    qc_cfg: QCConfig | None = None,
-    export: ExportConfig | None = None,
-) -> dict:
-    """Heatmap, tumor mask, QuPath GeoJSON and summary.json from a classified store.
+@dataclass
+class StitchInputs:
+    """Step 1 (read): the geometry and arrays of a classified store that stitching needs."""
 
-    Needs the ``tile`` and ``infer`` stages complete. Writes into ``out_dir`` only after
-    everything is computed (each file via a temporary name; summary.json last), then marks
-    the ``stitch`` stage complete. A rerun with the same inputs and all outputs present
-    returns the existing summary without recomputing. Returns the summary dict.
-    ``export`` (default: :class:`ExportConfig` defaults) adds outputs for other tools.
-    """
-    t0 = time.perf_counter()
-    store_path, out_dir = Path(store_path), Path(out_dir)
-    group = store.open_store(store_path, mode="r+")
-    store.require_complete(group, "tile", store_path)
-    store.require_complete(group, "infer", store_path)
-    export = export or ExportConfig()
-    qc_cfg = qc_cfg or QCConfig()
-    identity = stitch_identity(group, cfg)
-    identity_hash = summary_identity(group, cfg, qc_cfg, export)
-    existing = existing_outputs(group, out_dir, cfg, qc_cfg, export)
-    if existing is not None:
-        log.info("%s: stitch outputs up to date in %s", store_path, out_dir)
-        return existing
+    store_path: Path
+    meta: dict[str, Any]  # the store's wsipipe attrs
+    grid_shape: tuple[int, int]
+    stride_l0: float
+    cells_per_patch: int
+    thumb_downsample: float
+    origin: tuple[float, float]
+    slide_mpp: float
+    grid_ij: zarr.Array
+    probabilities: zarr.Array
+    corrupt: zarr.Array | None  # patches tiling skipped for corrupt tile data carry no result
 
+    @property
+    def n(self) -> int:
+        return int(self.grid_ij.shape[0])
+
+    @property
+    def slide(self) -> dict[str, Any]:
+        return dict(self.meta.get(store.META_SLIDE) or {})
+
+    @property
+    def stages(self) -> dict[str, Any]:
+        return dict(self.meta.get(store.META_STAGES) or {})
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        """Level-0 (width, height) of the slide, when the store knows it."""
+        width, height = self.slide.get("width"), self.slide.get("height")
+        return (float(width), float(height)) if width and height else None
+
+
+@dataclass
+class Accumulated:
+    """Step 2 (accumulate): the heatmap and slide score from every patch."""
+
+    heatmap: np.ndarray
+    scores: dict[str, Any]
+    n_tumor_patches: int
+
+
+@dataclass
+class Rendered:
+    """Step 3 (render): the tumor mask, its polygons and the images, all still in memory."""
+
+    mask: np.ndarray
+    polygons: MultiPolygon
+    min_cells: int
+    tumor_area_mm2: float
+    decision: str
+    heatmap_png: bytes
+    mask_thumb: np.ndarray
+
+
+def read_inputs(group: zarr.Group, store_path: Path) -> StitchInputs:
+    """Geometry from the tile attrs and the grid_ij / probabilities / corrupt arrays, checked."""
     meta = store.meta(group)
-    tile, slide = meta.get("tile") or {}, meta.get("slide") or {}
-    for name in ("grid_ij", "probabilities", "thumbnail"):
+    tile, slide = meta.get(store.META_TILE) or {}, meta.get(store.META_SLIDE) or {}
+    for name in (store.GRID_IJ, store.PROBABILITIES, store.THUMBNAIL):
         if name not in group:
             raise StoreError(store_path, f"array '{name}' is missing; rerun the stage that writes it")
     try:
@@ -525,39 +568,52 @@ def stitch_store(
         thumb_ds = float(tile["thumb_downsample"])
     except (KeyError, TypeError, IndexError) as exc:
         raise StoreError(store_path, f"tile attrs incomplete ({exc!r}); rerun `wsipipe tile`") from None
-    origin = tuple(float(v) for v in tile.get("origin_l0", (0, 0)))
+    ox, oy = (float(v) for v in tile.get("origin_l0", (0, 0)))
     slide_mpp = float(tile.get("slide_mpp") or slide.get("mpp") or 0.0)
     if slide_mpp <= 0:
         raise StoreError(store_path, "no slide mpp in the store attrs; cannot convert areas to µm²")
-
-    grid_arr, prob_arr = group["grid_ij"], group["probabilities"]
-    n = int(grid_arr.shape[0])
-    if prob_arr.shape[0] != n:
-        raise StoreError(store_path, f"{n} patches but {prob_arr.shape[0]} probabilities; rerun `wsipipe infer`")
+    inputs = StitchInputs(
+        store_path=store_path, meta=meta, grid_shape=grid_shape, stride_l0=stride_l0, cells_per_patch=r,
+        thumb_downsample=thumb_ds, origin=(ox, oy), slide_mpp=slide_mpp,
+        grid_ij=store.array(group, store.GRID_IJ), probabilities=store.array(group, store.PROBABILITIES),
+        corrupt=store.optional_array(group, store.CORRUPT),
+    )
+    n, n_probs = inputs.n, int(inputs.probabilities.shape[0])
+    if n_probs != n:
+        raise StoreError(store_path, f"{n} patches but {n_probs} probabilities; rerun `wsipipe infer`")
     if n == 0:
         raise NoTissueError(store_path, "the store has no patches (no tissue was tiled); nothing to stitch")
+    return inputs
 
+
+def _checked_probabilities(p: np.ndarray, sl: slice, store_path: Path) -> None:
+    if len(p) and (not np.isfinite(p).all() or p.min() < 0.0 or p.max() > 1.0):
+        raise StoreError(
+            store_path,
+            f"probabilities of patches {sl.start}..{sl.stop - 1} are not all in [0, 1] "
+            f"(min {np.nanmin(p):.4g}, max {np.nanmax(p):.4g}, NaN/inf present: {not np.isfinite(p).all()}); "
+            "were logits stored instead of probabilities?",
+        )
+
+
+def accumulate(
+    inputs: StitchInputs, cfg: StitchConfig, chunk_patches: int = CHUNK_PATCHES, progress: Progress | None = None
+) -> Accumulated:
+    """Heatmap and score, reading the store chunk by chunk (memory: the grid and one chunk)."""
+    n, store_path = inputs.n, inputs.store_path
     # Chunk-aligned reads: a whole number of the probabilities' own Zarr chunks per step.
-    step = max(1, int(prob_arr.chunks[0]))
+    step = max(1, int(inputs.probabilities.chunks[0]))
     step *= max(1, chunk_patches // step)
-    heat = HeatmapAccumulator(grid_shape, r)
+    heat = HeatmapAccumulator(inputs.grid_shape, inputs.cells_per_patch)
     score = ScoreAccumulator(cfg.top_k)
     n_tumor_patches = 0
-    # Patches tiling skipped for corrupt tile data (tile.on_corrupt_tile: skip) carry no result.
-    corrupt_arr = group["corrupt"] if "corrupt" in group else None
     for sl in store.chunk_slices(n, step):
-        ij = np.asarray(grid_arr[sl])
-        p = _tumor_column(np.asarray(prob_arr[sl], dtype=np.float32), cfg.class_index, store_path)
-        if corrupt_arr is not None:
-            keep = ~np.asarray(corrupt_arr[sl], dtype=bool)
+        ij = np.asarray(inputs.grid_ij[sl])
+        p = _tumor_column(np.asarray(inputs.probabilities[sl], dtype=np.float32), cfg.class_index, store_path)
+        if inputs.corrupt is not None:
+            keep = ~np.asarray(inputs.corrupt[sl], dtype=bool)
             ij, p = ij[keep], p[keep]
-        if len(p) and (not np.isfinite(p).all() or p.min() < 0.0 or p.max() > 1.0):
-            raise StoreError(
-                store_path,
-                f"probabilities of patches {sl.start}..{sl.stop - 1} are not all in [0, 1] "
-                f"(min {np.nanmin(p):.4g}, max {np.nanmax(p):.4g}, NaN/inf present: {not np.isfinite(p).all()}); "
-                "were logits stored instead of probabilities?",
-            )
+        _checked_probabilities(p, sl, store_path)
         try:
             heat.add(ij, p)
         except ValueError as exc:
@@ -566,40 +622,49 @@ def stitch_store(
         n_tumor_patches += int(np.count_nonzero(p >= cfg.threshold))
         if progress:
             progress(sl.stop, n)
-    heatmap = heat.result()
+    return Accumulated(heat.result(), score.result(), n_tumor_patches)
 
-    # Physical sizes -> cells. The ceil is nudged so an exact multiple is not rounded up by float noise.
-    cell_area_um2 = (stride_l0 * slide_mpp) ** 2
-    min_cells = math.ceil(cfg.min_tumor_area_um2 / cell_area_um2 - 1e-9) if cfg.min_tumor_area_um2 > 0 else 0
+
+def _min_tumor_cells(cfg: StitchConfig, inputs: StitchInputs) -> int:
+    """The minimum tumor area in heatmap cells (the ceil is nudged so an exact multiple is not
+    rounded up by float noise)."""
+    cell_area_um2 = (inputs.stride_l0 * inputs.slide_mpp) ** 2
+    return math.ceil(cfg.min_tumor_area_um2 / cell_area_um2 - 1e-9) if cfg.min_tumor_area_um2 > 0 else 0
+
+
+def _model_info(inputs: StitchInputs) -> dict[str, Any]:
+    return dict((inputs.stages.get(store.STAGE_INFER) or {}).get("model") or {})
+
+
+def render(inputs: StitchInputs, acc: Accumulated, cfg: StitchConfig, thumbnail: np.ndarray) -> Rendered:
+    """Tumor mask and polygons from the heatmap; the heatmap PNG and the mask at thumbnail scale."""
+    min_cells = _min_tumor_cells(cfg, inputs)
     # Holes below the same size are treated like specks: noise inside a tumor region.
-    mask = tumor_mask(heatmap, cfg.threshold, min_area_cells=min_cells, fill_holes_cells=min_cells)
-    width, height = slide.get("width"), slide.get("height")
-    bounds = (float(width), float(height)) if width and height else None
-    polygons = tumor_polygons(mask, stride_l0, origin, bounds=bounds)
-    tumor_area_mm2 = polygons.area * slide_mpp**2 / 1e6
-    scores = score.result()
+    mask = tumor_mask(acc.heatmap, cfg.threshold, min_area_cells=min_cells, fill_holes_cells=min_cells)
+    polygons = tumor_polygons(mask, inputs.stride_l0, inputs.origin, bounds=inputs.bounds)
+    tumor_area_mm2 = polygons.area * inputs.slide_mpp**2 / 1e6
+    scores = acc.scores
     decision = "tumor" if scores["top_k_mean"] >= cfg.threshold else "normal"
-
-    thumbnail = np.asarray(group["thumbnail"][...])
-    stages = meta.get("stages", {})
-    infer_entry = stages.get("infer", {})
-    model = dict(infer_entry.get("model") or {})
+    slide = inputs.slide
     title = (
-        f"{slide.get('name') or Path(str(slide.get('path', store_path))).name}: {decision} "
+        f"{slide.get('name') or Path(str(slide.get('path', inputs.store_path))).name}: {decision} "
         f"(top-{scores['k']} mean {scores['top_k_mean']:.3f}, max {scores['max']:.3f}; "
         f"tumor {tumor_area_mm2:.3g} mm²)"
     )
     heatmap_png = render_heatmap_png(
-        thumbnail, thumb_ds, heatmap, stride_l0, origin, polygons, cfg.threshold, slide_mpp, title
+        thumbnail, inputs.thumb_downsample, acc.heatmap, inputs.stride_l0, inputs.origin, polygons, cfg.threshold,
+        inputs.slide_mpp, title,
     )
-    mask_thumb = grid_to_thumbnail(mask, thumbnail.shape[:2], thumb_ds, stride_l0, origin, fill=False)
+    mask_thumb = grid_to_thumbnail(mask, thumbnail.shape[:2], inputs.thumb_downsample, inputs.stride_l0, inputs.origin, fill=False)
+    return Rendered(mask, polygons, min_cells, tumor_area_mm2, decision, heatmap_png, mask_thumb)
 
-    config_hash = {
-        stage: entry.get("identity", {}).get("config")
-        for stage, entry in stages.items()
-        if isinstance(entry.get("identity"), dict) and entry["identity"].get("config")
-    }
-    config_hash[STAGE] = _identity_hash(identity["stitch_config"])
+
+def write_outputs(
+    out_dir: Path, inputs: StitchInputs, acc: Accumulated, out: Rendered, cfg: StitchConfig, export: ExportConfig
+) -> dict[str, str]:
+    """heatmap.npy, heatmap.png, tumor_mask.png, tumor.geojson and the exports, each atomically;
+    returns the exports' file names by kind."""
+    slide, model = inputs.slide, _model_info(inputs)
     geojson_props = {
         "name": "Tumor",
         # QuPath keeps string key/values under "metadata" with the annotation.
@@ -610,65 +675,141 @@ def stitch_store(
             "threshold": f"{cfg.threshold:g}",
         },
     }
-
-    # Everything is computed: now write, each file atomically, summary.json last.
-    store.set_stage(group, STAGE, identity, False)
-    files = dict(OUTPUT_FILES)
-    write_atomic(out_dir / files["heatmap"], _npy_bytes(heatmap))
-    write_atomic(out_dir / files["heatmap_png"], heatmap_png)
-    write_atomic(out_dir / files["tumor_mask_png"], mask_png(mask_thumb))
-    write_geojson(out_dir / files["tumor_geojson"], {"Tumor": polygons}, properties=geojson_props)
-    exports = _write_exports(
-        out_dir, export, heatmap, mask, polygons, stride_l0, origin, slide_mpp, bounds,
+    write_atomic(out_dir / OUTPUT_FILES["heatmap"], _npy_bytes(acc.heatmap))
+    write_atomic(out_dir / OUTPUT_FILES["heatmap_png"], out.heatmap_png)
+    write_atomic(out_dir / OUTPUT_FILES["tumor_mask_png"], mask_png(out.mask_thumb))
+    write_geojson(out_dir / OUTPUT_FILES["tumor_geojson"], {"Tumor": out.polygons}, properties=geojson_props)
+    return _write_exports(
+        out_dir, export, acc.heatmap, out.mask, out.polygons, inputs.stride_l0, inputs.origin, inputs.slide_mpp,
+        inputs.bounds,
         provenance={"wsipipe_version": __version__, "slide_identity": slide.get("identity"),
                     "model_sha256": model.get("sha256"), "threshold": cfg.threshold},
     )
-    seconds = time.perf_counter() - t0
-    summary = {
-        "version": __version__,
-        "slide": {
-            "name": slide.get("name"),
-            "path": slide.get("path"),
-            "identity": slide.get("identity"),
-            "width": width,
-            "height": height,
-            "mpp": slide_mpp,
-        },
-        "store": str(store_path),
-        "provenance": {
-            "config_hash": config_hash,
-            "model": {"sha256": model.get("sha256"), "arch": model.get("arch")},
-            "stitch_identity": identity_hash,
-        },
-        "config": identity["stitch_config"],
-        "n_patches": n,
-        "skipped_patches": stages.get("tile", {}).get("corrupt_patches"),
-        "n_tumor_patches": n_tumor_patches,
-        "threshold": cfg.threshold,
-        "slide_score": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()},
-        "decision": decision,
-        "tumor_area_mm2": round(tumor_area_mm2, 6),
-        "n_tumor_regions": len(polygons.geoms),
-        "heatmap": {
-            "shape": list(heatmap.shape),
-            "cell_size_l0": stride_l0,
-            "cell_size_um": stride_l0 * slide_mpp,
-            "origin_l0": list(origin),
-            "cells_per_patch": r,
-            "min_tumor_area_cells": min_cells,
-        },
-        "seconds": {
-            "tile": stages.get("tile", {}).get("seconds"),
-            "infer": infer_entry.get("seconds"),
+
+
+def _config_hashes(stages: dict[str, Any], identity: dict[str, Any]) -> dict[str, str]:
+    """Config hash per stage: those the earlier stages recorded, and this stitch's."""
+    config_hash = {
+        stage: entry.get("identity", {}).get("config")
+        for stage, entry in stages.items()
+        if isinstance(entry.get("identity"), dict) and entry["identity"].get("config")
+    }
+    config_hash[STAGE] = _identity_hash(identity["stitch_config"])
+    return config_hash
+
+
+def summarise(
+    group: zarr.Group, inputs: StitchInputs, acc: Accumulated, out: Rendered, cfg: StitchConfig, qc_cfg: QCConfig,
+    identity: dict[str, Any], identity_hash: str, exports: dict[str, str], seconds: float,
+) -> SlideSummary:
+    """The :class:`SlideSummary` of a stitched slide (QC flags computed here, from the store)."""
+    slide, stages, model, scores = inputs.slide, inputs.stages, _model_info(inputs), acc.scores
+    return SlideSummary(
+        version=__version__,
+        slide=SummarySlide(
+            name=slide.get("name"), path=slide.get("path"), identity=slide.get("identity"),
+            width=slide.get("width"), height=slide.get("height"), mpp=inputs.slide_mpp,
+        ),
+        store=str(inputs.store_path),
+        provenance=Provenance(
+            config_hash=_config_hashes(stages, identity),
+            model=ModelRef(sha256=model.get("sha256"), arch=model.get("arch")),
+            stitch_identity=identity_hash,
+        ),
+        config=identity["stitch_config"],
+        n_patches=inputs.n,
+        skipped_patches=(stages.get(store.STAGE_TILE) or {}).get("corrupt_patches"),
+        n_tumor_patches=acc.n_tumor_patches,
+        threshold=cfg.threshold,
+        slide_score=SlideScore(**{k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()}),
+        decision=out.decision,
+        tumor_area_mm2=round(out.tumor_area_mm2, 6),
+        n_tumor_regions=len(out.polygons.geoms),
+        heatmap=HeatmapInfo(
+            shape=list(acc.heatmap.shape),
+            cell_size_l0=inputs.stride_l0,
+            cell_size_um=inputs.stride_l0 * inputs.slide_mpp,
+            origin_l0=list(inputs.origin),
+            cells_per_patch=inputs.cells_per_patch,
+            min_tumor_area_cells=out.min_cells,
+        ),
+        seconds={
+            store.STAGE_TILE: (stages.get(store.STAGE_TILE) or {}).get("seconds"),
+            store.STAGE_INFER: (stages.get(store.STAGE_INFER) or {}).get("seconds"),
             STAGE: round(seconds, 3),
         },
-        "files": files,
-        "qc": qc.slide_qc(group, meta, scores["top_k_mean"], cfg.threshold, qc_cfg),
-        "exports": exports,  # outputs for other tools (directories included), by kind
-    }
-    write_atomic(out_dir / files["summary"], json.dumps(summary, indent=2))
-    store.set_stage(
-        group, STAGE, identity, True, seconds=round(seconds, 3), out_dir=str(out_dir),
-        n_tumor_regions=summary["n_tumor_regions"],
+        files=dict(OUTPUT_FILES),
+        qc=QCSection.model_validate(qc.slide_qc(group, inputs.meta, scores["top_k_mean"], cfg.threshold, qc_cfg)),
+        exports=exports,  # outputs for other tools (directories included), by kind
     )
+
+
+def write_summary(group: zarr.Group, out_dir: Path, summary: SlideSummary, identity: dict[str, Any]) -> None:
+    """summary.json, then the stitch stage marked complete: the last two writes of a stitch."""
+    write_atomic(out_dir / OUTPUT_FILES["summary"], summary_json(summary))
+    store.set_stage(
+        group, STAGE, identity, True, seconds=summary.seconds[STAGE], out_dir=str(out_dir),
+        n_tumor_regions=summary.n_tumor_regions,
+    )
+
+
+def stitch_store(
+    store_path: str | Path,
+    out_dir: str | Path,
+    cfg: StitchConfig,
+    progress: Progress | None = None,
+    *,
+    chunk_patches: int = CHUNK_PATCHES,
+    qc_cfg: QCConfig | None = None,
+    export: ExportConfig | None = None,
+) -> dict[str, Any]:
+    """Heatmap, tumor mask, QuPath GeoJSON and summary.json from a classified store.
+
+    Needs the ``tile`` and ``infer`` stages complete. Writes into ``out_dir`` only after
+    everything is computed (each file via a temporary name; summary.json last), then marks
+    the ``stitch`` stage complete. A rerun with the same inputs and all outputs present
+    returns the existing summary without recomputing. Returns the summary as a dict
+    (:func:`stitch_summary` returns the typed :class:`SlideSummary`).
+    ``export`` (default: :class:`ExportConfig` defaults) adds outputs for other tools.
+    """
+    return stitch_summary(
+        store_path, out_dir, cfg, progress, chunk_patches=chunk_patches, qc_cfg=qc_cfg, export=export
+    ).as_dict()
+
+
+def stitch_summary(
+    store_path: str | Path,
+    out_dir: str | Path,
+    cfg: StitchConfig,
+    progress: Progress | None = None,
+    *,
+    chunk_patches: int = CHUNK_PATCHES,
+    qc_cfg: QCConfig | None = None,
+    export: ExportConfig | None = None,
+) -> SlideSummary:
+    """:func:`stitch_store`, returning the typed summary: read, accumulate, render, write, summarise."""
+    t0 = time.perf_counter()
+    store_path, out_dir = Path(store_path), Path(out_dir)
+    group = store.open_store(store_path, mode="r+")
+    store.require_complete(group, store.STAGE_TILE, store_path)
+    store.require_complete(group, store.STAGE_INFER, store_path)
+    export = export or ExportConfig()
+    qc_cfg = qc_cfg or QCConfig()
+    identity = stitch_identity(group, cfg)
+    identity_hash = summary_identity(group, cfg, qc_cfg, export)
+    existing = _existing_summary(out_dir, identity_hash) if store.is_complete(group, STAGE, identity) else None
+    if existing is not None:
+        log.info("%s: stitch outputs up to date in %s", store_path, out_dir)
+        return existing
+
+    inputs = read_inputs(group, store_path)
+    acc = accumulate(inputs, cfg, chunk_patches, progress)
+    rendered = render(inputs, acc, cfg, np.asarray(store.array(group, store.THUMBNAIL)[...]))
+    # Everything is computed: now write, each file atomically, summary.json last.
+    store.set_stage(group, STAGE, identity, False)
+    exports = write_outputs(out_dir, inputs, acc, rendered, cfg, export)
+    summary = summarise(
+        group, inputs, acc, rendered, cfg, qc_cfg, identity, identity_hash, exports, time.perf_counter() - t0
+    )
+    write_summary(group, out_dir, summary, identity)
     return summary

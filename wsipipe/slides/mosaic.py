@@ -163,11 +163,11 @@ def write_mosaic_slide(
             for k, f in enumerate(factors):
                 pool_jpeg = [_encode(t, jpeg_quality) for t in pool.tiles] if f == 1 else None
                 level_pool = pool.tiles if f == 1 else _box_filtered(pool.tiles, f)
-                extra = {"description": _aperio_description(width, height, tile_size, mpp, jpeg_quality)} if k == 0 else {}
+                description = _aperio_description(width, height, tile_size, mpp, jpeg_quality) if k == 0 else None
                 tw.write(
                     _level_tiles(choice, level_pool, glass_tile, f, width, height, tile_size, jpeg_quality, pool_jpeg),
                     shape=(height // f, width // f, 3), dtype=np.uint8, tile=(tile_size, tile_size),
-                    compression="jpeg", photometric="rgb", subsampling=(2, 2), metadata=None, **extra,
+                    compression="jpeg", photometric="rgb", subsampling=(2, 2), metadata=None, description=description,
                 )
         os.replace(tmp, path)
     finally:

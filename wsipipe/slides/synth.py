@@ -218,7 +218,7 @@ def lymphoid_aggregates(
     xs, ys = xs[inside][:n], ys[inside][:n]
     radii = rng.uniform(lo, hi, xs.size)
     blobs = [_blob(x, y, r, r * rng.uniform(0.7, 1.0), rng, wobble=0.15, roughness=0.02, n_vertices=96)
-             for x, y, r in zip(xs, ys, radii)]
+             for x, y, r in zip(xs, ys, radii, strict=True)]
     return _clean(shapely.union_all(blobs).intersection(normal)) if blobs else MultiPolygon()
 
 
@@ -650,7 +650,8 @@ def _encode(tile: np.ndarray, quality: int) -> bytes:
     # YCbCr with 4:2:0 chroma subsampling, like scanners write; the TIFF says so with
     # PhotometricInterpretation=YCbCr + YCbCrSubSampling (set by tifffile), which is
     # how OpenSlide knows to convert back (Photometric=RGB on these bytes gives wrong colours).
-    return imagecodecs.jpeg8_encode(tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2))
+    data = imagecodecs.jpeg8_encode(tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2))
+    return bytes(data) if isinstance(data, bytearray) else data  # bytes in practice; the stubs allow either
 
 
 def _level_tiles(
@@ -663,7 +664,7 @@ def _level_tiles(
     xs = np.arange(0, width, tile)
     for y in range(0, height, tile):
         boxes = shapely.box(xs * factor, y * factor, (xs + tile) * factor, (y + tile) * factor)
-        for x, cls in zip(xs.tolist(), scene.classify(boxes).tolist()):
+        for x, cls in zip(xs.tolist(), scene.classify(boxes).tolist(), strict=True):
             if cls < 0:
                 yield _encode(_render(tex, scene, factor, x, y, tile, tile), quality)
                 continue
@@ -710,6 +711,55 @@ def _thumbnail(seed: int, mpp: float, scene: _Scene, width: int, height: int) ->
     return _render(tex, scene, f, 0, 0, max(1, width // f), max(1, height // f))
 
 
+def _check_slide_args(fmt: str, tile_size: int, jpeg_quality: int, width: int, height: int, mpp: float) -> None:
+    if fmt not in ("svs", "tiff"):
+        raise ValueError(f"fmt must be 'svs' or 'tiff', not {fmt!r}")
+    if tile_size <= 0 or tile_size % 16:
+        raise ValueError(f"tile_size must be a positive multiple of 16 (JPEG 4:2:0 blocks), got {tile_size}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+    if width <= 0 or height <= 0 or mpp <= 0:
+        raise ValueError(f"width, height and mpp must be positive, got {width}, {height}, {mpp}")
+
+
+@dataclass(frozen=True)
+class _LevelTags:
+    """The TIFF tags of one pyramid level beyond the tiles (tifffile's defaults where None)."""
+
+    description: str | None = None
+    resolution: tuple[float, float] | None = None
+    resolutionunit: str | None = None
+    subfiletype: int | None = None
+
+    @classmethod
+    def of(cls, fmt: str, k: int, f: int, width: int, height: int, tile_size: int, mpp: float, quality: int) -> _LevelTags:
+        """SVS: the Aperio description on level 0 only. Generic TIFF: the resolution tags (px/cm)
+        on every level, reduced-resolution levels marked, a plain description on level 0."""
+        if fmt == "svs":
+            return cls(description=_aperio_description(width, height, tile_size, mpp, quality) if k == 0 else None)
+        return cls(
+            description="wsipipe synthetic slide" if k == 0 else None,
+            resolution=(1e4 / (mpp * f), 1e4 / (mpp * f)),
+            resolutionunit="CENTIMETER",
+            subfiletype=1 if k else 0,  # reduced-resolution image
+        )
+
+
+def _write_svs_thumbnail(
+    tw: tifffile.TiffWriter, thumb: np.ndarray, width: int, height: int, mpp: float, quality: int
+) -> None:
+    """OpenSlide's Aperio driver reads a stripped second IFD as the "thumbnail" associated
+    image (tiled IFDs are levels, whatever their position)."""
+    tw.write(
+        thumb, compression="jpeg", compressionargs={"level": quality}, photometric="rgb",
+        subsampling=(1, 1), rowsperstrip=thumb.shape[0], metadata=None,
+        description=(
+            f"Aperio Image Library v12.0.5 \r\n{width}x{height} -> {thumb.shape[1]}x{thumb.shape[0]} - "
+            f"|AppMag = {20 if mpp >= 0.375 else 40}|MPP = {mpp}"
+        ),
+    )
+
+
 def write_synthetic_slide(
     path: str | Path, width: int = 12000, height: int = 9000, mpp: float = 0.5, seed: int = 0, fmt: str = "svs",
     tile_size: int = 256, n_tissue: int = 3, n_tumor: int = 2, jpeg_quality: int = 90,
@@ -725,14 +775,7 @@ def write_synthetic_slide(
     The file is written under a temporary name and renamed into place; the ground truth
     goes to ``<stem>.geojson`` beside it.
     """
-    if fmt not in ("svs", "tiff"):
-        raise ValueError(f"fmt must be 'svs' or 'tiff', not {fmt!r}")
-    if tile_size <= 0 or tile_size % 16:
-        raise ValueError(f"tile_size must be a positive multiple of 16 (JPEG 4:2:0 blocks), got {tile_size}")
-    if not 1 <= jpeg_quality <= 100:
-        raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
-    if width <= 0 or height <= 0 or mpp <= 0:
-        raise ValueError(f"width, height and mpp must be positive, got {width}, {height}, {mpp}")
+    _check_slide_args(fmt, tile_size, jpeg_quality, width, height, mpp)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if layout is None:
@@ -753,32 +796,15 @@ def write_synthetic_slide(
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
             for k, f in enumerate(factors):
                 lw, lh = width // f, height // f
-                extra: dict = {}
-                if fmt == "svs" and k == 0:
-                    extra["description"] = _aperio_description(width, height, tile_size, mpp, jpeg_quality)
-                elif fmt == "tiff":
-                    extra["resolution"] = (1e4 / (mpp * f), 1e4 / (mpp * f))
-                    extra["resolutionunit"] = "CENTIMETER"
-                    extra["subfiletype"] = 1 if k else 0  # reduced-resolution image
-                    if k == 0:
-                        extra["description"] = "wsipipe synthetic slide"
+                level = _LevelTags.of(fmt, k, f, width, height, tile_size, mpp, jpeg_quality)
                 tw.write(
                     _level_tiles(_level_textures(seed, mpp, f), scene, f, lw, lh, tile_size, jpeg_quality),
                     shape=(lh, lw, 3), dtype=np.uint8, tile=(tile_size, tile_size), compression="jpeg",
-                    photometric="rgb", subsampling=(2, 2), metadata=None, **extra,
+                    photometric="rgb", subsampling=(2, 2), metadata=None, description=level.description,
+                    resolution=level.resolution, resolutionunit=level.resolutionunit, subfiletype=level.subfiletype,
                 )
                 if fmt == "svs" and k == 0:
-                    # OpenSlide's Aperio driver reads a stripped second IFD as the "thumbnail"
-                    # associated image (tiled IFDs are levels, whatever their position).
-                    thumb = _thumbnail(seed, mpp, scene, width, height)
-                    tw.write(
-                        thumb, compression="jpeg", compressionargs={"level": jpeg_quality}, photometric="rgb",
-                        subsampling=(1, 1), rowsperstrip=thumb.shape[0], metadata=None,
-                        description=(
-                            f"Aperio Image Library v12.0.5 \r\n{width}x{height} -> {thumb.shape[1]}x{thumb.shape[0]} - "
-                            f"|AppMag = {20 if mpp >= 0.375 else 40}|MPP = {mpp}"
-                        ),
-                    )
+                    _write_svs_thumbnail(tw, _thumbnail(seed, mpp, scene, width, height), width, height, mpp, jpeg_quality)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -25,6 +25,8 @@ import imagecodecs
 import numpy as np
 import tifffile
 
+from wsipipe.errors import SlideReadError
+
 FAST_VENDORS = {"aperio", "generic-tiff"}
 # Decoded-tile cache per level: this many full tile rows of the level, within these bounds.
 # Patches are read in row-major order and a patch spans at most 3 tile rows (2x resampled,
@@ -120,6 +122,8 @@ class TiledLevel:
                 shape=(self.tile_h, self.tile_w), out=out,
             ).reshape(self.tile_h, self.tile_w, 3)
         decoded, _, _ = self._decode(data, index, jpegtables=self.jpegtables)
+        if decoded is None:  # tifffile's decoder gives None for bytes it cannot make a tile of
+            raise SlideReadError(self.path, f"tile {index} did not decode")
         return decoded.reshape(self.tile_h, self.tile_w, -1)[..., :3]
 
     def read(self, x: int, y: int, w: int, h: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -157,7 +161,8 @@ def open_level(
         with tifffile.TiffFile(path) as tf:
             for page in tf.pages:
                 if (
-                    page.is_tiled
+                    isinstance(page, tifffile.TiffPage)
+                    and page.is_tiled
                     and page.shape[:2] == (level_dims[1], level_dims[0])
                     and page.dtype == np.uint8
                     and page.samplesperpixel == 3

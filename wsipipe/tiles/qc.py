@@ -11,9 +11,9 @@ sparse pixel grid, focus on a 2x binned channel, so it costs a small fraction of
 - ``saturation``: mean HSV saturation of the non-background pixels (colour outliers:
   over-stained, dye pooling, ink smears are far above H&E's range).
 
-They are stored as ``qc/<name>`` (N,) float32 arrays in the slide's Zarr group beside
-``patches``. :func:`slide_qc` turns them, the tissue and slide attrs and the slide
-score into flags with thresholds from :class:`wsipipe.config.QCConfig`.
+They are stored as the columns of ``qc/measures`` (:data:`wsipipe.tiles.store.QC_MEASURES`,
+(N, 4) float32, column names in its attrs) in the slide's Zarr group beside ``patches``.
+:func:`slide_qc` turns them, the tissue and slide attrs and the slide score into flags with thresholds from :class:`wsipipe.config.QCConfig`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import numpy as np
 import zarr
 
 from wsipipe.config import QCConfig
+from wsipipe.tiles import store
 
-QC_GROUP = "qc"
+QC_GROUP = store.QC_GROUP
 MEASURES = ("focus", "pen_fraction", "background_fraction", "saturation")
 # Brightness (0..255 grey) above which a pixel is glass; matches TissueConfig.max_brightness ≈ 0.94.
 WHITE_LEVEL = 235.0
@@ -124,7 +125,7 @@ def patch_qc(patches: np.ndarray) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- store I/O
 
 
-MEASURES_ARRAY = f"{QC_GROUP}/measures"  # (N, len(MEASURES)) float32, columns named in its attrs
+MEASURES_ARRAY = store.QC_MEASURES  # (N, len(MEASURES)) float32, columns named in its attrs
 
 
 def create_arrays(group: zarr.Group, n: int, chunk: int) -> zarr.Array:
@@ -148,14 +149,19 @@ def write_chunk(measures: zarr.Array | None, sl: slice, patches: np.ndarray) -> 
     measures[sl] = np.stack([values[name] for name in MEASURES], axis=1)
 
 
+def _as_list(value: object) -> list[object]:
+    return list(value) if isinstance(value, list | tuple) else []
+
+
 def read_measures(group: zarr.Group) -> dict[str, np.ndarray] | None:
     """The stored per-patch measures, or None when the store predates QC."""
-    if MEASURES_ARRAY in group:
-        arr = group[MEASURES_ARRAY]
+    arr = store.optional_array(group, MEASURES_ARRAY)
+    if arr is not None:
         table = np.asarray(arr[:])
-        return {name: table[:, arr.attrs["measures"].index(name)] for name in MEASURES}
+        columns = [str(c) for c in _as_list(arr.attrs.get("measures"))]
+        return {name: table[:, columns.index(name)] for name in MEASURES}
     if all(f"{QC_GROUP}/{name}" in group for name in MEASURES):  # earlier layout: one array per measure
-        return {name: np.asarray(group[f"{QC_GROUP}/{name}"][:]) for name in MEASURES}
+        return {name: np.asarray(store.array(group, f"{QC_GROUP}/{name}")[:]) for name in MEASURES}
     return None
 
 
@@ -279,7 +285,7 @@ def flagged_patches(measures: dict[str, np.ndarray], cfg: QCConfig, limit: int) 
 def slide_qc(group: zarr.Group, meta: dict, score: float | None, threshold: float, cfg: QCConfig) -> dict[str, Any]:
     """The ``summary.json["qc"]`` section: flags, patch counts per reason, thresholds used."""
     measures = read_measures(group)
-    flags = slide_flags(meta.get("slide") or {}, meta.get("tissue") or {}, measures, score, threshold, cfg)
+    flags = slide_flags(meta.get(store.META_SLIDE) or {}, meta.get(store.META_TISSUE) or {}, measures, score, threshold, cfg)
     counts: dict[str, int] = {}
     if measures is not None and len(measures["focus"]):
         counts = {k: int(v.sum()) for k, v in patch_flags(measures, cfg).items()}

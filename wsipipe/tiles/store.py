@@ -1,29 +1,43 @@
 """The per-slide Zarr v3 group: the only hand-off between stages.
 
-Layout of one slide's group (``<name>.zarr``)::
+Every name a stage writes or reads is a constant below; :data:`LAYOUT` lists the
+arrays in the order of the README's "store layout" section. Layout of one slide's
+group (``<name>.zarr``)::
 
-    patches          (N, H, W, 3) uint8   chunked (chunk_patches, H, W, 3)
-    coords           (N, 2) int64          level-0 (x, y) of each patch's top-left
-    grid_ij          (N, 2) int32          (row, col) of each patch in the tiling grid
-    tissue_fraction  (N,) float32
-    probabilities    (N,) or (N, C) float32   written by inference
-    _progress/<stage>  (n_chunks,) bool     which chunks a stage has finished (resume)
+    patches            (N, H, W, 3) uint8   chunked (chunk_patches, H, W, 3)         PATCHES
+    coords             (N, 2) int64          level-0 (x, y) of each patch's top-left  COORDS
+    grid_ij            (N, 2) int32          (row, col) in the tiling grid           GRID_IJ
+    tissue_fraction    (N,) float32          tissue share of each patch              TISSUE_FRACTION
+    probabilities      (N,) or (N, C) float32   written by inference                 PROBABILITIES
+    thumbnail          (h, w, 3) uint8       slide overview at tile["thumb_downsample"]  THUMBNAIL
+    tissue_mask        (h', w') bool         tissue detection mask                   TISSUE_MASK
+    corrupt            (N,) bool             tile data did not decode (on_corrupt_tile: skip)  CORRUPT
+    qc/measures        (N, 4) float32        focus, pen_fraction, background_fraction, saturation
+                                             (columns named in its attrs)            QC_MEASURES
+    labels             (N,) int8             labelled patch sets (-1: unlabelled)    LABELS
+    groups             (N,) int32            labelled patch sets: index into the group names  GROUPS
+    _progress/<stage>  (n_chunks,) bool      chunks a stage has finished (resume)    progress_name(stage)
 
-    attrs["wsipipe"] = {
-        "version": package version,
-        "slide": {...}            # path, identity, dimensions, mpp, vendor
-        "tile": {...}             # grid geometry: mpp, patch_size, stride, *_l0, level, grid_shape
-        "stages": {stage: {"identity": {...}, "complete": bool, ...}}
+    attrs["wsipipe"] = {                     ATTRS_KEY
+        "version": package version,          META_VERSION
+        "slide": {...}                       META_SLIDE: path, identity, dimensions, mpp, vendor
+        "tile": {...}                        META_TILE: grid geometry: mpp, patch_size, stride, *_l0, level,
+                                             grid_shape, origin_l0, thumb_downsample
+        "tissue": {...}                      META_TISSUE: tissue polygon (WKT) and its statistics
+        "labels": {...}                      META_LABELS: class and group names of a labelled patch set
+        "stages": {stage: {"identity": {...}, "complete": bool, "seconds": float, ...}}   META_STAGES
     }
 
-A stage is complete only when its entry says so with the same identity; the
-marker is written last, after every chunk of the stage is on disk.
+Stages (keys of ``stages``): ``tile`` (STAGE_TILE), ``infer`` (STAGE_INFER),
+``stitch`` (STAGE_STITCH). A stage is complete only when its entry says so with the
+same identity; the marker is written last, after every chunk of the stage is on disk.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -31,10 +45,52 @@ import zarr
 from wsipipe.tiles import zarrjpeg  # noqa: F401  registers the lossy patch codec, so any stage can read such stores
 from wsipipe.errors import StoreError
 
+# ----------------------------------------------------------------- array names
+PATCHES = "patches"
+COORDS = "coords"
+GRID_IJ = "grid_ij"
+TISSUE_FRACTION = "tissue_fraction"
+PROBABILITIES = "probabilities"
+THUMBNAIL = "thumbnail"
+TISSUE_MASK = "tissue_mask"
+CORRUPT = "corrupt"
+QC_GROUP = "qc"
+QC_MEASURES = f"{QC_GROUP}/measures"
+LABELS = "labels"
+GROUPS = "groups"
+PROGRESS_GROUP = "_progress"
+
+# Every array of a slide's group, in the README's order; ``_progress/<stage>`` stands for one per stage.
+LAYOUT: tuple[str, ...] = (
+    PATCHES, COORDS, GRID_IJ, TISSUE_FRACTION, PROBABILITIES, THUMBNAIL, TISSUE_MASK, CORRUPT,
+    QC_MEASURES, LABELS, GROUPS, f"{PROGRESS_GROUP}/<stage>",
+)
+
+# ----------------------------------------------------------------- attrs
 ATTRS_KEY = "wsipipe"
+META_VERSION = "version"
+META_SLIDE = "slide"
+META_TILE = "tile"
+META_TISSUE = "tissue"
+META_LABELS = "labels"
+META_STAGES = "stages"
+
+# ----------------------------------------------------------------- stages
+STAGE_TILE = "tile"
+STAGE_INFER = "infer"
+STAGE_STITCH = "stitch"
+STAGES: tuple[str, ...] = (STAGE_TILE, STAGE_INFER, STAGE_STITCH)
 
 
-def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
+def progress_name(stage: str) -> str:
+    """The name of a stage's per-chunk done flags, ``_progress/<stage>``."""
+    return f"{PROGRESS_GROUP}/{stage}"
+
+
+OpenMode = Literal["r", "r+", "a", "w", "w-"]
+
+
+def open_store(path: str | Path, mode: OpenMode = "r") -> zarr.Group:
     """Open a slide's group; ``mode="r"``/``"r+"`` require it to exist."""
     path = Path(path)
     if mode in ("r", "r+") and not (path / "zarr.json").is_file():
@@ -54,9 +110,15 @@ def array(group: zarr.Group, name: str) -> zarr.Array:
     return node
 
 
+def optional_array(group: zarr.Group, name: str) -> zarr.Array | None:
+    """The array ``name`` when the group has it (None when absent); a group in its place is a StoreError."""
+    return array(group, name) if name in group else None
+
+
 def meta(group: zarr.Group) -> dict[str, Any]:
     """The wsipipe attrs of a group ({} for a fresh one)."""
-    return dict(group.attrs.get(ATTRS_KEY, {}))
+    data = group.attrs.get(ATTRS_KEY)
+    return dict(data) if isinstance(data, Mapping) else {}
 
 
 def update_meta(group: zarr.Group, **sections: Any) -> None:
@@ -67,7 +129,7 @@ def update_meta(group: zarr.Group, **sections: Any) -> None:
 
 
 def stage_entry(group: zarr.Group, stage: str) -> dict[str, Any] | None:
-    return meta(group).get("stages", {}).get(stage)
+    return meta(group).get(META_STAGES, {}).get(stage)
 
 
 def is_complete(group: zarr.Group, stage: str, identity: dict[str, Any] | None = None) -> bool:
@@ -80,9 +142,9 @@ def is_complete(group: zarr.Group, stage: str, identity: dict[str, Any] | None =
 
 def set_stage(group: zarr.Group, stage: str, identity: dict[str, Any], complete: bool, **extra: Any) -> None:
     data = meta(group)
-    stages = dict(data.get("stages", {}))
+    stages = dict(data.get(META_STAGES, {}))
     stages[stage] = {"identity": identity, "complete": complete, **extra}
-    data["stages"] = stages
+    data[META_STAGES] = stages
     group.attrs[ATTRS_KEY] = data
 
 
@@ -93,18 +155,17 @@ def require_complete(group: zarr.Group, stage: str, path: str | Path) -> None:
 
 def progress_array(group: zarr.Group, stage: str, n_chunks: int, reset: bool = False) -> zarr.Array:
     """Per-chunk done flags for a stage (one file per flag, so a flag write is independent)."""
-    name = f"_progress/{stage}"
-    if not reset and name in group:
-        arr = group[name]
-        if arr.shape == (n_chunks,):
-            return arr
+    name = progress_name(stage)
+    arr = None if reset else optional_array(group, name)
+    if arr is not None and arr.shape == (n_chunks,):
+        return arr
     return group.create_array(
         name, shape=(max(n_chunks, 1),), chunks=(1,), dtype="bool", fill_value=False, overwrite=True
     )
 
 
 def pending_chunks(progress: zarr.Array) -> list[int]:
-    return [int(i) for i in np.flatnonzero(~progress[:])]
+    return [int(i) for i in np.flatnonzero(~np.asarray(progress[:], dtype=bool))]
 
 
 def chunk_slices(n: int, chunk: int) -> list[slice]:

@@ -19,6 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any
 from pathlib import Path
 from collections.abc import Callable
 
@@ -277,10 +278,10 @@ def _chunk_arrays(store_path: str, store_token: str) -> _ChunkArrays:
     arrays = _ChunkArrays(
         # No "is this chunk all fill value?" scan before writing: patches never are, and zarr's
         # check costs as much as zstd itself (writes 1.56x faster without it, measured on CMU-1 tiles).
-        patches=group["patches"].with_config({"write_empty_chunks": True}),
-        qc=group[qc.MEASURES_ARRAY] if qc.MEASURES_ARRAY in group else None,
-        corrupt=group[CORRUPT],
-        flags=group[f"_progress/{STAGE}"],
+        patches=store.array(group, store.PATCHES).with_config({"write_empty_chunks": True}),
+        qc=store.optional_array(group, store.QC_MEASURES),
+        corrupt=store.array(group, CORRUPT),
+        flags=store.array(group, store.progress_name(STAGE)),
     )
     with _arrays_lock:
         if len(_arrays_cache) >= 8:  # a long-lived worker tiles many slides
@@ -302,8 +303,8 @@ def _chunk_buffer(n: int, p: int) -> np.ndarray:
     return buf[:n]
 
 
-STAGE = "tile"
-CORRUPT = "corrupt"  # (N,) bool array: the patch's tile data did not decode (stored as background)
+STAGE = store.STAGE_TILE
+CORRUPT = store.CORRUPT  # (N,) bool array: the patch's tile data did not decode (stored as background)
 
 
 def read_patches_salvaging(
@@ -332,12 +333,13 @@ def read_patches_salvaging(
 
 def corrupt_report(group: zarr.Group, limit: int = 20) -> dict | None:
     """``{"count", "coords_l0"}`` of patches with undecodable tile data (first ``limit`` coords), or None."""
-    if CORRUPT not in group:
+    flags = store.optional_array(group, CORRUPT)
+    if flags is None:
         return None
-    idx = np.flatnonzero(group[CORRUPT][:])
+    idx = np.flatnonzero(np.asarray(flags[:], dtype=bool))
     if not len(idx):
         return None
-    xy = group["coords"].get_orthogonal_selection((idx[:limit],))
+    xy = np.asarray(store.array(group, store.COORDS).get_orthogonal_selection((idx[:limit],)))
     return {"count": int(len(idx)), "coords_l0": [[int(x), int(y)] for x, y in xy]}
 
 
@@ -380,21 +382,58 @@ def tile_slide(
         group = store.open_store(store_path, mode="a")
         entry = store.stage_entry(group, STAGE)
         if entry and entry.get("identity") == identity and entry.get("complete"):
-            _check_corrupt(slide_path, entry.get("corrupt_patches"), int(group["coords"].shape[0]), cfg.tile.on_corrupt_tile)
-            stats = {"skipped": True, "n_patches": int(group["coords"].shape[0]), **_stage_stats(entry)}
-            if stats["n_patches"] == 0:
-                raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
-            return stats
+            return _already_tiled(group, entry, slide_path, cfg)
+        plan = _open_plan(group, entry, slide, cfg, identity, store_path)
+    tasks = _run_chunks(plan, slide_path, store_path, cfg, identity, client, progress)
+    local = client is None
+    # Tasks ran in this process: free the shared handle's decoded tiles now, not after inference.
+    decoded = forget_cached_slide(slide_path, cfg.mpp_override) if local and tasks else None
+    _finish(plan, slide_path, store_path, cfg, identity, bool(tasks), time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    return {"skipped": False, "n_patches": plan.n, "seconds": seconds, "resumed": plan.resume, "tiles_decoded": decoded}
 
-        resume = bool(entry and entry.get("identity") == identity and "patches" in group)
-        if resume:
-            spec = GridSpec(**{k: v for k, v in store.meta(group)["tile"].items() if k in GridSpec.__annotations__})
-            n = int(group["coords"].shape[0])
-        else:
-            group = zarr.open_group(str(store_path), mode="w")  # stale or new: start clean
-            spec, n = _plan_store(group, slide, cfg, identity)
-    chunk = cfg.tile.chunk_patches
-    slices = store.chunk_slices(n, chunk)
+
+@dataclass
+class _Plan:
+    """The store a tiling run writes: its group, grid and patch count, and whether it resumes."""
+
+    group: zarr.Group
+    spec: GridSpec
+    n: int
+    resume: bool
+
+
+def _already_tiled(group: zarr.Group, entry: dict[str, Any], slide_path: Path, cfg: PipelineConfig) -> dict[str, Any]:
+    """Stats of a store tiling already completed with the same identity (nothing is rewritten)."""
+    n_done = int(store.array(group, store.COORDS).shape[0])
+    _check_corrupt(slide_path, entry.get("corrupt_patches"), n_done, cfg.tile.on_corrupt_tile)
+    stats = {"skipped": True, "n_patches": n_done, **_stage_stats(entry)}
+    if stats["n_patches"] == 0:
+        raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
+    return stats
+
+
+def _open_plan(
+    group: zarr.Group, entry: dict[str, Any] | None, slide: Slide, cfg: PipelineConfig, identity: dict[str, Any],
+    store_path: Path,
+) -> _Plan:
+    """The interrupted run's grid when it had the same identity; otherwise a clean store, planned anew."""
+    resume = bool(entry and entry.get("identity") == identity and store.PATCHES in group)
+    if resume:
+        spec = GridSpec(**{k: v for k, v in store.meta(group)[store.META_TILE].items() if k in GridSpec.__annotations__})
+        return _Plan(group, spec, int(store.array(group, store.COORDS).shape[0]), True)
+    group = zarr.open_group(str(store_path), mode="w")  # stale or new: start clean
+    spec, n = _plan_store(group, slide, cfg, identity)
+    return _Plan(group, spec, n, False)
+
+
+def _run_chunks(
+    plan: _Plan, slide_path: Path, store_path: Path, cfg: PipelineConfig, identity: dict[str, Any], client,
+    progress: Progress | None,
+) -> list:
+    """Tile every chunk not flagged done (Dask tasks, on ``client`` or local threads); the tasks run."""
+    group, spec, n = plan.group, plan.spec, plan.n
+    slices = store.chunk_slices(n, cfg.tile.chunk_patches)
     flags = store.progress_array(group, STAGE, len(slices))
     todo = store.pending_chunks(flags) if n else []
     done = n - sum(slices[i].stop - slices[i].start for i in todo)
@@ -402,7 +441,8 @@ def tile_slide(
         progress(done, n)
 
     run_token = dask.base.tokenize(str(store_path), identity)  # unique per store on a shared cluster
-    grid_ij = group["grid_ij"][:] if todo else None  # tasks get their cells, not a read each
+    # Tasks get their cells, not a read each.
+    grid_ij = np.asarray(store.array(group, store.GRID_IJ)[:]) if todo else np.zeros((0, 2), np.int32)
     tasks = [
         dask.delayed(_tile_chunk)(
             str(slide_path), cfg.mpp_override, spec, str(store_path), run_token, i, slices[i], grid_ij[slices[i]],
@@ -414,25 +454,28 @@ def tile_slide(
         for i in todo
     ]
     _run_tasks(tasks, cfg, client, progress, done, n)
-    local = client is None
-    # Tasks ran in this process: free the shared handle's decoded tiles now, not after inference.
-    decoded = forget_cached_slide(slide_path, cfg.mpp_override) if local and tasks else None
+    return tasks
 
-    if n and store.pending_chunks(group[f"_progress/{STAGE}"]):
+
+def _finish(
+    plan: _Plan, slide_path: Path, store_path: Path, cfg: PipelineConfig, identity: dict[str, Any], ran: bool,
+    seconds: float,
+) -> None:
+    """Check every chunk landed, clean up after killed workers, report corrupt tiles, mark the stage complete."""
+    group, n = plan.group, plan.n
+    if n and store.pending_chunks(store.array(group, store.progress_name(STAGE))):
         raise StoreError(store_path, "some chunks were not written; rerun to resume")
     # Every chunk is written, so a Zarr *.partial file left in the store is a killed worker's
     # (its task ran again elsewhere): nothing will ever rename it. Same caveat as locks.py.
-    if tasks and remove_stale_temps(store_path):
+    if ran and remove_stale_temps(store_path):
         log.info("%s: removed temporary files of killed tiling tasks", store_path)
     corrupt = corrupt_report(group)
     _check_corrupt(slide_path, corrupt, n, cfg.tile.on_corrupt_tile)
-    seconds = time.perf_counter() - t0
     store.set_stage(
-        group, STAGE, identity, True, seconds=round(seconds, 3), n_patches=n, resumed=resume, corrupt_patches=corrupt,
+        group, STAGE, identity, True, seconds=round(seconds, 3), n_patches=n, resumed=plan.resume, corrupt_patches=corrupt,
     )
     if n == 0:
         raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
-    return {"skipped": False, "n_patches": n, "seconds": seconds, "resumed": resume, "tiles_decoded": decoded}
 
 
 def _check_corrupt(slide_path: Path, corrupt: dict | None, n: int, mode: str) -> None:
@@ -466,16 +509,16 @@ def _plan_store(group: zarr.Group, slide: Slide, cfg: PipelineConfig, identity: 
     if not tissue.found:  # even a whole-slide grid (min_tissue=0) is empty without tissue
         grid_ij, coords, frac = grid_ij[:0], coords[:0], frac[:0]
     n, p, chunk = len(coords), spec.patch_size, cfg.tile.chunk_patches
-    group.create_array("thumbnail", data=thumb, chunks=thumb.shape)
-    group.create_array("tissue_mask", data=tissue.mask, chunks=tissue.mask.shape)
+    group.create_array(store.THUMBNAIL, data=thumb, chunks=thumb.shape)
+    group.create_array(store.TISSUE_MASK, data=tissue.mask, chunks=tissue.mask.shape)
     rows = max(1, min(n, 1 << 16))  # readers stream these in slices; keep chunks modest
-    group.create_array("coords", data=coords.reshape(n, 2), chunks=(rows, 2))
-    group.create_array("grid_ij", data=grid_ij.reshape(n, 2), chunks=(rows, 2))
-    group.create_array("tissue_fraction", data=frac, chunks=(rows,))
+    group.create_array(store.COORDS, data=coords.reshape(n, 2), chunks=(rows, 2))
+    group.create_array(store.GRID_IJ, data=grid_ij.reshape(n, 2), chunks=(rows, 2))
+    group.create_array(store.TISSUE_FRACTION, data=frac, chunks=(rows,))
     # Chunked like patches, so each tiling task writes its own flags.
     group.create_array(CORRUPT, shape=(n,), chunks=(max(1, chunk),), dtype="bool", fill_value=False)
     group.create_array(
-        "patches", shape=(n, p, p, 3), chunks=(chunk, p, p, 3), dtype="uint8", fill_value=0,
+        store.PATCHES, shape=(n, p, p, 3), chunks=(chunk, p, p, 3), dtype="uint8", fill_value=0,
         dimension_names=["patch", "y", "x", "channel"], **patch_codecs(cfg.tile),
     )
     qc.create_arrays(group, n, chunk)

@@ -68,7 +68,7 @@ class JpegPatchCodec(ArrayBytesCodec):
         for k, size in enumerate(sizes.tolist()):
             out[k] = imagecodecs.jpeg8_decode(data[pos : pos + size])
             pos += size
-        return chunk_spec.prototype.nd_buffer.from_ndarray_like(out)
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(out)  # type: ignore[arg-type]  # zarr's NDArrayLike protocol predates numpy 2 stubs
 
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer:
         return await asyncio.to_thread(self._encode_sync, chunk_array, chunk_spec)

@@ -1,0 +1,147 @@
+"""``summary.json``: the typed hand-off from stitching to reports, archives and users.
+
+:func:`wsipipe.outputs.stitch.stitch_store` builds a :class:`SlideSummary` and writes it
+with :func:`summary_json`; readers (the slide report, the archive) use :func:`load_summary`
+and read fields, so mypy checks every hand-off instead of string keys. The JSON keeps the
+keys, order and values it always had; sections a later step adds (``ground_truth`` from a
+Dice check) are kept as extra fields.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from wsipipe.errors import StoreError
+
+SUMMARY_NAME = "summary.json"
+
+Number = int | float  # values stored as they were computed: an int stays an int in the JSON
+
+
+class SummaryError(StoreError):
+    """summary.json is missing, not JSON, or not the shape stitching writes."""
+
+
+class SummarySlide(BaseModel):
+    """The slide the summary is about (from the store's ``slide`` attrs)."""
+
+    name: str | None = None
+    path: str | None = None
+    identity: str | None = None
+    width: Number | None = None
+    height: Number | None = None
+    mpp: Number
+
+
+class ModelRef(BaseModel):
+    sha256: str | None = None
+    arch: str | None = None
+
+
+class Provenance(BaseModel):
+    config_hash: dict[str, str] = {}  # stage -> hash of its config section
+    model: ModelRef = ModelRef()
+    stitch_identity: str  # hash of every input of the outputs (see stitch.summary_identity)
+
+
+class SlideScore(BaseModel):
+    """Slide-level score of the tumor probabilities (see stitch.ScoreAccumulator)."""
+
+    n: int
+    k: int
+    max: Number | None = None
+    top_k_mean: Number | None = None
+    mean: Number | None = None
+
+
+class HeatmapInfo(BaseModel):
+    shape: list[int]
+    cell_size_l0: Number
+    cell_size_um: Number
+    origin_l0: list[Number]
+    cells_per_patch: int
+    min_tumor_area_cells: int
+
+
+class QCFlag(BaseModel):
+    """One slide QC flag; measured values (``value``, ``patches``) ride along as extra fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    severity: str  # qc.FAIL, qc.REVIEW or qc.INFO
+    message: str
+
+
+class QCSection(BaseModel):
+    """``summary["qc"]`` (see wsipipe.tiles.qc.slide_qc)."""
+
+    measured: bool = False
+    flags: list[QCFlag] = []
+    needs_review: bool = False
+    flagged_patches: dict[str, int] = {}
+    config: dict[str, Any] = {}  # the QCConfig the flags were computed with
+
+
+class SlideSummary(BaseModel):
+    """Everything ``summary.json`` holds, in the order it is written."""
+
+    model_config = ConfigDict(extra="allow")  # e.g. "ground_truth", added by a Dice check
+
+    version: str
+    slide: SummarySlide
+    store: str
+    provenance: Provenance
+    config: dict[str, Any]  # the StitchConfig used
+    n_patches: int
+    skipped_patches: dict[str, Any] | None = None  # tiling's corrupt-patch report
+    n_tumor_patches: int
+    threshold: Number
+    slide_score: SlideScore
+    decision: str  # "tumor" or "normal"
+    tumor_area_mm2: Number
+    n_tumor_regions: int
+    heatmap: HeatmapInfo
+    seconds: dict[str, Number | None] = {}  # wall time per stage
+    files: dict[str, str] = {}  # output kind -> file name in the slide folder
+    qc: QCSection = QCSection()
+    exports: dict[str, str] = {}  # outputs for other tools, kind -> name
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict (what stitch_store has always returned)."""
+        return self.model_dump(mode="python")
+
+
+def summary_json(summary: SlideSummary) -> str:
+    """The text of summary.json."""
+    return json.dumps(summary.as_dict(), indent=2)
+
+
+def parse_summary(data: Any, path: str | Path) -> SlideSummary:
+    """A summary from already-parsed JSON; SummaryError naming ``path`` when it is not one."""
+    try:
+        return SlideSummary.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "top level"
+        raise SummaryError(path, f"not a wsipipe summary ({where}: {first['msg']}); rerun `wsipipe stitch`") from None
+
+
+def load_summary(path: str | Path) -> SlideSummary:
+    """Read summary.json (a file, or a slide output folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SUMMARY_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SummaryError(path, f"no {SUMMARY_NAME} in the slide output folder; run the pipeline (or stitch) first") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SummaryError(path, f"cannot read {SUMMARY_NAME}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise SummaryError(path, f"{SUMMARY_NAME} is not valid JSON: {exc}") from None
+    return parse_summary(data, path)
