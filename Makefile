@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check wsipipe flows tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
