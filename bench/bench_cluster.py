@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import contextlib
 import os
 import platform
 import shutil
@@ -92,10 +93,8 @@ def _pin(core: int) -> None:
     """Every thread of this worker process (and those it starts later) on one core. Linux
     affinity is per thread, so each existing thread is set."""
     for tid in os.listdir("/proc/self/task"):
-        try:
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
             os.sched_setaffinity(int(tid), {core})
-        except OSError:
-            pass  # a thread that ended meanwhile
 
 
 def _cpu_seconds() -> float:

@@ -195,7 +195,7 @@ def main() -> None:
                 if (pp, bb) != (p, b):
                     continue
                 # Paired ratio per repeat (neighbours in time), then the median over repeats.
-                ratio = statistics.median(s / a for s, a in zip(speeds, alone))
+                ratio = statistics.median(s / a for s, a in zip(speeds, alone, strict=True))
                 rows.append({"precision": p, "batch": b, "method": method, "images_per_s": speeds,
                              "median": statistics.median(speeds), "best": max(speeds), "ratio_vs_model": ratio})
                 print(f"{p:9s} {b:5d} {method:45s} {statistics.median(speeds):8.1f} {max(speeds):8.1f} {ratio:8.0%}")

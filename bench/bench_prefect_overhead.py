@@ -78,8 +78,8 @@ def main() -> None:
         seconds["setup: pool + deploy + worker start"] = round(time.perf_counter() - t0, 2)
         params = {"slide": str(slide), "model": str(model)}
         for label, out in (("deployment run (first)", "out-dep1"), ("deployment run (warm)", "out-dep2")):
-            seconds[label] = timed(lambda: run_deployment(env, {**params, "out": str(work / out)},
-                                                          "process-slide/on-demand"))
+            seconds[label] = timed(lambda out=out: run_deployment(env, {**params, "out": str(work / out)},
+                                                                  "process-slide/on-demand"))
     finally:
         _stop(worker)
         _stop(server)

@@ -55,7 +55,7 @@ def needed_tiles(spec: GridSpec, coords: np.ndarray, tile: int) -> np.ndarray:
     edge = int(np.ceil(spec.patch_size_l0 / ds)) + 1
     cols = -(-int(np.ceil(spec.slide_width / ds)) // tile)
     found = set()
-    for x, y in zip(x0.tolist(), y0.tolist()):
+    for x, y in zip(x0.tolist(), y0.tolist(), strict=True):
         for ty in range(y // tile, (y + edge - 1) // tile + 1):
             for tx in range(x // tile, min((x + edge - 1) // tile, cols - 1) + 1):
                 found.add(ty * cols + tx)

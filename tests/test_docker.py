@@ -111,8 +111,8 @@ def test_cpu_variant_drops_cuda_wheels_but_keeps_the_pins():
     assert res.returncode == 0, res.stderr
     command, *reqs = res.stdout.splitlines()
     assert "--extra-index-url https://download.pytorch.org/whl/cpu" in command
-    lock = [l for l in (ROOT / "requirements.lock").read_text().splitlines() if l.strip()]
+    lock = [line for line in (ROOT / "requirements.lock").read_text().splitlines() if line.strip()]
     dropped = set(lock) - set(reqs)
     assert dropped and all(re.match(r"(nvidia-|cuda-|triton==)", d, re.I) for d in dropped), dropped
-    torch_pins = {l for l in lock if l.startswith(("torch==", "torchvision=="))}
+    torch_pins = {pin for pin in lock if pin.startswith(("torch==", "torchvision=="))}
     assert len(torch_pins) == 2 and torch_pins <= set(reqs) and set(reqs) <= set(lock)
