@@ -33,7 +33,7 @@ from torch import nn
 from wsipipe.tiles import store
 from wsipipe.learn.augment import Augmenter
 from wsipipe.config import AugmentConfig, PretrainConfig
-from wsipipe.errors import ModelLoadError, StoreError
+from wsipipe.errors import ModelLoadError, ParameterError, StoreError
 from wsipipe.models.inference import resolve_device, resolve_precision, to_tensor
 from wsipipe.models.model import _head, build_model, _read_state
 from wsipipe.files import write_atomic
@@ -49,7 +49,7 @@ def build_encoder(arch: str) -> tuple[nn.Module, int]:
     parent, name = _head(model)
     layer = getattr(parent, name)
     if not isinstance(layer, nn.Linear):
-        raise ValueError(f"{arch}: only architectures with a linear head can be used as encoders")
+        raise ParameterError(None, f"{arch}: only architectures with a linear head can be used as encoders")
     setattr(parent, name, nn.Identity())
     return model, layer.in_features
 

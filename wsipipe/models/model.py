@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wsipipe.errors import ModelLoadError
+from wsipipe.errors import ModelLoadError, ParameterError
 from wsipipe.files import write_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -58,9 +58,9 @@ def build_model(arch: str = "resnet18", num_classes: int = 1) -> nn.Module:
     import torchvision
 
     if arch not in _architectures():
-        raise ValueError(f"unknown architecture {arch!r} (torchvision has e.g. resnet18, efficientnet_b0, vit_b_16)")
+        raise ParameterError(None, f"unknown architecture {arch!r} (torchvision has e.g. resnet18, efficientnet_b0, vit_b_16)")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise ParameterError(None, f"num_classes must be >= 1, got {num_classes}")
     # Inception-style nets otherwise return (logits, aux_logits) in train mode, with a
     # 1000-class aux head that the patch task never uses (init_weights: no FutureWarning).
     extra = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
