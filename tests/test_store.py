@@ -1,5 +1,5 @@
-"""The store layout is named in one place: every array in store.LAYOUT, as the README and the
-module docstring list them, and typed access that names the store on a missing array."""
+"""The store layout is named in one place: every array in store.LAYOUT, as the docs' store
+layout page and the module docstring list them, and typed access that names the store on a missing array."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from wsipipe.errors import StoreError
 from wsipipe.tiles import qc, store, tiling
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+LAYOUT_PAGE = Path(__file__).resolve().parents[1] / "docs" / "store-layout.md"
 
 
 def test_layout_lists_every_array_once():
@@ -21,11 +21,11 @@ def test_layout_lists_every_array_once():
     assert store.QC_MEASURES == qc.MEASURES_ARRAY and store.CORRUPT == tiling.CORRUPT
 
 
-def test_docstring_and_readme_list_the_same_arrays():
+def test_docstring_and_docs_list_the_same_arrays():
     doc = store.__doc__ or ""
     for name in store.LAYOUT:
         assert re.search(rf"^\s+{re.escape(name)}\s", doc, re.M), f"{name} missing from the store docstring"
-    section = README.read_text().split("### Store layout", 1)[1].split("\n## ", 1)[0]
+    section = LAYOUT_PAGE.read_text().split("## Arrays and attributes", 1)[1].split("\n## ", 1)[0]
     listed = re.findall(r"`([a-z_/<>]+)`", section)
     assert [n for n in listed if n in store.LAYOUT] == list(store.LAYOUT)
 
