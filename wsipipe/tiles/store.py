@@ -1,7 +1,7 @@
 """The per-slide Zarr v3 group: the only hand-off between stages.
 
 Every name a stage writes or reads is a constant below; :data:`LAYOUT` lists the
-arrays in the order of the README's "store layout" section. Layout of one slide's
+arrays in the order of the table in docs/store-layout.md. Layout of one slide's
 group (``<name>.zarr``)::
 
     patches            (N, H, W, 3) uint8   chunked (chunk_patches, H, W, 3)         PATCHES
