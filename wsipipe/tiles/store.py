@@ -60,7 +60,7 @@ LABELS = "labels"
 GROUPS = "groups"
 PROGRESS_GROUP = "_progress"
 
-# Every array of a slide's group, in the README's order; ``_progress/<stage>`` stands for one per stage.
+# Every array of a slide's group, in the order of docs/store-layout.md; ``_progress/<stage>`` stands for one per stage.
 LAYOUT: tuple[str, ...] = (
     PATCHES, COORDS, GRID_IJ, TISSUE_FRACTION, PROBABILITIES, THUMBNAIL, TISSUE_MASK, CORRUPT,
     QC_MEASURES, LABELS, GROUPS, f"{PROGRESS_GROUP}/<stage>",
