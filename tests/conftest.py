@@ -10,6 +10,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 SLIDES = SHARED / "slides"
 
+# `make test-fast` (pytest -m "not slow") is the edit loop: pure functions, the store, QC,
+# stitching, readers and the CLI's argument handling. These modules tile whole slides, train
+# models, or start servers, clusters, browsers and subprocess pipelines; `make test` runs them.
+SLOW_MODULES = {
+    "test_archive", "test_augment", "test_cli", "test_cluster", "test_concurrency", "test_fast_read", "test_faults",
+    "test_flows", "test_model", "test_patch_codec", "test_pipeline", "test_pretrain", "test_report", "test_retrain",
+    "test_runners", "test_synth", "test_tiling", "test_train", "test_training_cli", "test_training_flows",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def slides_dir() -> Path:
