@@ -95,7 +95,7 @@ def test_inference_runs_on_the_gpu_worker_and_outputs_equal_a_local_run(cluster,
     with dask_client(DaskConfig(scheduler_address=cluster)) as client:
         cpu, gpu = split_workers(client)
         names = {a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
-        rows = run_slides(slides, tmp_path / "cluster", cfg, weights, client)
+        rows = [r.as_dict() for r in run_slides(slides, tmp_path / "cluster", cfg, weights, client)]
     assert [names[a] for a in gpu] == ["gpu-worker"] and [names[a] for a in cpu] == ["cpu-worker"]
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     for row in rows:

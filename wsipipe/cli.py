@@ -316,7 +316,7 @@ def _run_on_cluster(slides: list[Path], out: Path, cfg, model: Path | None) -> N
 
     with dask_client(cfg.dask) as client:
         console.print(f"dask cluster: [cyan]{client.scheduler.address}[/]", highlight=False)
-        rows = run_slides(slides, out, cfg, model, client)
+        rows = [r.as_dict() for r in run_slides(slides, out, cfg, model, client)]
     failed = [r for r in rows if r["status"] == "failed"]
     for row in rows:
         if row["status"] == "failed":
