@@ -6,6 +6,7 @@ lock: while this test holds it, every runner reports that it waits and writes no
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import subprocess
@@ -141,3 +142,24 @@ def test_every_runner_holds_the_slide_lock_and_gives_the_same_outputs(inputs, tm
         np.testing.assert_array_equal(np.load(other / "heatmap.npy"), np.load(ref / "heatmap.npy"))
         np.testing.assert_array_equal(store.array(store.open_store(other / "patches.zarr"), "probabilities")[:], ref_probs)
 
+
+
+def _full_disk(job):
+    raise OSError(errno.ENOSPC, "No space left on device", str(job.slide_dir / "heatmap.png"))
+
+
+def test_a_full_disk_is_an_output_write_error_where_any_runner_runs_a_stage_and_is_never_retried(tmp_path):
+    """run_stage is what every runner calls (in process, in a Prefect task, on a Dask worker)."""
+    import asyncio
+
+    from prefect.states import exception_to_failed_state
+
+    from flows.slide import _transient
+    from wsipipe.config import load_config
+    from wsipipe.errors import OutputWriteError
+    from wsipipe.run.job import SlideJob, Stage, run_stage
+
+    job = SlideJob(tmp_path / "s.svs", tmp_path / "out" / "s-1", load_config(None), tmp_path / "w.safetensors")
+    with pytest.raises(OutputWriteError, match="heatmap.png.*cannot write output") as raised:
+        run_stage(Stage("stitch", _full_disk), job)
+    assert not _transient(None, None, asyncio.run(exception_to_failed_state(raised.value)))
