@@ -105,11 +105,15 @@ def run_slides(
 
     def one(slide: Path) -> SlideResult:
         t0 = time.perf_counter()
+        slide_dir = None
         try:
-            job = SlideJob(slide, output_dir(slide, out_dir, cfg), cfg, weights)
-            return run_job(job, runner)
+            slide_dir = output_dir(slide, out_dir, cfg)
+            return run_job(SlideJob(slide, slide_dir, cfg, weights), runner)
         except Exception as exc:  # a bad slide, a worker died or a bug: still one row, not a lost archive
-            return SlideResult.make(slide, "failed", error=exc, seconds=time.perf_counter() - t0, workers=runner.workers(slide))
+            return SlideResult.make(
+                slide, "failed", name=slide_dir.name if slide_dir else None, error=exc, out_dir=slide_dir,
+                seconds=time.perf_counter() - t0, workers=runner.workers(slide),
+            )
 
     if not slides:
         return []
