@@ -41,8 +41,6 @@ def slide_task(slide: str, out: str, cfg: PipelineConfig, net, info) -> dict:
     t0 = time.perf_counter()
     try:
         row = run_slide_job(slide, out, cfg, net, info, skip_done=True)
-        if row.status == "skipped":
-            log.info("slide=%s stage=check: outputs up to date, skipped", row.name)
     except Exception as exc:  # one slide's failure, whatever it is, must not stop the archive
         row = SlideResult.make(slide, "failed", error=exc, seconds=time.perf_counter() - t0)
         log.error("slide=%s stage=failed: %s", Path(slide).name, row.error)

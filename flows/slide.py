@@ -82,7 +82,7 @@ def run_slide_job(slide: str | Path, out: str | Path, cfg: PipelineConfig, net, 
     """The slide's job (wsipipe.run.job: lock, leftovers, stages, row) with each stage a Prefect task."""
     slide = Path(slide)
     job = SlideJob(slide, output_dir(slide, out, cfg), cfg, Path(info.path or ""), net, info)
-    return run_job(job, prefect_runner(cfg), skip_done=skip_done)
+    return run_job(job, prefect_runner(cfg), skip_done=skip_done, logger=get_run_logger())
 
 
 def publish_slide(row: SlideResult) -> None:

@@ -162,24 +162,26 @@ def output_dir(slide: str | Path, out_root: str | Path, cfg: PipelineConfig) -> 
         return Path(out_root) / slide_output_name(slide, opened.identity)
 
 
-def run_job(job: SlideJob, runner: Runner = direct, skip_done: bool = False) -> SlideResult:
+def run_job(job: SlideJob, runner: Runner = direct, skip_done: bool = False, logger: Any = None) -> SlideResult:
     """The slide's stages in order through ``runner``, under the slide folder's lock, after
     clearing leftovers of writers killed mid-write. Errors propagate (the caller decides
     whether a failure is a row or an exit); write errors are OutputWriteError.
 
     ``skip_done``: when the outputs on disk were made from this slide, config and model
     (``job.info`` needed), no stage runs and the row is ``skipped``. Otherwise the row is
-    ``skipped`` when every stage that says so found its work done."""
+    ``skipped`` when every stage that says so found its work done. ``logger``: where the
+    lock wait and the skip are logged (the flows pass Prefect's run logger)."""
     from wsipipe.run.archive import done_outputs
 
+    logger = logger or log
     t0 = time.perf_counter()
     with writing_outputs(job.slide_dir), folder_lock(job.slide_dir) as held:
         if held.waited_s:
-            log.info("slide=%s stage=lock: waited %.1f s for another run writing it", job.name, held.waited_s)
+            logger.info("slide=%s stage=lock: waited %.1f s for another run writing it", job.name, held.waited_s)
         if skip_done:
             done = done_outputs(job.slide, job.slide_dir.parent, job.cfg, job.info)
             if done is not None:
-                log.info("slide=%s stage=check: outputs up to date, skipped", job.name)
+                logger.info("slide=%s stage=check: outputs up to date, skipped", job.name)
                 return SlideResult.make(job.slide, "skipped", name=job.name, out_dir=job.slide_dir, summary=done[1],
                                         seconds=time.perf_counter() - t0)
         clear_leftovers(job.slide_dir)  # a writer killed mid-write; we hold the lock, so none is live
