@@ -21,48 +21,37 @@ from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.slide import load_run_inputs, publish_slide, run_stages
+from flows.slide import load_run_inputs, publish_slide, run_slide_job
+from wsipipe.config import PipelineConfig
 from wsipipe.run.archive import (
-    any_to_compute, archive_message, archive_table, done_outputs, result_row, scan_archive, slide_output_dir,
-    status_counts, write_archive_files,
+    any_to_compute, archive_message, archive_table, scan_archive, status_counts, write_archive_files,
 )
 from wsipipe.run.cluster import dask_scheduler
-from wsipipe.config import PipelineConfig
-from wsipipe.locks import clear_leftovers, folder_lock
+from wsipipe.run.rows import SlideResult
 from wsipipe.outputs.report import archive_markdown
 
 
 @task(name="slide", task_run_name="slide {slide}", cache_policy=NO_CACHE)
 def slide_task(slide: str, out: str, cfg: PipelineConfig, net, info) -> dict:
-    """One slide: skipped when done, else its stages; never raises (errors become the row)."""
+    """One slide: skipped when done, else its stages; never raises (errors become the row).
+
+    One run at a time per slide (the job holds the slide folder's lock): a second run over
+    the same output folder waits, then finds the outputs done."""
     log = get_run_logger()
     t0 = time.perf_counter()
     try:
-        # One run at a time per slide: a second run over the same output folder waits here,
-        # then finds the outputs done.
-        slide_dir = slide_output_dir(slide, out, cfg)
-        with folder_lock(slide_dir) as held:
-            if held.waited_s:
-                log.info("slide=%s stage=lock: waited %.1f s for another run writing it", slide_dir.name, held.waited_s)
-            done = done_outputs(slide, out, cfg, info)
-            if done is not None:
-                summary = done[1]
-                log.info("slide=%s stage=check: outputs up to date, skipped", slide_dir.name)
-                row = result_row(slide, "skipped", name=slide_dir.name, out_dir=slide_dir, summary=summary,
-                                 seconds=time.perf_counter() - t0)
-            else:
-                clear_leftovers(slide_dir)  # of a run killed mid-write; under the lock none is live
-                row = run_stages(slide, out, cfg, net, info)
+        row = run_slide_job(slide, out, cfg, net, info, skip_done=True)
     except Exception as exc:  # one slide's failure, whatever it is, must not stop the archive
-        row = result_row(slide, "failed", error=exc, seconds=time.perf_counter() - t0)
-        log.error("slide=%s stage=failed: %s", Path(slide).name, row["error"])
+        row = SlideResult.make(slide, "failed", error=exc, seconds=time.perf_counter() - t0)
+        log.error("slide=%s stage=failed: %s", Path(slide).name, row.error)
     publish_slide(row)
-    return row
+    return row.as_dict()
 
 
 def _bounded(submit, items: list, limit: int) -> list:
     """Submit ``items`` with at most ``limit`` in flight; results in the items' order."""
-    futures, running = [], []
+    futures: list = []
+    running: list = []
     for item in items:
         if len(running) >= limit:
             finished = next(as_completed(running))
@@ -73,7 +62,7 @@ def _bounded(submit, items: list, limit: int) -> list:
     return [f.result() for f in futures]
 
 
-@flow(name="process-archive", task_runner=ThreadPoolTaskRunner(max_workers=256))
+@flow(name="process-archive", task_runner=ThreadPoolTaskRunner(max_workers=256))  # type: ignore[arg-type]  # prefect stub generics
 def process_archive(
     archive: str, out: str, model: str | None = None, config: str | None = None,
     overrides: dict[str, Any] | None = None,

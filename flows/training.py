@@ -61,13 +61,13 @@ def pretrain_flow(stores: list[str], out: str, probe_stores: list[str] | None = 
 
     cfg = load_config(config, overrides)
     log = get_run_logger()
-    result = pretrain(stores, out, cfg.pretrain, cfg.augment,
+    result = pretrain(list[str | Path](stores), out, cfg.pretrain, cfg.augment,
                       progress=lambda s, n, loss, rate: log.info("step %d/%d loss %.4f (%.0f patches/s)", s, n, loss, rate)
                       if s % 10 == 0 or s == n else None)
     summary = {"checkpoint": str(result.checkpoint), "steps": result.steps, "resumed_from": result.resumed_from,
                "final_loss": result.losses[-1] if result.losses else None}
     if probe_stores:
-        summary["probe"] = probe_on_sets(out, probe_stores, cfg.train.seed)
+        summary["probe"] = probe_on_sets(out, list[str | Path](probe_stores), cfg.train.seed)
     return summary
 
 

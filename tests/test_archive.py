@@ -14,7 +14,8 @@ from wsipipe.run import archive
 from wsipipe.config import load_config
 from wsipipe.errors import ConfigError, SlideOpenError
 from wsipipe.models.model import build_model, load_model, save_weights
-from wsipipe.run.pipeline import run_slide, weights_path
+from wsipipe.run.names import weights_path
+from wsipipe.run.pipeline import run_slide
 from wsipipe.slides.synth import write_synthetic_slide
 
 TINY = {"tile.mpp": 2.0, "tile.patch_size": 64, "dask.num_workers": 1}

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from wsipipe.tiles import store
 from wsipipe.cli import app
-from wsipipe.run.cluster import connect, dask_client, run_slides, split_workers
+from wsipipe.run.client import connect
+from wsipipe.run.cluster import dask_client, run_slides, split_workers
 from wsipipe.config import DaskConfig, load_config
 from wsipipe.errors import ConfigError
 from wsipipe.geojson import read_geojson
@@ -47,8 +48,8 @@ def cluster(tmp_path_factory):
     procs = []
 
     def start(name, *args):
-        log = open(logs / f"{name}.log", "w")
-        procs.append(subprocess.Popen([*DASK, *args], stdout=log, stderr=subprocess.STDOUT, env=env))
+        with open(logs / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen([*DASK, *args], stdout=log, stderr=subprocess.STDOUT, env=env))
 
     start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], *common)
     worker = ["worker", address, "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1", *common]
@@ -95,7 +96,7 @@ def test_inference_runs_on_the_gpu_worker_and_outputs_equal_a_local_run(cluster,
     with dask_client(DaskConfig(scheduler_address=cluster)) as client:
         cpu, gpu = split_workers(client)
         names = {a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
-        rows = run_slides(slides, tmp_path / "cluster", cfg, weights, client)
+        rows = [r.as_dict() for r in run_slides(slides, tmp_path / "cluster", cfg, weights, client)]
     assert [names[a] for a in gpu] == ["gpu-worker"] and [names[a] for a in cpu] == ["cpu-worker"]
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     for row in rows:
@@ -103,7 +104,7 @@ def test_inference_runs_on_the_gpu_worker_and_outputs_equal_a_local_run(cluster,
         assert names[row["workers"]["infer"]] == "gpu-worker"
         assert names[row["workers"]["tile"]] == "cpu-worker" and names[row["workers"]["stitch"]] == "cpu-worker"
 
-    for slide, row in zip(slides[:1], rows):  # one local reference keeps the test short
+    for slide, row in zip(slides[:1], rows[:1], strict=True):  # one local reference keeps the test short
         local = run_slide(slide, tmp_path / "local", cfg, weights)
         remote = row["out_dir"]
         assert local.out_dir.name == row["name"]

@@ -95,9 +95,8 @@ def test_lock_excludes_other_processes_and_threads_and_dies_with_its_holder(tmp_
         assert is_locked(folder)
         other = _python(TRY, folder, 0.5)
         assert other.communicate(timeout=60)[0].startswith(f"timeout {folder}: still locked")
-        with pytest.raises(TimeoutError):  # a thread of this process is excluded too
-            with folder_lock(folder, timeout_s=0.3):
-                pass
+        with pytest.raises(TimeoutError), folder_lock(folder, timeout_s=0.3):  # a thread of this process is excluded too
+            pass
         holder.send_signal(signal.SIGKILL)  # the kernel drops the lock with its holder: never stale
         holder.wait(30)
         out = _python(TRY, folder, 5).communicate(timeout=60)[0]
@@ -123,7 +122,7 @@ def test_temporary_file_of_a_writer_killed_mid_write_is_removed_by_the_next_run(
         writer = _python("import sys\nfrom wsipipe.files import write_atomic\n"
                          "write_atomic(sys.argv[1], b'x' * (1 << 30))\n", target)
         prefix = f".{target.name}."
-        _wait_for(lambda: any(p.name.startswith(prefix) for p in target.parent.glob(".*.tmp"))
+        _wait_for(lambda prefix=prefix, target=target, writer=writer: any(p.name.startswith(prefix) for p in target.parent.glob(".*.tmp"))
                   or writer.poll() is not None, 60, f"{target.name}'s temporary file", poll=0.005)
         assert writer.poll() is None, "the write finished before it could be killed"
         writer.send_signal(signal.SIGKILL)
@@ -167,7 +166,7 @@ def test_two_archive_runs_at_once_compute_each_slide_once(archive, tmp_path):
             for log in logs:
                 procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT))
             _wait_for(lambda: all("2 slides, model" in log.read_text() or p.poll() is not None
-                                  for log, p in zip(logs, procs)), 180, "both flows to start")
+                                  for log, p in zip(logs, procs, strict=True)), 180, "both flows to start")
             time.sleep(2.0)  # both are now at (or past) this lock
         for p in procs:
             p.wait(240)

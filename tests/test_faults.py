@@ -31,7 +31,8 @@ from wsipipe.config import InferenceConfig, load_config
 from wsipipe.errors import OutputWriteError, SlideOpenError, SlideReadError, writing_outputs
 from wsipipe.models.inference import BatchLimit, forward_with_backoff, infer_store, predict_patches
 from wsipipe.models.model import ModelInfo, build_model, save_weights
-from wsipipe.run.pipeline import run_slide, slide_output_name
+from wsipipe.run.names import slide_output_name
+from wsipipe.run.pipeline import run_slide
 from wsipipe.outputs.stitch import stitch_store
 from wsipipe.slides.synth import write_synthetic_slide
 from wsipipe.tiles.tiling import tile_slide

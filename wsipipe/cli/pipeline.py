@@ -57,7 +57,7 @@ def tile(
     config: Path | None = ConfigOpt,
 ) -> None:
     """Detect tissue and write the slide's patches to a Zarr store (resumable)."""
-    from wsipipe.run.cluster import scheduler_client
+    from wsipipe.run.client import scheduler_client
     from wsipipe.tiles.tiling import tile_slide
 
     cfg = load_config(
@@ -238,7 +238,7 @@ def _run_on_cluster(slides: list[Path], out: Path, cfg, model: Path | None) -> N
 
     with dask_client(cfg.dask) as client:
         console.print(f"dask cluster: [cyan]{client.scheduler.address}[/]", highlight=False)
-        rows = run_slides(slides, out, cfg, model, client)
+        rows = [r.as_dict() for r in run_slides(slides, out, cfg, model, client)]
     failed = [r for r in rows if r["status"] == "failed"]
     for row in rows:
         if row["status"] == "failed":

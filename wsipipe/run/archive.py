@@ -4,10 +4,10 @@ Everything here is plain Python on files (no Prefect): the flows in ``flows/`` o
 these functions to tasks. The "done" check reads what is on disk (store stage markers and
 summary.json provenance), so it survives a server restart and a fresh process.
 
-A result row (one per slide, shared with the QA report)::
-
-    {"slide": str, "name": str | None, "status": "ok" | "failed" | "skipped",
-     "error": str | None, "out_dir": str | None, "summary": dict | None, "seconds": float}
+A result row (one per slide, shared with the QA report) is a
+:class:`wsipipe.run.rows.SlideResult`; its JSON form (``as_dict``) is what
+archive-results.json holds and what :func:`result_row` returns. The functions here that
+read rows take either form.
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ import yaml
 
 from wsipipe.config import PipelineConfig
 from wsipipe.errors import ConfigError, StoreError
+from wsipipe.run.names import slide_output_name
+from wsipipe.run.rows import STATUSES, SlideResult, error_line
+
+Row = SlideResult | dict[str, Any]
 
 # Extensions OpenSlide reads (the slide's main file). DICOM slides are one folder of files.
 SLIDE_SUFFIXES = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
 )
 MANIFEST_COLUMNS = ("slide", "path", "file", "filename")
-STATUSES = ("ok", "skipped", "failed")
 
 
 # --------------------------------------------------------------------------- what to process
@@ -102,7 +105,6 @@ def _dedupe_dicom(paths: list[Path]) -> list[Path]:
 
 def slide_output_dir(slide_path: str | Path, out_root: str | Path, cfg: PipelineConfig) -> Path:
     """The slide's output folder in ``out_root`` (opens the slide: its identity is in the name)."""
-    from wsipipe.run.pipeline import slide_output_name
     from wsipipe.slides.slide import open_slide
 
     slide_path = Path(slide_path)
@@ -122,7 +124,6 @@ def done_outputs(
     Raises the slide's own error (e.g. SlideOpenError) when it cannot be opened."""
     from wsipipe.tiles import store
     from wsipipe.models.inference import infer_identity
-    from wsipipe.run.pipeline import slide_output_name
     from wsipipe.slides.slide import open_slide
     from wsipipe.outputs.report import REPORT_NAME
     from wsipipe.outputs.stitch import existing_outputs
@@ -165,34 +166,25 @@ def result_row(
     slide: str | Path, status: str, *, name: str | None = None, error: BaseException | str | None = None,
     out_dir: str | Path | None = None, summary: dict | None = None, seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """One archive result row (see the module docstring)."""
-    if status not in STATUSES:
-        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-    return {
-        "slide": str(slide),
-        "name": name,
-        "status": status,
-        "error": error_line(error) if error is not None else None,
-        "out_dir": str(out_dir) if out_dir is not None else None,
-        "summary": summary,
-        "seconds": round(float(seconds), 3),
-    }
+    """One archive result row in its JSON form (see :class:`SlideResult`)."""
+    return SlideResult.make(slide, status, name=name, error=error, out_dir=out_dir, summary=summary, seconds=seconds).as_dict()
 
 
-def error_line(error: BaseException | str) -> str:
-    """An error as one line: its type and message (a typed error already names its file)."""
-    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return " ".join(str(text).split())[:500]
+__all__ = ["SlideResult", "error_line", "result_row"]
 
 
-def status_counts(rows: list[dict]) -> dict[str, int]:
-    counts = {status: 0 for status in STATUSES}
+def rows_json(rows: list[Row]) -> list[dict[str, Any]]:
+    return [SlideResult.of(row).as_dict() for row in rows]
+
+
+def status_counts(rows: list[Row]) -> dict[str, int]:
+    counts: dict[str, int] = {status: 0 for status in STATUSES}
     for row in rows:
-        counts[row["status"]] += 1
+        counts[SlideResult.of(row).status] += 1
     return counts
 
 
-def archive_message(rows: list[dict]) -> str:
+def archive_message(rows: list[Row]) -> str:
     """E.g. ``3 slides: 1 ok, 1 skipped, 1 failed``: the archive run's final state message."""
     c = status_counts(rows)
     return f"{len(rows)} slides: {c['ok']} ok, {c['skipped']} skipped, {c['failed']} failed"
@@ -201,16 +193,16 @@ def archive_message(rows: list[dict]) -> str:
 RESULTS_FILE = "archive-results.json"
 
 
-def write_results(rows: list[dict], out_root: str | Path) -> Path:
+def write_results(rows: list[Row], out_root: str | Path) -> Path:
     """The last archive run's rows as ``out_root/archive-results.json`` (atomic)."""
     import json
 
     from wsipipe.files import write_atomic
 
-    return write_atomic(Path(out_root) / RESULTS_FILE, json.dumps(rows, indent=1))
+    return write_atomic(Path(out_root) / RESULTS_FILE, json.dumps(rows_json(rows), indent=1))
 
 
-def write_archive_files(rows: list[dict], out_root: str | Path) -> Path:
+def write_archive_files(rows: list[Row], out_root: str | Path) -> Path:
     """archive-results.json and archive-report.html, written by one run at a time (two runs
     over one output folder each write their own rows whole; the last one to finish stays).
     Temporary files of an earlier run killed mid-write go first. Returns the report's path."""
@@ -220,7 +212,7 @@ def write_archive_files(rows: list[dict], out_root: str | Path) -> Path:
     with folder_lock(out_root):
         remove_stale_temps(out_root, zarr_partials=False)
         write_results(rows, out_root)
-        return write_archive_report(rows, Path(out_root) / ARCHIVE_REPORT_NAME)
+        return write_archive_report(rows_json(rows), Path(out_root) / ARCHIVE_REPORT_NAME)
 
 
 def read_results(out_root: str | Path) -> list[dict]:
@@ -250,34 +242,35 @@ def _headline(summary: dict | None) -> dict[str, Any]:
     }
 
 
-def archive_table(rows: list[dict]) -> list[dict[str, Any]]:
+def archive_table(rows: list[Row]) -> list[dict[str, Any]]:
     """One flat record per slide for a Prefect table artifact."""
     return [
         {
-            "slide": Path(row["slide"]).name,
-            "status": row["status"],
-            **_headline(row.get("summary")),
-            "seconds": row.get("seconds"),
-            "error": row.get("error") or "",
-            "out_dir": row.get("out_dir") or "",
+            "slide": Path(row.slide).name,
+            "status": row.status,
+            **_headline(row.summary),
+            "seconds": row.seconds,
+            "error": row.error or "",
+            "out_dir": row.out_dir or "",
         }
-        for row in rows
+        for row in map(SlideResult.of, rows)
     ]
 
 
-def slide_markdown(row: dict) -> str:
+def slide_markdown(row: Row) -> str:
     """Markdown for one slide's artifact: headline numbers, stage timings, output paths."""
-    summary = row.get("summary") or {}
-    title = f"### {Path(row['slide']).name}: {row['status']}"
-    if row["status"] == "failed":
-        return f"{title}\n\n`{row['slide']}`\n\n**Error:** {row.get('error')}\n"
-    lines = [title, "", f"`{row['slide']}`", "", "| | |", "|---|---|"]
+    row = SlideResult.of(row)
+    summary = row.summary or {}
+    title = f"### {Path(row.slide).name}: {row.status}"
+    if row.status == "failed":
+        return f"{title}\n\n`{row.slide}`\n\n**Error:** {row.error}\n"
+    lines = [title, "", f"`{row.slide}`", "", "| | |", "|---|---|"]
     for key, value in _headline(summary).items():
         lines.append(f"| {key.replace('_', ' ')} | {value} |")
     for stage, seconds in (summary.get("seconds") or {}).items():
         lines.append(f"| {stage} seconds | {seconds} |")
-    lines.append(f"| run seconds | {row.get('seconds')} |")
-    out_dir = row.get("out_dir")
+    lines.append(f"| run seconds | {row.seconds} |")
+    out_dir = row.out_dir
     if out_dir:
         lines += ["", "**Outputs**", ""]
         lines += [f"- {label}: `{Path(out_dir) / name}`" for label, name in (summary.get("files") or {}).items()]

@@ -5,26 +5,19 @@ Thin orchestration over the stage modules; the CLI and the Prefect flows call th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
-from wsipipe.tiles import store
 from wsipipe.config import PipelineConfig
-from wsipipe.errors import ConfigError, writing_outputs
-from wsipipe.locks import clear_leftovers, folder_lock
-from wsipipe.run.cluster import scheduler_client
-from wsipipe.slides.slide import open_slide
+from wsipipe.run.job import SlideJob, StageProgress, direct, output_dir, run_job
+from wsipipe.run.names import weights_path
+from wsipipe.tiles import store
+
+__all__ = ["SlideOutputs", "StageProgress", "add_ground_truth_dice", "run_demo", "run_slide"]
 
 log = logging.getLogger(__name__)
-
-# (stage name, done, total) -> None; the CLI maps it onto rich progress bars.
-StageProgress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -32,28 +25,6 @@ class SlideOutputs:
     out_dir: Path
     store: Path
     summary: dict
-
-
-def slide_output_name(slide_path: Path, identity: str) -> str:
-    """Folder name for a slide's outputs: its sanitised stem plus identity prefix.
-
-    Only [A-Za-z0-9._-] survive, so a slide name can never escape the output folder."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", slide_path.stem).strip("._-") or "slide"  # no hidden/option-like names
-    return f"{stem[:80]}-{identity[:8]}"
-
-
-def weights_path(model: str | Path | None, cfg: PipelineConfig) -> Path:
-    """The weights a run uses: the explicit file, else ``model.weights``, else the model
-    registry's production version (``train.registry``, see ``wsipipe models promote``)."""
-    from wsipipe.learn.registry import production_weights
-
-    weights = model or cfg.model.weights or production_weights(cfg.train.registry)
-    if not weights:
-        raise ConfigError(
-            None, "model.weights: no model weights given (pass --model WEIGHTS, set model.weights, "
-            f"or promote a model in the registry {cfg.train.registry})",
-        )
-    return Path(weights)
 
 
 def run_slide(
@@ -64,38 +35,22 @@ def run_slide(
     client=None,
     progress: StageProgress | None = None,
 ) -> SlideOutputs:
-    """Tile, classify and stitch one slide into ``out_dir/<name>-<id>/``, then write its report.html.
+    """Tile, classify and stitch one slide into ``out_dir/<name>-<id>/``, then write its report.html
+    (the slide job of wsipipe.run.job, every stage in this process).
 
     Each stage is skipped when its outputs exist for the same inputs, so a rerun is cheap."""
-    from wsipipe.models.inference import infer_store, resolve_device, resolve_precision
+    from wsipipe.models.inference import resolve_device, resolve_precision
     from wsipipe.models.model import load_model
-    from wsipipe.outputs.report import write_slide_report
-    from wsipipe.outputs.stitch import stitch_store
-    from wsipipe.tiles.tiling import tile_slide
 
     slide_path = Path(slide_path)
     weights = weights_path(model_path, cfg)
     # Fail fast on bad weights or architecture, before any tiling work.
-    model, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
+    net, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
     resolve_precision(cfg.inference.precision, resolve_device(cfg.inference.device))
-    with open_slide(slide_path, cfg.mpp_override) as slide:
-        name = slide_output_name(slide_path, slide.identity)
-    slide_dir = Path(out_dir) / name
-    store_path = slide_dir / "patches.zarr"
-
-    def stage(name: str):
-        return (lambda done, total: progress(name, done, total)) if progress else None
-
-    t0 = time.perf_counter()
-    with writing_outputs(slide_dir), folder_lock(slide_dir):
-        clear_leftovers(slide_dir)  # a writer killed mid-write; we hold the lock, so none is live
-        with contextlib.nullcontext(client) if client is not None else scheduler_client(cfg.dask) as tile_client:
-            tile_slide(slide_path, store_path, cfg, client=tile_client, progress=stage("tile"))
-        infer_store(store_path, model, info, cfg.inference, progress=stage("infer"))
-        summary = stitch_store(store_path, slide_dir, cfg.stitch, progress=stage("stitch"), qc_cfg=cfg.qc, export=cfg.export)
-        write_slide_report(slide_dir, cfg.qc, only_if_changed=True)
-    log.info("%s: done in %.1f s -> %s", slide_path.name, time.perf_counter() - t0, slide_dir)
-    return SlideOutputs(out_dir=slide_dir, store=store_path, summary=summary)
+    job = SlideJob(slide_path, output_dir(slide_path, out_dir, cfg), cfg, weights, net, info, client=client, progress=progress)
+    row = run_job(job, direct)
+    log.info("%s: done in %.1f s -> %s", slide_path.name, row.seconds, job.slide_dir)
+    return SlideOutputs(out_dir=job.slide_dir, store=job.store, summary=row.summary or {})
 
 
 def add_ground_truth_dice(slide_dir: Path, geojson_path: Path) -> dict:
@@ -133,9 +88,9 @@ def train_demo_model(
     group = store.open_store(store_path)
     meta = store.meta(group)["tile"]
     tumor = read_geojson(geojson_path)["Tumor"]
-    labels = label_patches(group["coords"][:], meta["patch_size_l0"], tumor)
+    labels = label_patches(np.asarray(store.array(group, "coords")[:]), meta["patch_size_l0"], tumor)
     keep = np.flatnonzero(labels >= 0)
-    patches = group["patches"].get_orthogonal_selection((keep,))
+    patches = np.asarray(store.array(group, "patches").get_orthogonal_selection((keep,)))
     model = fit_classifier(
         patches, labels[keep], arch=cfg.model.arch_for_training, num_classes=cfg.model.num_classes or 1, epochs=epochs,
         progress=(lambda d, n: progress("train", d, n)) if progress else None,

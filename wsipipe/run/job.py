@@ -1,0 +1,196 @@
+"""One slide's job, written once: lock, leftovers, write-error mapping, stage order, skip
+logic and the result row. Where each stage runs is the runner's business.
+
+A runner is any callable ``runner(stage, job) -> StageOutcome`` that runs
+``run_stage(stage, job)`` somewhere: :func:`direct` in this process (``wsipipe run``), a
+Prefect task (``flows/slide.py``), a Dask task on a chosen worker
+(``wsipipe.run.cluster``). :func:`run_job` holds the slide folder's lock for the whole job
+in the calling process, so every runner writes a slide's folder one run at a time.
+
+Adding a stage is one edit: a function ``(job) -> StageOutcome`` and an entry in :data:`STAGES`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from wsipipe.config import PipelineConfig
+from wsipipe.errors import writing_outputs
+from wsipipe.locks import clear_leftovers, folder_lock
+from wsipipe.run.client import scheduler_client
+from wsipipe.run.names import slide_output_name
+from wsipipe.run.rows import SlideResult
+from wsipipe.slides.slide import open_slide
+
+log = logging.getLogger(__name__)
+
+# (stage name, done, total) -> None; the CLI maps it onto rich progress bars.
+StageProgress = Callable[[str, int, int], None]
+
+
+@dataclass
+class SlideJob:
+    """What one slide's stages need. ``net``/``info``: the model loaded by the caller; when
+    None, the infer stage loads (and caches) ``weights`` where it runs. ``client``: the Dask
+    client the tiler submits to (else ``cfg.dask.scheduler_address``, else threads)."""
+
+    slide: Path
+    slide_dir: Path
+    cfg: PipelineConfig
+    weights: Path
+    net: Any = None
+    info: Any = None
+    client: Any = None
+    progress: StageProgress | None = None
+
+    @property
+    def store(self) -> Path:
+        return self.slide_dir / "patches.zarr"
+
+    @property
+    def name(self) -> str:
+        return self.slide_dir.name
+
+    def bar(self, stage: str):
+        progress = self.progress
+        return (lambda done, total: progress(stage, done, total)) if progress else None
+
+    def model(self):
+        if self.net is not None:
+            return self.net, self.info
+        try:
+            mtime = self.weights.stat().st_mtime_ns
+        except OSError:
+            mtime = 0  # load_model names the missing file
+        return _cached_model(str(self.weights), mtime, self.cfg.model.arch, self.cfg.model.num_classes)
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    skipped: bool | None = None  # None: the stage does not say
+    note: str = ""  # one log line
+    summary: dict | None = None  # the stitch stage's summary.json
+    worker: str | None = None  # where it ran (Dask)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[SlideJob], StageOutcome]
+    accelerator: bool = False  # inference: the GPU worker / the GPU concurrency tag
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(path: str, mtime_ns: int, arch: str | None, num_classes: int | None):
+    from wsipipe.models.model import load_model
+
+    return load_model(path, arch, num_classes)
+
+
+# ---------------------------------------------------------------------------- the stages
+
+
+def tile(job: SlideJob) -> StageOutcome:
+    from wsipipe.tiles.tiling import tile_slide
+
+    if job.client is not None:
+        stats = tile_slide(job.slide, job.store, job.cfg, client=job.client, progress=job.bar("tile"))
+    else:
+        with scheduler_client(job.cfg.dask) as client:
+            stats = tile_slide(job.slide, job.store, job.cfg, client=client, progress=job.bar("tile"))
+    done = bool(stats.get("skipped"))
+    return StageOutcome(skipped=done, note=f"{stats['n_patches']} patches" + (" (already done)" if done else ""))
+
+
+def infer(job: SlideJob) -> StageOutcome:
+    from wsipipe.models.inference import infer_store
+
+    net, info = job.model()
+    stats = infer_store(job.store, net, info, job.cfg.inference, progress=job.bar("infer"))
+    return StageOutcome(skipped=bool(stats.get("skipped")),
+                        note=f"model {info.arch} ({info.sha256[:12]}), {stats['n']} patches, {stats['computed']} computed")
+
+
+def stitch(job: SlideJob) -> StageOutcome:
+    from wsipipe.outputs.stitch import stitch_store
+
+    cfg = job.cfg
+    summary = stitch_store(job.store, job.slide_dir, cfg.stitch, progress=job.bar("stitch"), qc_cfg=cfg.qc, export=cfg.export)
+    note = (f"{summary['decision']}, top-k mean {summary['slide_score'].get('top_k_mean')}, "
+            f"tumor {summary['tumor_area_mm2']} mm²")
+    return StageOutcome(summary=summary, note=note)
+
+
+def report(job: SlideJob) -> StageOutcome:
+    from wsipipe.outputs.report import write_slide_report
+
+    return StageOutcome(note=str(write_slide_report(job.slide_dir, job.cfg.qc, only_if_changed=True)))
+
+
+STAGES: tuple[Stage, ...] = (Stage("tile", tile), Stage("infer", infer, accelerator=True), Stage("stitch", stitch), Stage("report", report))
+
+
+def run_stage(stage: Stage, job: SlideJob) -> StageOutcome:
+    """One stage wherever a runner placed it; a full or read-only output volume is an
+    OutputWriteError there (so no retry logic mistakes it for a transient I/O error)."""
+    with writing_outputs(job.slide_dir):
+        return stage.run(job)
+
+
+class Runner(Protocol):
+    def __call__(self, stage: Stage, job: SlideJob, /) -> StageOutcome: ...
+
+
+def direct(stage: Stage, job: SlideJob) -> StageOutcome:
+    """The runner of ``wsipipe run``: every stage in this process."""
+    return run_stage(stage, job)
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+def output_dir(slide: str | Path, out_root: str | Path, cfg: PipelineConfig) -> Path:
+    """The slide's output folder (opens the slide: its identity is in the name)."""
+    slide = Path(slide)
+    with open_slide(slide, cfg.mpp_override) as opened:
+        return Path(out_root) / slide_output_name(slide, opened.identity)
+
+
+def run_job(job: SlideJob, runner: Runner = direct, skip_done: bool = False, logger: Any = None) -> SlideResult:
+    """The slide's stages in order through ``runner``, under the slide folder's lock, after
+    clearing leftovers of writers killed mid-write. Errors propagate (the caller decides
+    whether a failure is a row or an exit); write errors are OutputWriteError.
+
+    ``skip_done``: when the outputs on disk were made from this slide, config and model
+    (``job.info`` needed), no stage runs and the row is ``skipped``. Otherwise the row is
+    ``skipped`` when every stage that says so found its work done. ``logger``: where the
+    lock wait and the skip are logged (the flows pass Prefect's run logger)."""
+    from wsipipe.run.archive import done_outputs
+
+    logger = logger or log
+    t0 = time.perf_counter()
+    with writing_outputs(job.slide_dir), folder_lock(job.slide_dir) as held:
+        if held.waited_s:
+            logger.info("slide=%s stage=lock: waited %.1f s for another run writing it", job.name, held.waited_s)
+        if skip_done:
+            done = done_outputs(job.slide, job.slide_dir.parent, job.cfg, job.info)
+            if done is not None:
+                logger.info("slide=%s stage=check: outputs up to date, skipped", job.name)
+                return SlideResult.make(job.slide, "skipped", name=job.name, out_dir=job.slide_dir, summary=done[1],
+                                        seconds=time.perf_counter() - t0)
+        clear_leftovers(job.slide_dir)  # a writer killed mid-write; we hold the lock, so none is live
+        outcomes = [runner(stage, job) for stage in STAGES]
+    summary = next((o.summary for o in reversed(outcomes) if o.summary is not None), None)
+    said = [o.skipped for o in outcomes if o.skipped is not None]
+    workers = {s.name: o.worker for s, o in zip(STAGES, outcomes, strict=True) if o.worker is not None} or None
+    return SlideResult.make(
+        job.slide, "skipped" if said and all(said) else "ok", name=job.name, out_dir=job.slide_dir, summary=summary,
+        seconds=time.perf_counter() - t0, workers=workers,
+    )
+
