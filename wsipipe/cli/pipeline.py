@@ -238,16 +238,17 @@ def _run_on_cluster(slides: list[Path], out: Path, cfg, model: Path | None) -> N
 
     with dask_client(cfg.dask) as client:
         console.print(f"dask cluster: [cyan]{client.scheduler.address}[/]", highlight=False)
-        rows = [r.as_dict() for r in run_slides(slides, out, cfg, model, client)]
-    failed = [r for r in rows if r["status"] == "failed"]
+        rows = run_slides(slides, out, cfg, model, client)
+    failed = [r for r in rows if r.status == "failed"]
     for row in rows:
-        if row["status"] == "failed":
-            error_line("failed: ", row["error"])
+        if row.status == "failed":
+            error_line("failed: ", row.error)
             continue
-        print_summary(row["summary"])
-        workers = ", ".join(f"{stage} on {addr}" for stage, addr in row["workers"].items())
-        console.print(f"{row['status']} in {row['seconds']:.1f} s ({workers})", highlight=False)
-        print_paths({Path(row["slide"]).name: row["out_dir"]})
+        if row.summary is not None:
+            print_summary(row.summary)
+        workers = ", ".join(f"{stage} on {addr}" for stage, addr in (row.workers or {}).items())
+        console.print(f"{row.status} in {row.seconds:.1f} s ({workers})", highlight=False)
+        print_paths({Path(row.slide).name: row.out_dir})
     if failed:
         err.print(f"[red]{len(failed)} of {len(rows)} slides failed[/]")
         raise typer.Exit(EXIT_ERROR)

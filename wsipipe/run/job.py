@@ -118,13 +118,12 @@ def infer(job: SlideJob) -> StageOutcome:
 
 
 def stitch(job: SlideJob) -> StageOutcome:
-    from wsipipe.outputs.stitch import stitch_store
+    from wsipipe.outputs.stitch import stitch_summary
 
     cfg = job.cfg
-    summary = stitch_store(job.store, job.slide_dir, cfg.stitch, progress=job.bar("stitch"), qc_cfg=cfg.qc, export=cfg.export)
-    note = (f"{summary['decision']}, top-k mean {summary['slide_score'].get('top_k_mean')}, "
-            f"tumor {summary['tumor_area_mm2']} mm²")
-    return StageOutcome(summary=summary, note=note)
+    summary = stitch_summary(job.store, job.slide_dir, cfg.stitch, progress=job.bar("stitch"), qc_cfg=cfg.qc, export=cfg.export)
+    note = f"{summary.decision}, top-k mean {summary.slide_score.top_k_mean}, tumor {summary.tumor_area_mm2} mm²"
+    return StageOutcome(summary=summary.as_dict(), note=note)
 
 
 def report(job: SlideJob) -> StageOutcome:
