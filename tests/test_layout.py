@@ -1,5 +1,7 @@
-"""The package layout: every sub-package imports on its own, and the one-screen API resolves."""
+"""The package layout: every module of every sub-package imports in a fresh interpreter, and the
+one-screen API resolves to the stage functions."""
 
+import json
 import subprocess
 import sys
 
@@ -7,22 +9,27 @@ import pytest
 
 import wsipipe
 
-SUBPACKAGES = ["slides", "tiles", "models", "outputs", "learn", "run"]
+SUBPACKAGES = ["slides", "tiles", "models", "outputs", "learn", "run", "cli"]
 
 
-@pytest.mark.parametrize("name", SUBPACKAGES)
-def test_each_subpackage_imports_in_a_fresh_interpreter(name):
-    """A fresh interpreter, so an import that only works because another module ran first fails here."""
+def test_every_module_imports_in_a_fresh_interpreter():
+    """Sub-packages in data-flow order, each module by name: an import that only worked because
+    a later package had been imported first fails here."""
     code = (
-        "import importlib, pkgutil, sys\n"
-        f"pkg = importlib.import_module('wsipipe.{name}')\n"
-        "mods = [m.name for m in pkgutil.iter_modules(pkg.__path__)]\n"
-        f"[importlib.import_module('wsipipe.{name}.' + m) for m in mods]\n"
-        "print(len(mods))\n"
+        "import importlib, json, pkgutil, sys\n"
+        "count = {}\n"
+        "for name in sys.argv[1:]:\n"
+        "    pkg = importlib.import_module('wsipipe.' + name)\n"
+        "    mods = [m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != '__main__']\n"
+        "    for m in mods:\n"
+        "        importlib.import_module(f'wsipipe.{name}.{m}')\n"
+        "    count[name] = len(mods)\n"
+        "print(json.dumps(count))\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code, *SUBPACKAGES], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert int(res.stdout) >= 2, f"wsipipe.{name} holds {res.stdout.strip()} modules"
+    count = json.loads(res.stdout)
+    assert set(count) == set(SUBPACKAGES) and min(count.values()) >= 2, count
 
 
 def test_public_api_resolves_to_the_stage_functions():
