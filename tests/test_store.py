@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from wsipipe.errors import StoreError
-from wsipipe.tiles import qc, store, tiling
+from wsipipe.tiles import store
 
 LAYOUT_PAGE = Path(__file__).resolve().parents[1] / "docs" / "store-layout.md"
 
@@ -18,7 +18,6 @@ LAYOUT_PAGE = Path(__file__).resolve().parents[1] / "docs" / "store-layout.md"
 def test_layout_lists_every_array_once():
     assert len(store.LAYOUT) == len(set(store.LAYOUT)) == 12
     assert store.progress_name(store.STAGE_TILE) == "_progress/tile"
-    assert store.QC_MEASURES == qc.MEASURES_ARRAY and store.CORRUPT == tiling.CORRUPT
 
 
 def test_docstring_and_docs_list_the_same_arrays():

@@ -26,7 +26,6 @@ import zarr
 from wsipipe.config import QCConfig
 from wsipipe.tiles import store
 
-QC_GROUP = store.QC_GROUP
 MEASURES = ("focus", "pen_fraction", "background_fraction", "saturation")
 # Brightness (0..255 grey) above which a pixel is glass; matches TissueConfig.max_brightness ≈ 0.94.
 WHITE_LEVEL = 235.0
@@ -125,15 +124,12 @@ def patch_qc(patches: np.ndarray) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- store I/O
 
 
-MEASURES_ARRAY = store.QC_MEASURES  # (N, len(MEASURES)) float32, columns named in its attrs
-
-
 def create_arrays(group: zarr.Group, n: int, chunk: int) -> zarr.Array:
     """The empty ``qc/measures`` array, chunked like ``patches`` so each tiling task writes its own
     chunk. One array, not one per measure: every small Zarr write costs milliseconds of fixed
     overhead, a sizeable part of tiling a chunk."""
     arr = group.create_array(
-        MEASURES_ARRAY, shape=(n, len(MEASURES)), chunks=(max(1, chunk), len(MEASURES)), dtype="float32",
+        store.QC_MEASURES, shape=(n, len(MEASURES)), chunks=(max(1, chunk), len(MEASURES)), dtype="float32",
         fill_value=np.nan, dimension_names=["patch", "measure"],
     )
     arr.attrs["measures"] = list(MEASURES)
@@ -155,13 +151,13 @@ def _as_list(value: object) -> list[object]:
 
 def read_measures(group: zarr.Group) -> dict[str, np.ndarray] | None:
     """The stored per-patch measures, or None when the store predates QC."""
-    arr = store.optional_array(group, MEASURES_ARRAY)
+    arr = store.optional_array(group, store.QC_MEASURES)
     if arr is not None:
         table = np.asarray(arr[:])
         columns = [str(c) for c in _as_list(arr.attrs.get("measures"))]
         return {name: table[:, columns.index(name)] for name in MEASURES}
-    if all(f"{QC_GROUP}/{name}" in group for name in MEASURES):  # earlier layout: one array per measure
-        return {name: np.asarray(store.array(group, f"{QC_GROUP}/{name}")[:]) for name in MEASURES}
+    if all(f"{store.QC_GROUP}/{name}" in group for name in MEASURES):  # earlier layout: one array per measure
+        return {name: np.asarray(store.array(group, f"{store.QC_GROUP}/{name}")[:]) for name in MEASURES}
     return None
 
 

@@ -280,7 +280,7 @@ def _chunk_arrays(store_path: str, store_token: str) -> _ChunkArrays:
         # check costs as much as zstd itself (writes 1.56x faster without it, measured on CMU-1 tiles).
         patches=store.array(group, store.PATCHES).with_config({"write_empty_chunks": True}),
         qc=store.optional_array(group, store.QC_MEASURES),
-        corrupt=store.array(group, CORRUPT),
+        corrupt=store.array(group, store.CORRUPT),
         flags=store.array(group, store.progress_name(STAGE)),
     )
     with _arrays_lock:
@@ -304,7 +304,6 @@ def _chunk_buffer(n: int, p: int) -> np.ndarray:
 
 
 STAGE = store.STAGE_TILE
-CORRUPT = store.CORRUPT  # (N,) bool array: the patch's tile data did not decode (stored as background)
 
 
 def read_patches_salvaging(
@@ -333,7 +332,7 @@ def read_patches_salvaging(
 
 def corrupt_report(group: zarr.Group, limit: int = 20) -> dict | None:
     """``{"count", "coords_l0"}`` of patches with undecodable tile data (first ``limit`` coords), or None."""
-    flags = store.optional_array(group, CORRUPT)
+    flags = store.optional_array(group, store.CORRUPT)
     if flags is None:
         return None
     idx = np.flatnonzero(np.asarray(flags[:], dtype=bool))
@@ -516,7 +515,7 @@ def _plan_store(group: zarr.Group, slide: Slide, cfg: PipelineConfig, identity: 
     group.create_array(store.GRID_IJ, data=grid_ij.reshape(n, 2), chunks=(rows, 2))
     group.create_array(store.TISSUE_FRACTION, data=frac, chunks=(rows,))
     # Chunked like patches, so each tiling task writes its own flags.
-    group.create_array(CORRUPT, shape=(n,), chunks=(max(1, chunk),), dtype="bool", fill_value=False)
+    group.create_array(store.CORRUPT, shape=(n,), chunks=(max(1, chunk),), dtype="bool", fill_value=False)
     group.create_array(
         store.PATCHES, shape=(n, p, p, 3), chunks=(chunk, p, p, 3), dtype="uint8", fill_value=0,
         dimension_names=["patch", "y", "x", "channel"], **patch_codecs(cfg.tile),
