@@ -27,6 +27,11 @@ class TissueConfig(_Section):
 
     detect: bool = Field(True, description="False = treat the whole slide as tissue (pre-cropped images).")
     thumb_mpp: float = Field(8.0, gt=1.0, le=128.0, description="Thumbnail resolution, µm/px.")
+    max_thumb_px: int = Field(
+        2048, ge=256, le=16384,
+        description="Longest thumbnail edge: a larger slide's thumbnail (and its tissue detection) is made coarser "
+        "than thumb_mpp, so planning costs the same on any slide.",
+    )
     min_saturation: float = Field(
         0.07, ge=0.0, le=1.0, description="Floor under the Otsu saturation threshold (glass is below it)."
     )

@@ -24,6 +24,7 @@ import openslide
 from PIL import Image
 
 from wsipipe.errors import MissingMppError, SlideOpenError, SlideReadError
+from wsipipe.slides.resample import area_reduce
 
 log = logging.getLogger(__name__)
 
@@ -133,22 +134,29 @@ class Slide:
         return composite_bgra(bgra, self.background)
 
     def read_level(
-        self, level: int, x: int, y: int, width: int, height: int, fast: bool = True, out: np.ndarray | None = None
+        self, level: int, x: int, y: int, width: int, height: int, fast: bool = True, out: np.ndarray | None = None,
+        factor: int = 1,
     ) -> np.ndarray:
         """RGB (height, width, 3) at *level pixel* coordinates (x, y) of ``level``.
 
         With ``fast`` (default) TIFF-family slides are decoded tile by tile without OpenSlide
         (see :mod:`wsipipe.slides.tiffread`): same pixels, exactly on the level's grid. Otherwise,
         and for other formats, OpenSlide reads it (at levels > 0 OpenSlide interpolates
-        when x * downsample is not an integer)."""
+        when x * downsample is not an integer).
+
+        ``factor`` > 1: the level area-reduced by that integer (each output pixel the mean of a
+        factor x factor block of level pixels), and (x, y, width, height) are in reduced pixels."""
         reader = self.fast_reader(level) if fast else None
-        if reader is not None:
+        if reader is not None and reader.can_reduce(factor):
             try:
-                return reader.read(int(x), int(y), int(width), int(height), out=out)
+                return reader.read(int(x), int(y), int(width), int(height), out=out, factor=factor)
             except Exception as exc:
                 raise SlideReadError(
                     self.path, f"decoding tiles for {width}x{height} px at level {level} ({x}, {y}) failed: {exc}"
                 ) from None
+        if factor > 1:  # read the full-resolution block, then reduce it
+            full = self.read_level(level, x * factor, y * factor, width * factor, height * factor, fast=fast)
+            return area_reduce(full, factor, out=out)
         ds = self.level_downsamples[level]
         region = self.read_region(round(x * ds), round(y * ds), level, width, height)
         if out is None:
@@ -191,23 +199,32 @@ class Slide:
         scale = mpp / self.mpp
         return self.read_scaled(x, y, width * scale, height * scale, width, height)
 
-    def thumbnail(self, mpp: float, block: int = 2048) -> tuple[np.ndarray, float]:
-        """Whole slide at about ``mpp`` µm/px, read block by block (bounded memory).
+    def thumbnail(self, mpp: float, max_px: int | None = None, block: int = 2048) -> tuple[np.ndarray, float]:
+        """Whole slide at about ``mpp`` µm/px (coarser if needed so that neither edge exceeds about
+        ``max_px``), read block by block (bounded memory).
 
-        Returns (rgb, downsample) where downsample is level-0 px per thumbnail px (exact,
-        so thumbnail pixel (i, j) covers level-0 [j*ds, (j+1)*ds) x [i*ds, (i+1)*ds))."""
+        It is a pyramid level area-reduced by a whole factor (the level as fine as asked that is
+        the smallest, so a 100k-px slide reads a few hundred tiles of a low level, not its full
+        resolution). Returns (rgb, downsample) where downsample is level-0 px per thumbnail px
+        (exact, so thumbnail pixel (i, j) covers level-0 [j*ds, (j+1)*ds) x [i*ds, (i+1)*ds))."""
         w0, h0 = self.dimensions
-        ds = max(mpp / self.mpp, 1.0)
-        tw, th = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
+        want = max(mpp / self.mpp, 1.0)
+        if max_px and max(w0, h0) / want > max_px:
+            # Capped: the finest level that fits, else the coarsest reduced until it fits.
+            level = next((i for i, d in enumerate(self.level_dimensions) if max(d) <= max_px), self.level_count - 1)
+            factor = max(1, math.ceil(max(self.level_dimensions[level]) / max_px))
+        else:
+            level = self.best_level(want, tolerance=1e-6)
+            factor = max(1, round(want / self.level_downsamples[level]))
+        ds = self.level_downsamples[level] * factor
+        lw, lh = self.level_dimensions[level]
+        tw, th = max(1, math.ceil(lw / factor)), max(1, math.ceil(lh / factor))
         out = np.empty((th, tw, 3), dtype=np.uint8)
-        # Thumbnail pixels per block edge, so that one read stays ~block^2 pixels of the
-        # level it comes from, however far that level is from the thumbnail's scale.
-        ratio = ds / self.level_downsamples[self.best_level(ds, tolerance=1e-6)]
-        step = max(64, int(block / ratio))
+        step = max(64, block // factor)  # thumbnail px per block edge: ~block^2 level px per read
         for ty in range(0, th, step):
             for tx in range(0, tw, step):
                 bw, bh = min(step, tw - tx), min(step, th - ty)
-                out[ty : ty + bh, tx : tx + bw] = self.read_scaled(tx * ds, ty * ds, bw * ds, bh * ds, bw, bh)
+                self.read_level(level, tx, ty, bw, bh, out=out[ty : ty + bh, tx : tx + bw], factor=factor)
         return out, ds
 
     def close(self) -> None:

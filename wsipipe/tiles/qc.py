@@ -1,10 +1,12 @@
 """Slide quality control: per-patch measures computed while tiling, per-slide flags.
 
-Per patch (pure, on the chunk of patches tiling already holds in memory; colour on a
-sparse pixel grid, focus on a 2x binned channel, so it costs a small fraction of the read):
+Per patch (pure, on the chunk of patches tiling already holds in memory). QC must cost a
+small fraction of decoding the patch (<= 10 %, bench/bench_qc.py), so it looks at a sample:
+colour on a 14 x 14 grid of pixels, focus on the central half (a quarter of the area):
 
 - ``focus``: variance of the Laplacian of the 2x2-binned green channel over the tissue
-  pixels (low = blurred). Measured only where the patch has tissue; glass is flat anyway.
+  pixels of the patch's central half (low = blurred). NaN where that part has too little
+  tissue to judge; glass is flat anyway.
 - ``pen_fraction``: fraction of pixels in marker-ink colours H&E does not produce:
   saturated blue/green/cyan hues, and near-black.
 - ``background_fraction``: fraction of near-white (glass) pixels.
@@ -24,28 +26,44 @@ import numpy as np
 import zarr
 
 from wsipipe.config import QCConfig
+from wsipipe.slides.resample import opencv
 from wsipipe.tiles import store
 
 MEASURES = ("focus", "pen_fraction", "background_fraction", "saturation")
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)  # a pixel and its 4 neighbours
 # Brightness (0..255 grey) above which a pixel is glass; matches TissueConfig.max_brightness ≈ 0.94.
 WHITE_LEVEL = 235.0
-COLOUR_STEP = 8  # colour measures sample every 8th pixel of every 8th row
+COLOUR_GRID = 14  # colour measures sample a 14 x 14 grid of pixels per patch (every 16th at 224 px)
 
 # Flag severities: "fail" = the result is not usable as is; "review" = a person must look.
 FAIL, REVIEW, INFO = "fail", "review", "info"
 
 
-def _green_sum2(patches: np.ndarray) -> np.ndarray:
-    """(N, P, P, 3) uint8 -> (N, P//2, P//2) uint16: sums of 2x2 blocks of the green channel.
+def focus_measure(patches: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N,) float32: variance of the 4-neighbour Laplacian of the 2x2-binned
+    green channel over the pixels whose whole neighbourhood is tissue; NaN with fewer than 16.
+    Pass the part of the patches to measure (:func:`patch_qc` passes their central half).
 
-    Green carries most of H&E's contrast (both stains absorb it) and integer block sums
-    avoid converting the full patches to float, which is most of the cost otherwise."""
+    Green carries most of H&E's contrast (both stains absorb it). The chunk is processed as
+    one tall image with OpenCV (SIMD, no float copy of the full-size patches): the bins never
+    straddle two patches (even edges), and each patch's border row/column of the Laplacian,
+    the only place a neighbouring patch leaks in, is left out."""
+    cv2 = opencv()
     n, h, w, _ = patches.shape
-    g = patches[:, : h // 2 * 2, : w // 2 * 2, 1]
-    total = np.add(g[:, 0::2, 0::2], g[:, 1::2, 0::2], dtype=np.uint16)
-    total += g[:, 0::2, 1::2]
-    total += g[:, 1::2, 1::2]
-    return total
+    h2, w2 = h // 2, w // 2
+    tall = patches[:, : h2 * 2, : w2 * 2].reshape(n * h2 * 2, w2 * 2, 3)
+    green = cv2.extractChannel(np.ascontiguousarray(tall), 1)
+    # Mean of each 2x2 block, exact in float32 (INTER_AREA at an integer factor is a block mean).
+    binned = cv2.resize(green.astype(np.float32), (w2, n * h2), interpolation=cv2.INTER_AREA)
+    lap = cv2.Laplacian(binned, cv2.CV_32F, ksize=1).reshape(n, h2, w2)[:, 1:-1, 1:-1]
+    sharp = (binned < WHITE_LEVEL).view(np.uint8)
+    inner = cv2.erode(sharp, _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0).reshape(n, h2, w2)[:, 1:-1, 1:-1]
+    out = np.full(n, np.nan, np.float32)
+    for k in range(n):
+        if cv2.countNonZero(inner[k]) >= 16:
+            _, sd = cv2.meanStdDev(lap[k], mask=inner[k])
+            out[k] = sd[0, 0] ** 2
+    return out
 
 
 def _hue_saturation(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -71,10 +89,10 @@ def patch_qc(patches: np.ndarray) -> dict[str, np.ndarray]:
     n = len(patches)
     if n == 0 or patches.shape[1] < 4:
         return {name: np.zeros(n, dtype=np.float32) for name in MEASURES}
-    # Colour on a grid of every 8th pixel (784 samples of a 224 patch: plenty for fractions of
-    # 5 % and up, at 1/64 of the work); focus on the 2x2-binned green channel, since fine
-    # detail is exactly what defocus removes.
-    sampled = patches[:, COLOUR_STEP // 2 :: COLOUR_STEP, COLOUR_STEP // 2 :: COLOUR_STEP]
+    # Colour on a sparse grid (196 samples: plenty for fractions of 5 % and up); focus on the
+    # 2x2-binned green channel of the central half, since fine detail is exactly what defocus removes.
+    step = max(1, patches.shape[1] // COLOUR_GRID)
+    sampled = patches[:, step // 2 :: step, step // 2 :: step]
     r, g, b = np.moveaxis(sampled, -1, 0).astype(np.float32)
     hue, sat, value, low = _hue_saturation(r, g, b)
     background = low >= WHITE_LEVEL
@@ -90,30 +108,12 @@ def patch_qc(patches: np.ndarray) -> dict[str, np.ndarray]:
     black = (value < 60.0) & (sat < 0.35)
     inked = green | blue | black
 
-    # Laplacian (4-neighbour) of the binned green (4x the grey level), variance over pixels
-    # whose whole neighbourhood is tissue. Integer sums are exact, so this equals the float
-    # computation on grey = sum / 4 after the final 1/16 scaling.
-    sums = _green_sum2(patches)
-    lap = np.add(sums[:, 1:-1, 2:], sums[:, 1:-1, :-2], dtype=np.int32)
-    lap += sums[:, 2:, 1:-1]
-    lap += sums[:, :-2, 1:-1]
-    lap -= 4 * sums[:, 1:-1, 1:-1].astype(np.int32)
-    sharp = sums < 4 * WHITE_LEVEL
-    inner = sharp[:, 1:-1, 1:-1] & sharp[:, 1:-1, 2:]
-    inner &= sharp[:, 1:-1, :-2]
-    inner &= sharp[:, 2:, 1:-1]
-    inner &= sharp[:, :-2, 1:-1]
-    m = np.count_nonzero(inner.reshape(n, -1), axis=1)
-    lap = lap.astype(np.float32)
-    lap *= inner
-    s1 = lap.sum(axis=(1, 2), dtype=np.float64)
-    s2 = np.einsum("nij,nij->n", lap, lap, dtype=np.float64)
-    mean = s1 / np.maximum(m, 1)
-    focus = np.where(m >= 16, (s2 / np.maximum(m, 1) - mean * mean) / 16.0, np.nan)
+    h, w = patches.shape[1:3]
+    focus = focus_measure(patches[:, h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2])
 
     px = float(sampled.shape[1] * sampled.shape[2])
     return {
-        "focus": focus.astype(np.float32),
+        "focus": focus,
         "pen_fraction": (inked.sum(axis=(1, 2)) / px).astype(np.float32),
         "background_fraction": (background.sum(axis=(1, 2)) / px).astype(np.float32),
         "saturation": np.where(n_tissue > 0, np.where(tissue, sat, 0.0).sum(axis=(1, 2)) / np.maximum(n_tissue, 1), 0.0)
