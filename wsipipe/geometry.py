@@ -11,7 +11,6 @@ import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
-from skimage.draw import polygon as draw_polygon
 
 
 def mask_to_polygons(
@@ -61,6 +60,8 @@ def rasterize(
     geom: BaseGeometry, shape: tuple[int, int], scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0)
 ) -> np.ndarray:
     """Boolean mask of ``shape`` (rows, cols): a pixel is set when its centre lies inside ``geom``."""
+    from skimage.draw import polygon as draw_polygon  # here: tiling never rasterises, and skimage costs 0.5 s to import
+
     out = np.zeros(shape, dtype=bool)
     ox, oy = offset
     for poly in as_multipolygon(geom).geoms:

@@ -24,6 +24,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 import dask
+import dask.threaded
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
@@ -589,4 +590,6 @@ def _run_tasks(tasks: list, cfg: PipelineConfig, client, progress: Progress | No
         return
     workers = cfg.dask.num_workers or os.cpu_count() or 1
     with _DaskProgress(progress, total, done) if progress else contextlib.nullcontext():
-        dask.compute(*tasks, scheduler="threads", num_workers=workers)
+        # The threaded scheduler as a function, not by name: naming it makes dask import
+        # distributed (0.3 s) to look for a default client first.
+        dask.compute(*tasks, scheduler=dask.threaded.get, num_workers=workers)
