@@ -63,7 +63,7 @@ class GridSpec:
     level_downsample: float
     rows: int
     cols: int
-    resample: str = "lanczos"  # filter when needs_resize: lanczos or area (see TileConfig.resample)
+    resample: str = "area"  # filter when needs_resize: area or lanczos (see TileConfig.resample)
 
     @property
     def patch_size_l0(self) -> float:
@@ -102,7 +102,7 @@ def plan_grid(
     patch_size: int,
     stride: int,
     tolerance: float = 0.05,
-    resample: str = "lanczos",
+    resample: str = "area",
 ) -> GridSpec:
     """Grid of patches at ``mpp`` over a ``width x height`` level-0 slide.
 
