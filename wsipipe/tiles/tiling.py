@@ -414,18 +414,30 @@ def read_store_patches(
     group: zarr.Group, indices: np.ndarray, store_path: str | Path, slide_path: str | Path | None = None
 ) -> np.ndarray:
     """Patches (K, P, P, 3) uint8 at increasing ``indices`` of a store: the stored ones, or, for a store
-    tiled with ``tile.store_patches: false``, read from its slide (undecodable ones as background)."""
+    tiled with ``tile.store_patches: false``, read from its slide (undecodable ones as background).
+
+    From the slide, every chunk holding a wanted patch is read whole, as the infer stage read it:
+    resampled patches read alone differ at their edges by a grey level or so from patches read in a
+    row, and these must be the pixels the model saw."""
     idx = np.asarray(indices, dtype=np.int64)
     stored = store.optional_array(group, store.PATCHES)
     if stored is not None or not reads_from_slide(group):
         return np.asarray(stored_patches(group, store_path).get_orthogonal_selection((idx,)))
     source = slide_source(group, store_path, slide_path)
-    grid_ij = np.asarray(store.array(group, store.GRID_IJ).get_orthogonal_selection((idx,)))
+    chunk = max(1, int(store.array(group, store.CORRUPT).chunks[0]))
+    grid_ij = store.array(group, store.GRID_IJ)
+    p = source.spec.patch_size
+    out = np.empty((len(idx), p, p, 3), dtype=np.uint8)
     try:
-        patches, _ = read_chunk(source.path, source.mpp_override, source.spec, grid_ij, source.fast)
+        for c in np.unique(idx // chunk):
+            start = int(c) * chunk
+            cells = np.asarray(grid_ij[start : start + chunk])
+            patches, _ = read_chunk(source.path, source.mpp_override, source.spec, cells, source.fast)
+            here = (idx // chunk) == c
+            out[here] = patches[idx[here] - start]
     finally:
-        forget_cached_slide(source.path, source.mpp_override)  # a few patches: not worth keeping decoded tiles for
-    return patches
+        forget_cached_slide(source.path, source.mpp_override)  # a report's few patches: no tiles worth keeping
+    return out
 
 
 def stored_patches(group: zarr.Group, store_path: str | Path) -> zarr.Array:
