@@ -185,12 +185,17 @@ def test_missing_or_replaced_slide_is_named(generated, tmp_path):
 
 
 def test_training_on_a_store_without_patches_says_how_to_get_them(generated, tmp_path):
-    from wsipipe.learn.patchsets import label_store
+    from wsipipe.learn.augment import augment_store
+    from wsipipe.learn.patchsets import label_store, load_patch_sets
     from wsipipe.learn.pretrain import PatchStream
 
     path = tmp_path / "s.zarr"
-    tile_slide(generated, path, load_config(None, {**SMALL, "tile.store_patches": False}))
-    for call in (lambda: label_store(path, generated.with_suffix(".geojson")), lambda: PatchStream([path])):
+    cfg = load_config(None, {**SMALL, "tile.store_patches": False})
+    tile_slide(generated, path, cfg)
+    for call in (
+        lambda: label_store(path, generated.with_suffix(".geojson")), lambda: load_patch_sets([path]),
+        lambda: PatchStream([path]), lambda: augment_store(path, tmp_path / "aug.zarr", cfg.augment),
+    ):
         with pytest.raises(StoreError, match="tile it again with tile.store_patches: true") as err:
             call()
         assert str(path) in str(err.value)

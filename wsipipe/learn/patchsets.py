@@ -233,6 +233,7 @@ def load_patch_sets(paths: Sequence[str | Path], labelled_only: bool = True) -> 
     ident = hashlib.sha256()
     for p in paths:
         g = store.open_store(p)
+        patches = stored_patches(g, p)  # first: a store without patches cannot be labelled either
         info = store.meta(g).get(store.META_LABELS)
         if info is None or store.LABELS not in g:
             raise AnnotationError(p, "store has no labels; run `wsipipe patches` on it first")
@@ -243,7 +244,7 @@ def load_patch_sets(paths: Sequence[str | Path], labelled_only: bool = True) -> 
         labels = np.asarray(store.array(g, store.LABELS)[:]).astype(np.int64)
         keep = np.flatnonzero(labels >= 0) if labelled_only else np.arange(len(labels))
         names = np.asarray(info["groups"], dtype=object)[np.asarray(store.array(g, store.GROUPS)[:])[keep]]
-        parts.append((_patches_at(stored_patches(g, p), keep), labels[keep], names))
+        parts.append((_patches_at(patches, keep), labels[keep], names))
         ident.update(json.dumps([info["groups"], info.get("source"), int(len(labels))]).encode())
     if not parts:
         raise AnnotationError(None, "no patch sets given")
