@@ -3,7 +3,9 @@
 Two threads, one direction. A background thread reads the pending Zarr chunks and turns
 them into model-ready batches, at most ``prefetch_batches`` ahead; the calling thread
 only runs the model and writes the (tiny) probabilities. So the model never waits on
-I/O, decompression or normalisation, and memory stays bounded by the queue.
+I/O, decompression or normalisation, and memory stays bounded by the queue. A store tiled
+with ``tile.store_patches: false`` has no patches to read: the background thread takes them
+from a pool of threads reading the slide instead (:mod:`wsipipe.models.fused`).
 
 On CPU the background thread normalises in numpy (single-threaded, so it doesn't fight
 the model's OpenMP threads for the cores) into NHWC memory, which torch sees as a
@@ -260,7 +262,7 @@ def infer_store(
         pending = [i for u in units for i in range(u.first, u.last)]
         stream = fused.read_chunks(source, group, slices, pending, readers)
     else:
-        stream = _stored_units(store.array(group, store.PATCHES) if patches is None else patches, units, store_path)
+        stream = _stored_units(store.array(group, store.PATCHES), units, store_path)
     batches = _prefetch(
         # Compiled: the last batch is padded to full size, so the model compiles one shape only.
         _host_batches(stream, cfg.batch_size, device, pad_last=cfg.compile), cfg.prefetch_batches
