@@ -82,6 +82,12 @@ class TileConfig(_Section):
         "and level 1 writes 2.6x and reads 2.4x slower than -3 (bench/bench_storage.py).",
     )
     jpeg_quality: int = Field(95, ge=50, le=100, description="JPEG quality when codec is jpeg (4:4:4 chroma).")
+    store_patches: bool = Field(
+        True,
+        description="False = patches are not stored; the infer stage reads them from the slide and streams them "
+        "straight into the model; the store still gets coords, grid, tissue fraction, QC measures, corrupt flags "
+        "and probabilities.",
+    )
 
     @property
     def step(self) -> int:

@@ -179,9 +179,10 @@ def augment_store(src: str | Path, out: str | Path, cfg: AugmentConfig, copies: 
 
     from wsipipe.tiles import store
     from wsipipe.files import write_atomic
+    from wsipipe.tiles.tiling import stored_patches
 
     g = store.open_store(src)
-    patches = store.array(g, store.PATCHES)
+    patches = stored_patches(g, src)
     n = int(patches.shape[0])
     aug = Augmenter(cfg)
     chunk = int(patches.chunks[0])

@@ -114,8 +114,11 @@ def label_store(
     regions = read_annotations(geojson_path)
     if classes is None:
         classes = ([background] if background else []) + sorted(c for c in regions if c != background)
+    from wsipipe.tiles.tiling import stored_patches
+
     group = store.open_store(store_path, "r+")
     store.require_complete(group, store.STAGE_TILE, store_path)
+    stored_patches(group, store_path)  # labels are for training, which needs the patches stored
     info = store.meta(group)
     coords = np.asarray(store.array(group, store.COORDS)[:])
     labels = label_by_regions(coords, info[store.META_TILE]["patch_size_l0"], regions, classes,
@@ -223,11 +226,14 @@ class PatchSet:
 
 def load_patch_sets(paths: Sequence[str | Path], labelled_only: bool = True) -> PatchSet:
     """Concatenate labelled stores (same classes, same patch size) into one :class:`PatchSet`."""
+    from wsipipe.tiles.tiling import stored_patches
+
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     classes: list[str] | None = None
     ident = hashlib.sha256()
     for p in paths:
         g = store.open_store(p)
+        patches = stored_patches(g, p)  # first: a store without patches cannot be labelled either
         info = store.meta(g).get(store.META_LABELS)
         if info is None or store.LABELS not in g:
             raise AnnotationError(p, "store has no labels; run `wsipipe patches` on it first")
@@ -238,7 +244,7 @@ def load_patch_sets(paths: Sequence[str | Path], labelled_only: bool = True) -> 
         labels = np.asarray(store.array(g, store.LABELS)[:]).astype(np.int64)
         keep = np.flatnonzero(labels >= 0) if labelled_only else np.arange(len(labels))
         names = np.asarray(info["groups"], dtype=object)[np.asarray(store.array(g, store.GROUPS)[:])[keep]]
-        parts.append((_patches_at(store.array(g, store.PATCHES), keep), labels[keep], names))
+        parts.append((_patches_at(patches, keep), labels[keep], names))
         ident.update(json.dumps([info["groups"], info.get("source"), int(len(labels))]).encode())
     if not parts:
         raise AnnotationError(None, "no patch sets given")

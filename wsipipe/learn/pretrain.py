@@ -37,6 +37,7 @@ from wsipipe.errors import ModelLoadError, ParameterError, StoreError
 from wsipipe.models.inference import resolve_device, resolve_precision, to_tensor
 from wsipipe.models.model import _head, build_model, _read_state
 from wsipipe.files import write_atomic
+from wsipipe.tiles.tiling import reads_from_slide, stored_patches
 
 FORMAT = "wsipipe-encoder-1"
 # (step, total, loss, patches per second) -> None
@@ -129,7 +130,7 @@ class PatchStream:
         ident: list[list[Any]] = []
         for p in paths:
             g = store.open_store(p)
-            arr = store.optional_array(g, store.PATCHES)
+            arr = stored_patches(g, p) if store.PATCHES in g or reads_from_slide(g) else None
             if arr is None or arr.shape[0] == 0:
                 raise StoreError(p, "no patches in this store")
             self.arrays.append(arr)

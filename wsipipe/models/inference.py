@@ -3,7 +3,9 @@
 Two threads, one direction. A background thread reads the pending Zarr chunks and turns
 them into model-ready batches, at most ``prefetch_batches`` ahead; the calling thread
 only runs the model and writes the (tiny) probabilities. So the model never waits on
-I/O, decompression or normalisation, and memory stays bounded by the queue.
+I/O, decompression or normalisation, and memory stays bounded by the queue. A store tiled
+with ``tile.store_patches: false`` has no patches to read: the background thread takes them
+from a pool of threads reading the slide instead (:mod:`wsipipe.models.fused`).
 
 On CPU the background thread normalises in numpy (single-threaded, so it doesn't fight
 the model's OpenMP threads for the cores) into NHWC memory, which torch sees as a
@@ -36,7 +38,9 @@ from torch import nn
 from wsipipe.tiles import store
 from wsipipe.config import InferenceConfig
 from wsipipe.errors import ConfigError, StoreError
+from wsipipe.models import fused
 from wsipipe.models.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
+from wsipipe.tiles.tiling import reads_from_slide, slide_source
 
 STAGE = store.STAGE_INFER
 log = logging.getLogger(__name__)
@@ -209,29 +213,37 @@ class _Unit(NamedTuple):
 
 
 def infer_store(
-    store_path, model: nn.Module, info: ModelInfo, cfg: InferenceConfig | None = None, progress: Progress | None = None
+    store_path, model: nn.Module, info: ModelInfo, cfg: InferenceConfig | None = None, progress: Progress | None = None,
+    slide_path=None, readers: int | None = None,
 ) -> dict:
     """Classify every patch of a tiled store into ``probabilities``, (N,) or (N, C) float32.
 
     A store already classified by the same model over the same patches is left as is;
     an interrupted run resumes at the chunks it hadn't flagged done; a different model or
     re-tiled patches recompute everything. ``progress(done, total)`` is called as chunks
-    land. Returns ``{"skipped", "n", "computed", "seconds", "images_per_s"}``."""
+    land. Returns ``{"skipped", "n", "computed", "seconds", "images_per_s"}``.
+
+    A store tiled with ``tile.store_patches: false`` has no patches: they are read from the
+    slide (``slide_path``, else the path recorded at tiling) on ``readers`` threads (default:
+    one per core), with their QC measures and corrupt flags written as they are read; see
+    :mod:`wsipipe.models.fused`."""
     cfg = cfg or InferenceConfig()
     t0 = time.perf_counter()
     group = store.open_store(store_path, mode="r+")
     store.require_complete(group, store.STAGE_TILE, store_path)
     identity = infer_identity(group, info)
-    patches = store.array(group, store.PATCHES)
-    n = int(patches.shape[0])
+    from_slide = reads_from_slide(group)
+    patches = None if from_slide else store.array(group, store.PATCHES)
+    n = int(store.array(group, store.COORDS).shape[0] if patches is None else patches.shape[0])
     if store.is_complete(group, STAGE, identity):
         return {"skipped": True, "n": n, "computed": 0, "seconds": 0.0, "images_per_s": None}
 
     device = resolve_device(cfg.device)  # a bad setting fails before the store is touched
     dtype = resolve_precision(cfg.precision, device)
+    source = slide_source(group, store_path, slide_path) if from_slide else None  # a missing slide, too
     net = prepare_model(model, device)
     run = torch.compile(net, dynamic=False) if cfg.compile else net
-    chunk = max(1, int(patches.chunks[0]))
+    chunk = fused.chunk_patches(group) if patches is None else max(1, int(patches.chunks[0]))
     slices = store.chunk_slices(n, chunk)
     probs, flags = _outputs(group, identity, info, n, chunk, len(slices))
     todo = [i for i in store.pending_chunks(flags) if i < len(slices)]
@@ -245,12 +257,19 @@ def infer_store(
     waiting = collections.deque(units)  # units whose probabilities are not all written yet
     outs: list[torch.Tensor] = []  # probabilities computed but not yet written, in stream order
     buffered = produced = 0
+    stream: Generator[np.ndarray, None, None]
+    if source is not None:
+        pending = [i for u in units for i in range(u.first, u.last)]
+        stream = fused.read_chunks(source, group, slices, pending, readers)
+    else:
+        stream = _stored_units(store.array(group, store.PATCHES), units, store_path)
     batches = _prefetch(
         # Compiled: the last batch is padded to full size, so the model compiles one shape only.
-        _host_batches(patches, units, cfg.batch_size, device, store_path, pad_last=cfg.compile), cfg.prefetch_batches
+        _host_batches(stream, cfg.batch_size, device, pad_last=cfg.compile), cfg.prefetch_batches
     )
-    # closing: on an error the reader thread stops now, not when the traceback is freed.
-    with contextlib.closing(batches), torch.inference_mode(), _autocast(device, dtype):
+    # closing: on an error the prefetch thread stops now, not when the traceback is freed; then the
+    # stream, and with it any reader threads.
+    with contextlib.closing(stream), contextlib.closing(batches), torch.inference_mode(), _autocast(device, dtype):
         for host in batches:
             # [:...] drops the outputs of a padded last batch
             outs.append(forward_with_backoff(run, device_batch(host, device), limit)[: computed - produced])
@@ -270,11 +289,14 @@ def infer_store(
 
     if waiting or any(i < len(slices) for i in store.pending_chunks(flags)):
         raise StoreError(store_path, "inference left chunks unwritten; rerun to resume")
+    if source is not None:
+        fused.finish(group, source, n)
     seconds = time.perf_counter() - t0
     store.set_stage(
         group, STAGE, identity, True, seconds=round(seconds, 3), n_patches=n, computed=computed,
         device=str(device), precision=str(dtype).removeprefix("torch.") if dtype else "fp32",
         batch_size=limit.size, oom_backoffs=limit.backoffs, compiled=cfg.compile,
+        patches_from="store" if source is None else "slide",
         model={"sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes,
                "path": str(info.path) if info.path else None},
     )
@@ -322,17 +344,22 @@ def _units(todo: list[int], slices: list[slice], per_unit: int) -> list[_Unit]:
     return [_Unit(slices[r[0]].start, slices[r[-1]].stop, r[0], r[-1] + 1) for r in runs]
 
 
-def _host_batches(
-    patches, units: list[_Unit], batch_size: int, device: torch.device, path, pad_last: bool = False
-) -> Iterator[torch.Tensor]:
-    """Full batches across unit boundaries (a remainder waits for the next unit's patches);
-    ``pad_last`` fills the final partial batch up with black patches."""
-    carry = None
+def _stored_units(patches: zarr.Array, units: list[_Unit], path) -> Generator[np.ndarray, None, None]:
+    """The stored patches of each unit, one Zarr read per unit."""
     for unit in units:
         try:
-            data = patches[unit.start : unit.stop]
+            yield np.asarray(patches[unit.start : unit.stop])
         except Exception as exc:  # a damaged chunk: everything before it is flagged, so a rerun resumes here
             raise StoreError(path, f"cannot read patches[{unit.start}:{unit.stop}]: {exc}") from exc
+
+
+def _host_batches(
+    stream: Iterable[np.ndarray], batch_size: int, device: torch.device, pad_last: bool = False
+) -> Iterator[torch.Tensor]:
+    """Full batches across the arrays of ``stream`` (a remainder waits for the next array's
+    patches); ``pad_last`` fills the final partial batch up with black patches."""
+    carry = None
+    for data in stream:
         if carry is not None:
             data = np.concatenate([carry, data])
         full = len(data) - len(data) % batch_size
@@ -375,6 +402,12 @@ def _prefetch(items: Iterable[T], depth: int) -> Generator[T, None, None]:
         except BaseException as exc:
             put(_Raised(exc))
             return
+        finally:
+            # A generator stopped early closes now, in this thread (a pool of reader threads, say),
+            # not whenever it is collected.
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
         put(end)
 
     thread = threading.Thread(target=work, name="wsipipe-prefetch", daemon=True)

@@ -26,6 +26,7 @@ from wsipipe import __version__
 
 from wsipipe.tiles import qc, store
 from wsipipe.config import QCConfig
+from wsipipe.errors import MissingMppError, SlideOpenError, SlideReadError
 from wsipipe.geojson import read_geojson
 from wsipipe.files import write_atomic
 from wsipipe.outputs.summary import SUMMARY_NAME, load_summary
@@ -125,7 +126,9 @@ def _patch_cards(group: zarr.Group, indices: Iterable[int], probs: np.ndarray | 
         return []
     order = np.argsort(indices)  # zarr wants increasing indices
     sorted_idx = np.asarray(indices)[order]
-    pixels = np.asarray(store.array(group, store.PATCHES).get_orthogonal_selection((sorted_idx,)))
+    pixels = _gallery_pixels(group, sorted_idx)
+    if pixels is None:
+        return []
     coords = np.asarray(store.array(group, store.COORDS).get_orthogonal_selection((sorted_idx,)))
     cards: list[dict | None] = [None] * len(indices)
     for pos, k in enumerate(order):
@@ -139,6 +142,20 @@ def _patch_cards(group: zarr.Group, indices: Iterable[int], probs: np.ndarray | 
             "src": _jpeg_uri(pixels[pos]),
         }
     return [c for c in cards if c is not None]
+
+
+def _gallery_pixels(group: zarr.Group, indices: np.ndarray) -> np.ndarray | None:
+    """The gallery's patches (increasing ``indices``): the stored ones, or, for a store tiled with
+    ``tile.store_patches: false``, read from the slide. None (the report has no gallery) when that
+    slide cannot be read any more: moved, replaced or damaged since the run."""
+    from wsipipe.tiles.tiling import read_store_patches  # here: the archive report needs no slide reader
+
+    store_path = str(group.store_path).removeprefix("file:")
+    try:
+        return read_store_patches(group, indices, store_path)
+    except (SlideOpenError, SlideReadError, MissingMppError) as exc:
+        log.warning("%s: report without its patch gallery: %s", store_path, exc)
+        return None
 
 
 def _tumor_probabilities(group: zarr.Group, class_index: int) -> np.ndarray | None:

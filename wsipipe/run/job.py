@@ -112,7 +112,9 @@ def infer(job: SlideJob) -> StageOutcome:
     from wsipipe.models.inference import infer_store
 
     net, info = job.model()
-    stats = infer_store(job.store, net, info, job.cfg.inference, progress=job.bar("infer"))
+    # slide/readers: a store tiled with tile.store_patches false reads its patches from the slide here.
+    stats = infer_store(job.store, net, info, job.cfg.inference, progress=job.bar("infer"), slide_path=job.slide,
+                        readers=job.cfg.dask.num_workers)
     return StageOutcome(skipped=bool(stats.get("skipped")),
                         note=f"model {info.arch} ({info.sha256[:12]}), {stats['n']} patches, {stats['computed']} computed")
 

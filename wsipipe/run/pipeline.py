@@ -80,7 +80,7 @@ def train_demo_model(
 
     from wsipipe.geojson import read_geojson
     from wsipipe.models.model import save_weights
-    from wsipipe.tiles.tiling import tile_slide
+    from wsipipe.tiles.tiling import read_store_patches, tile_slide
     from wsipipe.learn.train import fit_classifier, label_patches
 
     store_path = work_dir / "train-patches.zarr"
@@ -90,7 +90,7 @@ def train_demo_model(
     tumor = read_geojson(geojson_path)["Tumor"]
     labels = label_patches(np.asarray(store.array(group, "coords")[:]), meta["patch_size_l0"], tumor)
     keep = np.flatnonzero(labels >= 0)
-    patches = np.asarray(store.array(group, "patches").get_orthogonal_selection((keep,)))
+    patches = read_store_patches(group, keep, store_path)  # stored, or from the slide (tile.store_patches: false)
     model = fit_classifier(
         patches, labels[keep], arch=cfg.model.arch_for_training, num_classes=cfg.model.num_classes or 1, epochs=epochs,
         progress=(lambda d, n: progress("train", d, n)) if progress else None,

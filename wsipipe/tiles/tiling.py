@@ -36,7 +36,7 @@ from wsipipe import __version__
 
 from wsipipe.tiles import qc, store
 from wsipipe.config import PipelineConfig, TileConfig
-from wsipipe.errors import NoTissueError, SlideReadError, StoreError
+from wsipipe.errors import NoTissueError, SlideOpenError, SlideReadError, StoreError
 from wsipipe.locks import remove_stale_temps
 from wsipipe.slides.resample import integer_factor
 from wsipipe.slides.slide import Slide, cached_slide, forget_cached_slide, open_slide
@@ -241,14 +241,9 @@ def _tile_chunk(
     sl: slice, grid_ij: np.ndarray, fast: bool,
 ) -> int:
     """Dask task: read one chunk of patches and write it. Runs on any worker."""
-    slide = cached_slide(slide_path, mpp_override)
     arrays = _chunk_arrays(store_path, store_token)
-    try:
-        patches = read_patches(slide, spec, grid_ij, fast, out=_chunk_buffer(len(grid_ij), spec.patch_size))
-    except (SlideReadError, OpenSlideError):  # the latter: a handle another task's error left unusable
-        # Some tile in this chunk does not decode: read patch by patch and keep what reads.
-        forget_cached_slide(slide_path, mpp_override)  # an OpenSlide error leaves the handle unusable
-        patches, corrupt = read_patches_salvaging(slide_path, mpp_override, spec, grid_ij, fast)
+    patches, corrupt = read_chunk(slide_path, mpp_override, spec, grid_ij, fast, out=_chunk_buffer(len(grid_ij), spec.patch_size))
+    if corrupt is not None:
         arrays.corrupt[sl] = corrupt
     # The patch write (compression and file I/O, on zarr's threads) runs while this thread
     # measures QC on the same pixels, instead of one waiting for the other.
@@ -260,6 +255,22 @@ def _tile_chunk(
     # The flag goes after the data: a chunk is never marked done before it is on disk.
     arrays.flags[index] = True
     return sl.stop - sl.start
+
+
+def read_chunk(
+    slide_path: str | Path, mpp_override: float | None, spec: GridSpec, grid_ij: np.ndarray, fast: bool,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One chunk's patches (N, P, P, 3) uint8 from the slide, through this process's shared handle,
+    and the mask of patches whose tile data did not decode (None when every patch read). Both the
+    tiler and the fused inference path (``tile.store_patches: false``) read chunks with this."""
+    slide = cached_slide(slide_path, mpp_override)
+    try:
+        return read_patches(slide, spec, grid_ij, fast, out=out), None
+    except (SlideReadError, OpenSlideError):  # the latter: a handle another task's error left unusable
+        # Some tile in this chunk does not decode: read patch by patch and keep what reads.
+        forget_cached_slide(slide_path, mpp_override)  # an OpenSlide error leaves the handle unusable
+        return read_patches_salvaging(str(slide_path), mpp_override, spec, grid_ij, fast, out=out)
 
 
 _writer_pool: ThreadPoolExecutor | None = None
@@ -331,12 +342,14 @@ STAGE = store.STAGE_TILE
 
 
 def read_patches_salvaging(
-    slide_path: str, mpp_override: float | None, spec: GridSpec, grid_ij: np.ndarray, fast: bool
+    slide_path: str, mpp_override: float | None, spec: GridSpec, grid_ij: np.ndarray, fast: bool,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One read per patch after a failed run read: (patches, corrupt mask). Unreadable patches
     are filled with the background colour. OpenSlide errors are sticky (every later read on
-    that handle fails too), so a failure is followed by a fresh handle."""
-    out = np.empty((len(grid_ij), spec.patch_size, spec.patch_size, 3), dtype=np.uint8)
+    that handle fails too), so a failure is followed by a fresh handle. ``out`` as in :func:`read_patches`."""
+    if out is None:
+        out = np.empty((len(grid_ij), spec.patch_size, spec.patch_size, 3), dtype=np.uint8)
     corrupt = np.zeros(len(grid_ij), dtype=bool)
     slide = open_slide(slide_path, mpp_override)
     background = slide.background  # read now: an errored handle fails even on properties
@@ -364,6 +377,103 @@ def corrupt_report(group: zarr.Group, limit: int = 20) -> dict | None:
         return None
     xy = np.asarray(store.array(group, store.COORDS).get_orthogonal_selection((idx[:limit],)))
     return {"count": int(len(idx)), "coords_l0": [[int(x), int(y)] for x, y in xy]}
+
+
+# --------------------------------------------------------------------------- patches read from the slide
+# With tile.store_patches false the store has no patches array: inference reads each chunk from the
+# slide (wsipipe.models.fused), and the few patches a report shows are read the same way.
+
+
+def source_attrs(cfg: PipelineConfig) -> dict[str, Any]:
+    """The tile attrs that reading a store's patches from its slide needs besides the grid."""
+    return {
+        "store_patches": cfg.tile.store_patches, "mpp_override": cfg.mpp_override, "fast_read": cfg.tile.reader == "auto",
+        "on_corrupt_tile": cfg.tile.on_corrupt_tile,
+    }
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    """Where a store's patches come from when they are not stored: the slide file, the grid and the
+    read settings tiling planned them with."""
+
+    path: Path
+    mpp_override: float | None
+    spec: GridSpec
+    fast: bool
+    on_corrupt_tile: str
+
+
+def stored_grid(group: zarr.Group) -> GridSpec:
+    """The grid a store was tiled on, from its tile attrs."""
+    tile = store.meta(group).get(store.META_TILE) or {}
+    return GridSpec(**{k: v for k, v in tile.items() if k in GridSpec.__annotations__})
+
+
+def reads_from_slide(group: zarr.Group) -> bool:
+    """True for a store tiled with ``tile.store_patches: false``: no patches array, readers go to the slide."""
+    tile = store.meta(group).get(store.META_TILE) or {}
+    return store.PATCHES not in group and tile.get("store_patches") is False
+
+
+def slide_source(group: zarr.Group, store_path: str | Path, slide_path: str | Path | None = None) -> SlideSource:
+    """The slide a store without stored patches reads them from: ``slide_path``, else the path its
+    slide attrs recorded at tiling. The file must be the very slide tiled (same identity), or the
+    patches would not match the coords, tissue fractions and grid in the store."""
+    meta = store.meta(group)
+    tile, slide = meta.get(store.META_TILE) or {}, meta.get(store.META_SLIDE) or {}
+    path = Path(slide_path if slide_path is not None else slide.get("path") or "")
+    why = f"the store {store_path} has no stored patches (tiled with tile.store_patches: false) and reads them from this slide"
+    if not str(path) or not path.exists():
+        raise SlideOpenError(path, f"slide not found: {why}; give the slide's path")
+    mpp_override = tile.get("mpp_override")
+    opened = cached_slide(path, mpp_override)
+    if slide.get("identity") and opened.identity != slide["identity"]:
+        raise SlideReadError(path, f"not the slide that was tiled (its identity differs: replaced or re-scanned?); {why}")
+    return SlideSource(path, mpp_override, stored_grid(group), bool(tile.get("fast_read", True)),
+                       str(tile.get("on_corrupt_tile", "fail")))
+
+
+def read_store_patches(
+    group: zarr.Group, indices: np.ndarray, store_path: str | Path, slide_path: str | Path | None = None
+) -> np.ndarray:
+    """Patches (K, P, P, 3) uint8 at increasing ``indices`` of a store: the stored ones, or, for a store
+    tiled with ``tile.store_patches: false``, read from its slide (undecodable ones as background).
+
+    From the slide, every chunk holding a wanted patch is read whole, as the infer stage read it:
+    resampled patches read alone differ at their edges by a grey level or so from patches read in a
+    row, and these must be the pixels the model saw."""
+    idx = np.asarray(indices, dtype=np.int64)
+    stored = store.optional_array(group, store.PATCHES)
+    if stored is not None or not reads_from_slide(group):
+        return np.asarray(stored_patches(group, store_path).get_orthogonal_selection((idx,)))
+    source = slide_source(group, store_path, slide_path)
+    chunk = max(1, int(store.array(group, store.CORRUPT).chunks[0]))
+    grid_ij = store.array(group, store.GRID_IJ)
+    p = source.spec.patch_size
+    out = np.empty((len(idx), p, p, 3), dtype=np.uint8)
+    try:
+        for c in np.unique(idx // chunk):
+            start = int(c) * chunk
+            cells = np.asarray(grid_ij[start : start + chunk])
+            patches, _ = read_chunk(source.path, source.mpp_override, source.spec, cells, source.fast)
+            here = (idx // chunk) == c
+            out[here] = patches[idx[here] - start]
+    finally:
+        forget_cached_slide(source.path, source.mpp_override)  # a report's few patches: no tiles worth keeping
+    return out
+
+
+def stored_patches(group: zarr.Group, store_path: str | Path) -> zarr.Array:
+    """The store's patches array. A store tiled with ``tile.store_patches: false`` has none: a
+    StoreError saying so (training needs stored patches)."""
+    arr = store.optional_array(group, store.PATCHES)
+    if arr is None and reads_from_slide(group):
+        raise StoreError(
+            store_path, "no stored patches: the slide was tiled with tile.store_patches: false (inference read them "
+            "from the slide); tile it again with tile.store_patches: true to train on its patches",
+        )
+    return arr if arr is not None else store.array(group, store.PATCHES)
 
 
 class _DaskProgress(Callback):
@@ -407,7 +517,8 @@ def tile_slide(
         if entry and entry.get("identity") == identity and entry.get("complete"):
             return _already_tiled(group, entry, slide_path, cfg)
         plan = _open_plan(group, entry, slide, cfg, identity, store_path)
-    tasks = _run_chunks(plan, slide_path, store_path, cfg, identity, client, progress)
+    # tile.store_patches false: the plan is the whole stage; inference reads the patches from the slide.
+    tasks = _run_chunks(plan, slide_path, store_path, cfg, identity, client, progress) if cfg.tile.store_patches else []
     local = client is None
     # Tasks ran in this process: free the shared handle's decoded tiles now, not after inference.
     decoded = forget_cached_slide(slide_path, cfg.mpp_override) if local and tasks else None
@@ -429,7 +540,7 @@ class _Plan:
 def _already_tiled(group: zarr.Group, entry: dict[str, Any], slide_path: Path, cfg: PipelineConfig) -> dict[str, Any]:
     """Stats of a store tiling already completed with the same identity (nothing is rewritten)."""
     n_done = int(store.array(group, store.COORDS).shape[0])
-    _check_corrupt(slide_path, entry.get("corrupt_patches"), n_done, cfg.tile.on_corrupt_tile)
+    check_corrupt(slide_path, entry.get("corrupt_patches"), n_done, cfg.tile.on_corrupt_tile)
     stats = {"skipped": True, "n_patches": n_done, **_stage_stats(entry)}
     if stats["n_patches"] == 0:
         raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
@@ -443,7 +554,7 @@ def _open_plan(
     """The interrupted run's grid when it had the same identity; otherwise a clean store, planned anew."""
     resume = bool(entry and entry.get("identity") == identity and store.PATCHES in group)
     if resume:
-        spec = GridSpec(**{k: v for k, v in store.meta(group)[store.META_TILE].items() if k in GridSpec.__annotations__})
+        spec = stored_grid(group)
         return _Plan(group, spec, int(store.array(group, store.COORDS).shape[0]), True)
     group = zarr.open_group(str(store_path), mode="w")  # stale or new: start clean
     spec, n = _plan_store(group, slide, cfg, identity)
@@ -486,14 +597,14 @@ def _finish(
 ) -> None:
     """Check every chunk landed, clean up after killed workers, report corrupt tiles, mark the stage complete."""
     group, n = plan.group, plan.n
-    if n and store.pending_chunks(store.array(group, store.progress_name(STAGE))):
+    if n and cfg.tile.store_patches and store.pending_chunks(store.array(group, store.progress_name(STAGE))):
         raise StoreError(store_path, "some chunks were not written; rerun to resume")
     # Every chunk is written, so a Zarr *.partial file left in the store is a killed worker's
     # (its task ran again elsewhere): nothing will ever rename it. Same caveat as locks.py.
     if ran and remove_stale_temps(store_path):
         log.info("%s: removed temporary files of killed tiling tasks", store_path)
     corrupt = corrupt_report(group)
-    _check_corrupt(slide_path, corrupt, n, cfg.tile.on_corrupt_tile)
+    check_corrupt(slide_path, corrupt, n, cfg.tile.on_corrupt_tile)
     store.set_stage(
         group, STAGE, identity, True, seconds=round(seconds, 3), n_patches=n, resumed=plan.resume, corrupt_patches=corrupt,
     )
@@ -501,7 +612,7 @@ def _finish(
         raise NoTissueError(slide_path, "no tissue found (tissue detection found nothing to tile)")
 
 
-def _check_corrupt(slide_path: Path, corrupt: dict | None, n: int, mode: str) -> None:
+def check_corrupt(slide_path: Path, corrupt: dict | None, n: int, mode: str) -> None:
     """Fail the slide (mode "fail", or every patch corrupt) naming the corrupt patches."""
     if not corrupt:
         return
@@ -540,10 +651,11 @@ def _plan_store(group: zarr.Group, slide: Slide, cfg: PipelineConfig, identity: 
     group.create_array(store.TISSUE_FRACTION, data=frac, chunks=(rows,))
     # Chunked like patches, so each tiling task writes its own flags.
     group.create_array(store.CORRUPT, shape=(n,), chunks=(max(1, chunk),), dtype="bool", fill_value=False)
-    group.create_array(
-        store.PATCHES, shape=(n, p, p, 3), chunks=(chunk, p, p, 3), dtype="uint8", fill_value=0,
-        dimension_names=["patch", "y", "x", "channel"], **patch_codecs(cfg.tile),
-    )
+    if cfg.tile.store_patches:
+        group.create_array(
+            store.PATCHES, shape=(n, p, p, 3), chunks=(chunk, p, p, 3), dtype="uint8", fill_value=0,
+            dimension_names=["patch", "y", "x", "channel"], **patch_codecs(cfg.tile),
+        )
     qc.create_arrays(group, n, chunk)
     store.update_meta(
         group,
@@ -552,6 +664,7 @@ def _plan_store(group: zarr.Group, slide: Slide, cfg: PipelineConfig, identity: 
         tile={
             **spec.attrs(), "thumb_downsample": thumb_ds, "min_tissue": cfg.tile.min_tissue,
             "reader": "tiff-direct" if cfg.tile.reader == "auto" and slide.fast_reader(spec.level) else "openslide",
+            **source_attrs(cfg),
         },
         tissue={
             "found": tissue.found,
