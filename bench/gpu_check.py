@@ -68,7 +68,7 @@ class Plan:
 def plan_for(args: argparse.Namespace) -> Plan:
     if args.cpu_smoke:
         return Plan(
-            device="cpu", slide_size=args.slide_size or 3072, slides=args.slides or 2, batch=8, cuda_tests=False,
+            device="cpu", slide_size=args.slide_size or 4096, slides=args.slides or 2, batch=8, cuda_tests=False,
             bench_args=["--n", "16", "--size", "64", "--chunk", "8", "--batch", "8", "--precision", "fp32", "--repeats", "1"],
             decode_tiles=16, pool_tiles=16,
         )
@@ -385,7 +385,7 @@ def main() -> None:
     ap.add_argument("--cpu-smoke", action="store_true", help="every step on the CPU with tiny inputs, in seconds")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu-check.json")
     ap.add_argument("--budget-s", type=float, default=480.0, help="the whole check, install included, in seconds")
-    ap.add_argument("--slide-size", type=int, default=None, help="edge of the generated slides (default 100000; smoke 3072)")
+    ap.add_argument("--slide-size", type=int, default=None, help="edge of the generated slides (default 100000; smoke 4096)")
     ap.add_argument("--slides", type=int, default=None, help="how many generated slides (default 2)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the slides and outputs here (default: a temporary folder)")
     ap.add_argument("--install-seconds", type=float, default=None, help=argparse.SUPPRESS)
