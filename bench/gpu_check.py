@@ -10,7 +10,8 @@ Sections, in order, each recorded in bench/results/gpu-check.json (``--out`` els
   decode       batched tile decoding on the device (wsipipe.models.gpudecode) against the CPU
                reader: max / mean difference per slide, tiles/s both ways
   inference    bench/bench_inference.py on the device: model alone vs store -> model, fp16 and bf16,
-               channels_last vs NCHW, torch.compile, batch sizes 256-1024
+               channels_last vs NCHW, batch sizes 256-1024; torch.compile (bf16, batch 512) in a run of
+               its own after the end-to-end runs, since compiling is what may not fit the budget
   end_to_end   slides/hour of ``wsipipe run`` on generated 100k² mosaics at 0.25 µm/px processed at
                0.5 µm/px: two-stage (patches stored, then classified) and fused (read during inference,
                tile.decode cpu and device), with the peak GPU memory (nvidia-smi, sampled every 0.25 s)
@@ -59,7 +60,8 @@ class Plan:
     slide_size: int  # level-0 px edge of each generated slide
     slides: int
     batch: int  # inference.batch_size of the end-to-end runs
-    bench_args: list[str]
+    bench_args: list[str]  # bench/bench_inference.py: the main sweep
+    compile_args: list[str] | None  # a second run for torch.compile alone (None: not timed)
     cuda_tests: bool
     decode_tiles: int  # tiles decoded per slide in the decode section
     pool_tiles: int  # distinct real tissue tiles per generated slide (wsipipe.slides.mosaic)
@@ -70,12 +72,15 @@ def plan_for(args: argparse.Namespace) -> Plan:
         return Plan(
             device="cpu", slide_size=args.slide_size or 4096, slides=args.slides or 2, batch=8, cuda_tests=False,
             bench_args=["--n", "16", "--size", "64", "--chunk", "8", "--batch", "8", "--precision", "fp32", "--repeats", "1"],
+            compile_args=None,
             decode_tiles=16, pool_tiles=16,
         )
     return Plan(
         device="cuda", slide_size=args.slide_size or 100_000, slides=args.slides or 2, batch=512, cuda_tests=True,
-        bench_args=["--n", "4096", "--batch", "256,512,1024", "--precision", "fp16,bf16", "--repeats", "2",
-                    "--compile", "--compile-batches", "512"],
+        bench_args=["--n", "4096", "--batch", "256,512,1024", "--precision", "fp16,bf16", "--repeats", "2"],
+        # Compiling takes a minute or more per precision and shape: a run of its own, after the
+        # end-to-end runs, so that running out of time there costs the compiled rows only.
+        compile_args=["--n", "4096", "--batch", "512", "--precision", "bf16", "--repeats", "2", "--compile"],
         decode_tiles=1024, pool_tiles=256,
     )
 
@@ -224,15 +229,35 @@ def section_decode(plan: Plan, slides: list[Path]) -> dict:
 
 
 def section_inference(plan: Plan, clock: Clock, work: Path) -> dict:
-    out = work / "inference.json"
+    main = bench_run(plan, plan.bench_args, work / "inference.json", min(240.0, clock.left() - 150.0))
+    if plan.device == "cpu":
+        main["note"] = "smoke run: CPU, fp32 only, no torch.compile"
+    return main
+
+
+def section_compile(plan: Plan, clock: Clock, work: Path, inference: dict) -> dict:
+    """The torch.compile rows, added to the inference section (run last: compiling is the slow part)."""
+    if plan.compile_args is None:
+        return {"status": "skipped", "note": "smoke run: torch.compile takes minutes"}
+    compiled = bench_run(plan, plan.compile_args, work / "inference-compiled.json", min(240.0, clock.left()))
+    rows = [r for r in compiled.pop("rows", []) if r["method"] == "model alone, torch.compile"]
+    for r in rows:  # its ratio is to the model alone of its own run, as in the main rows
+        r["run"] = "compile"
+    inference.setdefault("rows", []).extend(rows)
+    return compiled
+
+
+def bench_run(plan: Plan, bench_args: list[str], out: Path, timeout_s: float) -> dict:
+    """One run of bench/bench_inference.py on the plan's device; its rows, or why there are none."""
     cmd = [sys.executable, str(ROOT / "bench" / "bench_inference.py"), "--device", plan.device, "--out", str(out),
-           "--workdir", str(work / "bench-inference"), *plan.bench_args]
-    rc, tail, seconds = run_child(cmd, min(240.0, clock.left() - 60.0))
+           "--workdir", str(out.with_suffix("")), *bench_args]
+    if timeout_s < 30:
+        return {"status": "skipped", "note": f"time budget: {timeout_s:.0f} s left for it", "command": cmd}
+    rc, tail, seconds = run_child(cmd, timeout_s)
     if rc != 0 or not out.exists():
         return {"status": "timed out" if rc is None else "failed", "seconds": seconds, "command": cmd, "output_tail": tail}
     result = json.loads(out.read_text())
-    note = None if plan.device == "cuda" else "smoke run: CPU, fp32 only, no torch.compile"
-    return {"status": "ok", "note": note, "seconds": seconds, "command": cmd, "machine": result["machine"], "rows": result["rows"]}
+    return {"status": "ok", "seconds": seconds, "command": cmd, "machine": result["machine"], "rows": result["rows"]}
 
 
 def generate_slide(path: str, size: int, seed: int, pool_tiles: int) -> dict:
@@ -363,6 +388,9 @@ def print_table(results: dict) -> None:
     for name in ("install", "cuda_tests", "decode", "inference", "end_to_end"):
         sec = results[name]
         print(f"  {name:11s} {sec['status']:10s} {sec.get('note') or ''}")
+    compiled = results["inference"].get("compile")
+    if compiled:
+        print(f"  {'compile':11s} {compiled['status']:10s} {compiled.get('note') or ''}")
     for r in results["decode"].get("rows", []):
         if r["status"] == "ok":
             print(f"    decode {r['slide']}: {r['tiles']} tiles, max diff {r['max_abs_diff']}, mean {r['mean_abs_diff']:.3f}, "
@@ -415,6 +443,7 @@ def main() -> None:
         decode_slides = [Path(slides[0]["path"]), *(s for s in SOURCES[:2] if s.exists())][:2]
         results["decode"] = timed(section_decode, plan, decode_slides)
         results["end_to_end"] = timed(section_end_to_end, plan, clock, work, slides)
+        results["inference"]["compile"] = timed(section_compile, plan, clock, work, results["inference"])
     finally:
         pool.shutdown(cancel_futures=True)
         results["seconds"] = clock.elapsed()

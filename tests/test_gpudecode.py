@@ -170,3 +170,16 @@ def test_cuda_decode_and_assembly_match_the_cpu(name, request):
         assert got.is_cuda
         max_d, mean_d = diff(nhwc(got), read_patches(slide, spec, cells))
         assert max_d <= CUDA_MAX and mean_d <= CUDA_MEAN, (mpp, max_d, mean_d)
+
+
+def test_tiles_with_no_stored_bytes_are_background(slides_dir):
+    # A sparse TIFF records unscanned tiles with a byte count of 0; the CPU reader paints them
+    # the background colour, and so must the batch decode, around decoded neighbours.
+    with open_slide(slides_dir / "cmu-1-small-region.svs") as slide:
+        level = slide.fast_reader(0)
+        level.counts = level.counts.copy()
+        level.counts[[1, 4]] = 0
+        got = nhwc(decode_tiles(level, [0, 1, 2, 4], "cpu"))
+        assert (got[1] == np.asarray(slide.background, np.uint8)).all() and (got[3] == got[1]).all()
+        assert diff(got, np.stack([level.tile(i) for i in (0, 1, 2, 4)])) == (0, 0.0)
+        assert diff(nhwc(decode_tiles(level, [1], "cpu")), level.tile(1)[None]) == (0, 0.0)

@@ -102,7 +102,6 @@ def decode_tiles(level: TiledLevel, indices: list[int], device: torch.device | s
     if problem is not None:
         raise SlideReadError(level.path, problem)
     device = torch.device(device)
-    out = _background(level, len(indices), device)
     stored = [k for k, i in enumerate(indices) if int(level.counts[i]) > 0]
     fd = level_fd(level)
     streams = [
@@ -111,7 +110,7 @@ def decode_tiles(level: TiledLevel, indices: list[int], device: torch.device | s
         for k in stored
     ]
     if not streams:
-        return out
+        return _background(level, len(indices), device)
     try:
         with warnings.catch_warnings():  # torchvision 0.29 flags its image codecs as deprecated (for torchcodec)
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -123,7 +122,10 @@ def decode_tiles(level: TiledLevel, indices: list[int], device: torch.device | s
             raise SlideReadError(
                 level.path, f"tile {indices[k]} decoded to {tuple(tile.shape)}, not (3, {level.tile_h}, {level.tile_w})"
             )
-        out[k] = tile
+    if len(stored) == len(indices):  # the usual case: one copy of the batch, not one per tile
+        return torch.stack(decoded)
+    out = _background(level, len(indices), device)
+    out[torch.as_tensor(stored, device=device)] = torch.stack(decoded)
     return out
 
 
