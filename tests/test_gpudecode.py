@@ -140,10 +140,12 @@ def test_jpeg2000_is_refused_by_the_decoder_and_read_on_the_cpu(slides_dir, capl
         assert diff(nhwc(got), read_patches(slide, spec, cells)) == (0, 0.0)
 
 
-def test_a_decoder_with_the_wrong_colours_is_not_used(cmu, monkeypatch):
-    # A device decoder that ignores the Adobe marker decodes RGB as YCbCr: the probe catches it.
+@pytest.mark.parametrize("marker", [b"", b"\xff\xc0\x00\x03\x00"], ids=["ignored", "refused"])
+def test_a_decoder_with_the_wrong_colours_or_that_refuses_the_stream_is_not_used(cmu, monkeypatch, marker):
+    # A device decoder that ignores the Adobe marker decodes RGB as YCbCr, one that fails on the
+    # stream raises: the probe catches both, and the level is decoded on the CPU.
     level = cmu.fast_reader(0)
-    monkeypatch.setattr(gpudecode, "adobe_marker", lambda transform: b"")
+    monkeypatch.setattr(gpudecode, "adobe_marker", lambda transform: marker)
     monkeypatch.setattr(gpudecode, "_colour_ok", type(gpudecode._colour_ok)())
     assert not gpudecode.device_decode_agrees(level, "cpu")
     spec = grid(cmu, cmu.mpp)
