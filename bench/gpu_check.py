@@ -253,11 +253,13 @@ def bench_run(plan: Plan, bench_args: list[str], out: Path, timeout_s: float) ->
            "--workdir", str(out.with_suffix("")), *bench_args]
     if timeout_s < 30:
         return {"status": "skipped", "note": f"time budget: {timeout_s:.0f} s left for it", "command": cmd}
+    out.unlink(missing_ok=True)
     rc, tail, seconds = run_child(cmd, timeout_s)
-    if rc != 0 or not out.exists():
-        return {"status": "timed out" if rc is None else "failed", "seconds": seconds, "command": cmd, "output_tail": tail}
-    result = json.loads(out.read_text())
-    return {"status": "ok", "seconds": seconds, "command": cmd, "machine": result["machine"], "rows": result["rows"]}
+    status = "ok" if rc == 0 else ("timed out" if rc is None else "failed")
+    if not out.exists():
+        return {"status": status if status != "ok" else "failed", "seconds": seconds, "command": cmd, "output_tail": tail}
+    result = json.loads(out.read_text())  # a run killed at its timeout after writing its results keeps them
+    return {"status": status, "seconds": seconds, "command": cmd, "machine": result["machine"], "rows": result["rows"]}
 
 
 def generate_slide(path: str, size: int, seed: int, pool_tiles: int) -> dict:
