@@ -359,7 +359,8 @@ def section_end_to_end(plan: Plan, clock: Clock, work: Path, slides: list[dict])
     statuses = {r["status"] for r in rows}
     return {"status": "ok" if statuses == {"ok"} else ("partial" if "ok" in statuses else "failed"),
             "slides": slides, "rows": rows,
-            "note": "processed at 0.5 µm/px with tile.resample: area (an exact 2x area average in every variant)"}
+            "note": "processed at 0.5 µm/px with tile.resample: area (an exact 2x area average in every variant); "
+                    "seconds are the whole `wsipipe run` process over all slides, its start-up included"}
 
 
 def nested(dotted: dict) -> dict:

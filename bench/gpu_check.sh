@@ -22,4 +22,6 @@ rc=0
 make install || rc=$?
 t1=$(date +%s.%N)
 install_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
-exec .venv/bin/python bench/gpu_check.py "$@" --t0 "$t0" --install-seconds "$install_s" --install-rc "$rc"
+py=.venv/bin/python
+[ -x "$py" ] || py=${PYTHON:-python3}  # no virtualenv at all: the interpreter at hand, recorded in the JSON
+exec "$py" bench/gpu_check.py "$@" --t0 "$t0" --install-seconds "$install_s" --install-rc "$rc"
