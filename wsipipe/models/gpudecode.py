@@ -72,7 +72,7 @@ def device_decode_problem(level: TiledLevel) -> str | None:
         kind = "empty (no stored tile)"
     else:
         kind = "not 8-bit JPEG"
-    return f"tiles are {kind}: torchvision.io.decode_jpeg decodes only JPEG; they are decoded on the CPU instead"
+    return f"tiles are {kind}: torchvision.io.decode_jpeg decodes only JPEG (read_patches_on_device decodes them on the CPU)"
 
 
 def level_fd(level: TiledLevel) -> int:
@@ -140,6 +140,7 @@ def decode_tiles_cpu(level: TiledLevel, indices: list[int], device: torch.device
     return torch.from_numpy(tiles).to(device).permute(0, 3, 1, 2)
 
 
+_told: weakref.WeakSet[TiledLevel] = weakref.WeakSet()  # levels whose CPU fallback was logged
 _colour_ok: weakref.WeakKeyDictionary[TiledLevel, dict[str, bool]] = weakref.WeakKeyDictionary()
 _colour_lock = threading.Lock()
 
@@ -216,9 +217,11 @@ def read_patches_on_device(
     if level is None or f is None or len(grid_ij) == 0:
         patches = read_patches(slide, spec, grid_ij)
         return torch.from_numpy(patches).to(device).permute(0, 3, 1, 2).contiguous()
-    on_device = decode == "device" and device_decode_problem(level) is None and device_decode_agrees(level, device)
-    if decode == "device" and not on_device:
-        log.debug("%s level %d: tiles decoded on the CPU", slide.path, spec.level)
+    problem = device_decode_problem(level) if decode == "device" else None
+    on_device = decode == "device" and problem is None and device_decode_agrees(level, device)
+    if problem is not None and level not in _told:  # once per level: every chunk of the slide would say it again
+        _told.add(level)
+        log.info("%s level %d: %s", slide.path, spec.level, problem)
     size, step = p * f, spec.stride * f  # level px of one patch and of one grid step
     runs = runs_of(grid_ij, spec)
     # Every tile any run touches, decoded once in one batch; one extra slot is the background.
