@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint docs install bench clean chromium
+.PHONY: demo test test-fast lint docs install bench gpu-check clean chromium
 
 # scripts/install.sh is the one install path: the Dockerfile runs the same two steps.
 $(STAMP): pyproject.toml requirements.lock scripts/install.sh
@@ -45,6 +45,11 @@ chromium:
 
 bench: $(STAMP)
 	$(PY) bench/bench_tiling.py
+
+# On a machine with one NVIDIA GPU: install, CUDA tests, device decode, the inference benchmark
+# and end-to-end slides/hour in ~8 minutes; writes bench/results/gpu-check.json (docs/gpu.md).
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf demo-out .pytest_cache build/site

@@ -3,8 +3,10 @@
     python bench/bench_inference.py                     # 256 patches, bf16 and fp32, batch 32/64/128, a few min
     python bench/bench_inference.py --n 1024 --repeats 3   # steadier numbers, ~6 min
     python bench/bench_inference.py --train 1000           # also: time a from-scratch fit
+    python bench/bench_inference.py --device cuda --precision fp16,bf16 --batch 256,512,1024 \
+        --n 4096 --compile --compile-batches 512            # on a GPU (what bench/gpu_check.sh runs)
 
-Prints a table and writes bench/results/inference.json. On the same patches, interleaved
+Prints a table and writes bench/results/inference.json (``--out`` elsewhere). On the same patches, interleaved
 repeat by repeat so that load from other processes hits every row alike:
   * model alone: the forward pass on batches already normalised in memory (the ceiling)
   * wsipipe infer_store: opens the store, reads and decodes Zarr chunks, normalises,
@@ -78,11 +80,21 @@ def make_store(path: Path, n: int, size: int, chunk: int, seed: int = 0, quiet: 
     return patches
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device: CUDA runs kernels asynchronously, so a timer must not stop before them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def model_alone(net, batches: list[torch.Tensor], dtype) -> float:
+    device = batches[0].device
+    sync(device)
     t0 = time.perf_counter()
-    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for x in batches:
-            _probabilities(net(x))
+            probs = _probabilities(net(x))
+        probs.cpu()  # the probabilities reach the host, as they do in infer_store
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -94,16 +106,16 @@ def end_to_end(path: Path, net, cfg: InferenceConfig, tag: str) -> float:
     return time.perf_counter() - t0
 
 
-def sequential(path: Path, net, batch: int, dtype) -> float:
+def sequential(path: Path, net, batch: int, dtype, device: torch.device) -> float:
     t0 = time.perf_counter()
     group = zarr.open_group(str(path), mode="r+")
     patches = group["patches"]
     out = group.create_array("probabilities_seq", shape=(patches.shape[0],), chunks=(patches.chunks[0],),
                              dtype="float32", overwrite=True)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for b in range(0, patches.shape[0], batch):
-            x = to_tensor(patches[b : b + batch], torch.device("cpu"))
-            out[b : b + batch] = _probabilities(net(x)).numpy()
+            x = to_tensor(patches[b : b + batch], device)
+            out[b : b + batch] = _probabilities(net(x)).cpu().numpy()
     return time.perf_counter() - t0
 
 
@@ -126,9 +138,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224, help="patch edge, px")
     ap.add_argument("--batch", default="32,64,128", help="comma list of batch sizes (swept)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (inductor; compiles for minutes)")
+    ap.add_argument("--compile-batches", default=None,
+                    help="comma list: time the compiled model at these batch sizes only (each new shape recompiles)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the model, the tensors and infer_store)")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/inference.json)")
     ap.add_argument("--chunk", type=int, default=64, help="patches per Zarr chunk")
     ap.add_argument("--prefetch", type=int, default=3, help="batches read ahead")
-    ap.add_argument("--precision", default="bf16,fp32", help="comma list of bf16, fp32, auto")
+    ap.add_argument("--precision", default="bf16,fp32", help="comma list of bf16, fp16, fp32, auto")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--train", type=int, default=0, help="also time a from-scratch fit on this many patches")
@@ -138,14 +154,17 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     path = work / "bench.zarr"
     patches = make_store(path, args.n, args.size, args.chunk)
-    cpu = torch.device("cpu")
+    cpu = torch.device(args.device)  # the device everything runs on (named cpu when this only ran on CPUs)
     torch.manual_seed(0)
     net = prepare_model(build_model("resnet18", 1), cpu)
-    plain = build_model("resnet18", 1).eval()  # same architecture, default NCHW memory format
+    plain = build_model("resnet18", 1).eval().to(cpu)  # same architecture, default NCHW memory format
     plain.load_state_dict(net.state_dict())
     compiled = torch.compile(net) if args.compile else None
     sizes = [int(b) for b in args.batch.split(",")]
+    compile_sizes = set(sizes if args.compile_batches is None else (int(b) for b in args.compile_batches.split(",")))
     precisions = args.precision.split(",")
+    if cpu.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(cpu)
 
     def batches_of(b: int, channels_last: bool = True) -> list[torch.Tensor]:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -153,15 +172,15 @@ def main() -> None:
 
     def methods(p: str, b: int, rep: int) -> list[tuple[str, Callable[[], float]]]:
         dtype = resolve_precision(p, cpu)
-        pcfg = InferenceConfig(batch_size=b, prefetch_batches=args.prefetch, device="cpu", precision=p)
+        pcfg = InferenceConfig(batch_size=b, prefetch_batches=args.prefetch, device=args.device, precision=p)
         cl, nchw = batches_of(b), batches_of(b, channels_last=False)
         out = [
             ("model alone (in-memory tensors)", lambda: model_alone(net, cl, dtype)),
             ("wsipipe infer_store (Zarr -> probabilities)", lambda: end_to_end(path, net, pcfg, f"{p}-{b}-{rep}")),
-            ("sequential loop, no prefetch", lambda: sequential(path, net, b, dtype)),
+            ("sequential loop, no prefetch", lambda: sequential(path, net, b, dtype, cpu)),
             ("model alone, NCHW (no channels_last)", lambda: model_alone(plain, nchw, dtype)),
         ]
-        if compiled is not None:
+        if compiled is not None and b in compile_sizes:
             out.append(("model alone, torch.compile", lambda: model_alone(compiled, cl, dtype)))
         return out
 
@@ -173,10 +192,10 @@ def main() -> None:
     for p in precisions:
         for b in sizes:
             dtype = resolve_precision(p, cpu)
-            for model in (net, plain) + ((compiled,) if compiled is not None else ()):
+            for model in (net, plain) + ((compiled,) if compiled is not None and b in compile_sizes else ()):
                 fmt = torch.contiguous_format if model is plain else torch.channels_last
                 model_alone(model, [batches_of(b)[0].contiguous(memory_format=fmt)], dtype)
-            end_to_end(warm, net, InferenceConfig(batch_size=b, device="cpu", precision=p), f"warm-{p}-{b}")
+            end_to_end(warm, net, InferenceConfig(batch_size=b, device=args.device, precision=p), f"warm-{p}-{b}")
     for rep in range(args.repeats):
         for p in precisions:
             for b in sizes:
@@ -184,8 +203,9 @@ def main() -> None:
                 for method, fn in ms[rep % len(ms) :] + ms[: rep % len(ms)]:  # rotate: no method always first
                     runs.setdefault((p, b, method), []).append(args.n / fn())
 
+    gpu = torch.cuda.get_device_name(cpu) if cpu.type == "cuda" else None
     print(f"\nResNet18, {args.n} patches of {args.size} px, chunk {args.chunk}, {torch.get_num_threads()} torch "
-          f"threads, {os.cpu_count()} CPUs, no GPU, {args.repeats} repeats, load {os.getloadavg()[0]:.1f} (img/s)")
+          f"threads, {os.cpu_count()} CPUs, {gpu or 'no GPU'}, {args.repeats} repeats, load {os.getloadavg()[0]:.1f} (img/s)")
     print(f"{'precision':9s} {'batch':>5s} {'method':45s} {'median':>8s} {'best':>8s} {'vs model':>9s}")
     rows = []
     for p in precisions:
@@ -205,14 +225,15 @@ def main() -> None:
               f"{fit['seconds']:.1f} s; held-out accuracy {fit['held_out_accuracy']:.3f}")
     results = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()},
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
+                    "gpu": gpu, "peak_gpu_memory_mib": torch.cuda.max_memory_allocated(cpu) / 2**20 if gpu else None},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "rows": rows,
         "fit": fit if args.train else None,
     }
-    out_dir = ROOT / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "inference.json").write_text(json.dumps(results, indent=2))
+    out_path = args.out or ROOT / "bench" / "results" / "inference.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=2))
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -220,6 +220,7 @@ def test_compiled_model_gives_the_same_probabilities_from_one_graph(tmp_path):
     np.testing.assert_allclose(group["probabilities"][:], expected(path, model), atol=1e-5)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(tmp_path):
     path = make_store(tmp_path / "s.zarr")

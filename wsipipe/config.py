@@ -65,6 +65,12 @@ class TileConfig(_Section):
     reader: Literal["auto", "openslide"] = Field(
         "auto", description="auto = decode TIFF/SVS tiles directly (same pixels, ~5x faster); openslide = always OpenSlide."
     )
+    decode: Literal["cpu", "device"] = Field(
+        "cpu",
+        description="Where patches read from the slide during inference (tile.store_patches: false) are decoded: "
+        "cpu = libjpeg-turbo; device = batched JPEG decode on the inference device (nvJPEG on CUDA), patches "
+        "assembled and area-averaged there (docs/gpu.md); non-JPEG tiles fall back to the CPU decoder.",
+    )
     on_corrupt_tile: Literal["fail", "skip"] = Field(
         "fail",
         description="Patches whose tile data cannot be decoded: fail = the slide fails, naming them; "
