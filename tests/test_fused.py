@@ -232,3 +232,15 @@ def test_cli_end_to_end_with_store_patches_false_in_the_config(generated, tmp_pa
     stitched = json.loads((tmp_path / "stitched" / "summary.json").read_text())
     for key in ("decision", "slide_score", "tumor_area_mm2"):
         assert stitched[key] == summary[key], key
+
+
+@pytest.mark.parametrize("which", ["generated", "cmu-1-small-region.svs"])
+def test_device_decode_on_the_inference_device_gives_the_two_stage_results(which, generated, slides_dir, tmp_path):
+    """tile.decode: device decodes each chunk's JPEG tiles in one batch on the inference device
+    (here the CPU: torchvision's libjpeg-turbo decoder, the same pixels) and assembles and
+    area-averages the patches there: same QC, probabilities and corrupt flags as two-stage."""
+    slide = generated if which == "generated" else slides_dir / which
+    overrides = {"tile.decode": "device"} if which == "generated" else {"tile.mpp": 0.5, "tile.decode": "device"}
+    two, fused = both_paths(slide, tmp_path, overrides)
+    assert store.meta(fused)["tile"]["decode"] == "device"
+    assert_same_results(two, fused)

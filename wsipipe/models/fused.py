@@ -22,9 +22,11 @@ from collections.abc import Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+import torch
 import zarr
 
-from wsipipe.slides.slide import forget_cached_slide
+from wsipipe.errors import SlideReadError
+from wsipipe.slides.slide import cached_slide, forget_cached_slide
 from wsipipe.tiles import qc, store
 from wsipipe.tiles.tiling import SlideSource, check_corrupt, corrupt_report, read_chunk
 
@@ -36,11 +38,17 @@ def chunk_patches(group: zarr.Group) -> int:
 
 def read_chunks(
     source: SlideSource, group: zarr.Group, slices: list[slice], chunks: list[int], readers: int | None = None,
+    decode_device: torch.device | None = None,
 ) -> Generator[np.ndarray, None, None]:
     """The patches of ``chunks`` (indices into ``slices``), in that order, read from the slide on
     ``readers`` threads (default: one per core) with up to two chunks per thread in flight. Each
     chunk's QC measures and corrupt flags are in the store before its patches are yielded.
-    Closing the iterator cancels the reads not started and waits for those running."""
+    Closing the iterator cancels the reads not started and waits for those running.
+
+    ``decode_device`` (``tile.decode: device``): the chunk's JPEG tiles are decoded and assembled
+    there in one batch (:mod:`wsipipe.models.gpudecode`), and the patches come back to the host
+    once, for QC and the model's pinned batches; a chunk whose tiles do not decode is read again
+    on the CPU, salvaging what reads."""
     workers = max(1, readers or os.cpu_count() or 1)
     grid_ij = np.asarray(store.array(group, store.GRID_IJ)[:]) if chunks else np.zeros((0, 2), np.int32)
     measures = store.optional_array(group, store.QC_MEASURES)
@@ -48,7 +56,10 @@ def read_chunks(
 
     def read(index: int) -> np.ndarray:
         sl = slices[index]
-        patches, bad = read_chunk(source.path, source.mpp_override, source.spec, grid_ij[sl], source.fast)
+        patches = _read_on_device(source, grid_ij[sl], decode_device) if decode_device is not None else None
+        bad = None
+        if patches is None:
+            patches, bad = read_chunk(source.path, source.mpp_override, source.spec, grid_ij[sl], source.fast)
         if bad is not None:  # like the tiler: flags only where a tile did not decode (the array starts all False)
             corrupt[sl] = bad
         qc.write_chunk(measures, sl, patches)
@@ -70,6 +81,19 @@ def read_chunks(
             yield patches
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_on_device(source: SlideSource, grid_ij: np.ndarray, device: torch.device) -> np.ndarray | None:
+    """One chunk through the device decoder, as (N, P, P, 3) uint8 on the host; None when a tile
+    did not decode (the caller's CPU read then finds and flags the corrupt patches)."""
+    from wsipipe.models.gpudecode import read_patches_on_device
+
+    try:
+        slide = cached_slide(source.path, source.mpp_override)
+        on_device = read_patches_on_device(slide, source.spec, grid_ij, device)
+    except (SlideReadError, RuntimeError, OSError):
+        return None
+    return on_device.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def finish(group: zarr.Group, source: SlideSource, n: int) -> None:

@@ -260,7 +260,9 @@ def infer_store(
     stream: Generator[np.ndarray, None, None]
     if source is not None:
         pending = [i for u in units for i in range(u.first, u.last)]
-        stream = fused.read_chunks(source, group, slices, pending, readers)
+        stream = fused.read_chunks(
+            source, group, slices, pending, readers, decode_device=device if source.decode == "device" else None
+        )
     else:
         stream = _stored_units(store.array(group, store.PATCHES), units, store_path)
     batches = _prefetch(

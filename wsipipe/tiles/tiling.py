@@ -388,7 +388,7 @@ def source_attrs(cfg: PipelineConfig) -> dict[str, Any]:
     """The tile attrs that reading a store's patches from its slide needs besides the grid."""
     return {
         "store_patches": cfg.tile.store_patches, "mpp_override": cfg.mpp_override, "fast_read": cfg.tile.reader == "auto",
-        "on_corrupt_tile": cfg.tile.on_corrupt_tile,
+        "on_corrupt_tile": cfg.tile.on_corrupt_tile, "decode": cfg.tile.decode,
     }
 
 
@@ -402,6 +402,7 @@ class SlideSource:
     spec: GridSpec
     fast: bool
     on_corrupt_tile: str
+    decode: str = "cpu"  # tile.decode: where the fused path decodes JPEG tiles ("cpu" or "device")
 
 
 def stored_grid(group: zarr.Group) -> GridSpec:
@@ -431,7 +432,7 @@ def slide_source(group: zarr.Group, store_path: str | Path, slide_path: str | Pa
     if slide.get("identity") and opened.identity != slide["identity"]:
         raise SlideReadError(path, f"not the slide that was tiled (its identity differs: replaced or re-scanned?); {why}")
     return SlideSource(path, mpp_override, stored_grid(group), bool(tile.get("fast_read", True)),
-                       str(tile.get("on_corrupt_tile", "fail")))
+                       str(tile.get("on_corrupt_tile", "fail")), str(tile.get("decode", "cpu")))
 
 
 def read_store_patches(
