@@ -370,7 +370,7 @@ def read_patches_salvaging(
 def corrupt_report(group: zarr.Group, limit: int = 20) -> dict | None:
     """``{"count", "coords_l0"}`` of patches with undecodable tile data (first ``limit`` coords), or None."""
     flags = store.optional_array(group, store.CORRUPT)
-    if flags is None:
+    if flags is None or flags.nchunks_initialized == 0:  # only chunks with a corrupt patch are ever stored
         return None
     idx = np.flatnonzero(np.asarray(flags[:], dtype=bool))
     if not len(idx):
