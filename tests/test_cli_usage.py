@@ -220,3 +220,24 @@ def test_import_and_help_stay_light():
     assert report["codes"] == [0, 0, 0, 0]
     assert report["slides"] == [], "import wsipipe.slides loaded " + ", ".join(report["slides"])
     assert report["help"] == [], "wsipipe --help loaded " + ", ".join(report["help"])
+
+
+def test_tile_command_imports_only_what_tiling_needs(slides_dir, tmp_path):
+    """A real ``wsipipe tile`` run (2x resampled, so OpenCV's reduction runs too) loads none of
+    torch, Prefect, distributed, matplotlib, scikit-image, SciPy or scikit-learn: start-up is
+    paid per slide by anyone who tiles slide by slide."""
+    slide, out = slides_dir / "cmu-1-small-region.svs", tmp_path / "t.zarr"
+    not_needed = (*HEAVY, "skimage", "scipy", "sklearn")
+    res = _process(
+        "import json, sys\n"
+        "from wsipipe.cli import main\n"
+        f"sys.argv = ['wsipipe', 'tile', {str(slide)!r}, '--out', {str(out)!r}, '--mpp', '1.0', '--mpp-override', '0.5']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        f"print(json.dumps([m for m in {not_needed!r} if m in sys.modules]))\n"
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [], res.stdout
+    assert (out / "zarr.json").exists()
