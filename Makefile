@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint docs install bench clean chromium
+.PHONY: demo test test-fast lint docs install bench bench-peers clean chromium
 
 # scripts/install.sh is the one install path: the Dockerfile runs the same two steps.
 $(STAMP): pyproject.toml requirements.lock scripts/install.sh
@@ -45,6 +45,22 @@ chromium:
 
 bench: $(STAMP)
 	$(PY) bench/bench_tiling.py
+
+# Tiling per CPU-second against TIAToolbox, the naive read_region loop and the decode bound
+# (bench/bench_peers.py). The peers live in their own virtualenv: torch and torchvision first
+# (the builds on this machine's disk), then tiatoolbox's other requirements, then tiatoolbox
+# itself without its torch < 2.13 pin (its patch extraction does not use torch).
+PEERS_VENV := bench/.venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+$(PEERS_STAMP): bench/peers/requirements.txt
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PEERS_VENV)/bin/pip install -q -r bench/peers/requirements.txt
+	$(PEERS_VENV)/bin/pip install -q --no-deps tiatoolbox==2.1.3
+	@touch $(PEERS_STAMP)
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(PY) bench/bench_peers.py $(BENCH_PEERS_ARGS)
 
 clean:
 	rm -rf demo-out .pytest_cache build/site

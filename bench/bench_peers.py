@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--naive-max", type=int, default=0, help="patches timed in the naive loop (0: all)")
     ap.add_argument("--peers-python", default=None,
                     help="interpreter with tiatoolbox (default bench/.venv-peers/bin/python; NONE to leave it out)")
-    ap.add_argument("--results", default=None, help="results name (default peers-<size>)")
+    ap.add_argument("--results", type=Path, default=None, help="results file (default bench/results/peers-<size>.json)")
     ap.add_argument("--measure", choices=("naive", "decode"), help=argparse.SUPPRESS)
     ap.add_argument("--slide", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--store", type=Path, help=argparse.SUPPRESS)
@@ -246,7 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
     results["machine"]["loadavg_at_end"] = os.getloadavg()
     print_table(results["cases"])
     print(f"load average at start {load[0]:.1f}, at end {results['machine']['loadavg_at_end'][0]:.1f}")
-    path = write_results(args.results or f"peers-{args.size}", results)
+    if args.results:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=2))
+    path = args.results or write_results(f"peers-{args.size}", results)
     print(f"wrote {path}")
     return results
 

@@ -45,9 +45,10 @@ def needed_tiles(spec: GridSpec, coords: np.ndarray, tile: int) -> np.ndarray:
     x0, y0 = np.floor(coords / ds).astype(np.int64).T
     edge = int(np.ceil(spec.patch_size_l0 / ds)) + 1
     cols = -(-int(np.ceil(spec.slide_width / ds)) // tile)
+    rows = -(-int(np.ceil(spec.slide_height / ds)) // tile)
     found = set()
-    for x, y in zip(x0.tolist(), y0.tolist(), strict=True):
-        for ty in range(y // tile, (y + edge - 1) // tile + 1):
+    for x, y in zip(x0.tolist(), y0.tolist(), strict=True):  # a patch may reach past the slide's edge
+        for ty in range(y // tile, min((y + edge - 1) // tile, rows - 1) + 1):
             for tx in range(x // tile, min((x + edge - 1) // tile, cols - 1) + 1):
                 found.add(ty * cols + tx)
     return np.array(sorted(found))
