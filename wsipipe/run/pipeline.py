@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsipipe.config import PipelineConfig
@@ -120,14 +120,13 @@ def run_slides(
     net, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
     resolve_precision(cfg.inference.precision, resolve_device(cfg.inference.device))
     runner = GatedRunner(events=events)
-    base = SlideJob(Path(), Path(), cfg, weights, net, info)
 
     def one(slide: Path) -> SlideResult:
         t0 = time.perf_counter()
         slide_dir = None
         try:
             slide_dir = output_dir(slide, out_dir, cfg)
-            job = replace(base, slide=slide, slide_dir=slide_dir, progress=progress(slide) if progress else None)
+            job = SlideJob(slide, slide_dir, cfg, weights, net, info, progress=progress(slide) if progress else None)
             row = run_job(job, runner)
             log.info("%s: done in %.1f s -> %s", slide.name, row.seconds, slide_dir)
             return row
