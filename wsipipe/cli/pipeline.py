@@ -145,7 +145,8 @@ def run(
     for path, row in zip(slides, rows, strict=True):
         if row.status == "failed":
             failed += 1
-            error_line("failed: ", f"{path.name}: {row.error}")
+            error = row.error or "unknown error"
+            error_line("failed: ", error if str(path) in error else f"{path}: {error}")  # name the slide once
             continue
         if row.summary is not None:
             print_summary(row.summary)
