@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint docs install bench gpu-check clean chromium
+.PHONY: demo test test-fast lint docs install bench bench-peers gpu-check clean chromium
 
 # scripts/install.sh is the one install path: the Dockerfile runs the same two steps.
 $(STAMP): pyproject.toml requirements.lock scripts/install.sh
@@ -50,6 +50,22 @@ bench: $(STAMP)
 # and end-to-end slides/hour in ~8 minutes; writes bench/results/gpu-check.json (docs/gpu.md).
 gpu-check:
 	bash bench/gpu_check.sh
+
+# Tiling per CPU-second against TIAToolbox, the naive read_region loop and the decode bound
+# (bench/bench_peers.py). The peers live in their own virtualenv: torch and torchvision first
+# (the builds on this machine's disk), then tiatoolbox's other requirements, then tiatoolbox
+# itself without its torch < 2.13 pin (its patch extraction does not use torch).
+PEERS_VENV := bench/.venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+$(PEERS_STAMP): bench/peers/requirements.txt
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PEERS_VENV)/bin/pip install -q -r bench/peers/requirements.txt
+	$(PEERS_VENV)/bin/pip install -q --no-deps tiatoolbox==2.1.3
+	@touch $(PEERS_STAMP)
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(PY) bench/bench_peers.py $(BENCH_PEERS_ARGS)
 
 clean:
 	rm -rf demo-out .pytest_cache build/site

@@ -35,8 +35,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import openslide
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,50 +43,7 @@ from wsipipe.tiles import store  # noqa: E402
 from wsipipe.config import load_config  # noqa: E402
 from wsipipe.slides.slide import open_slide  # noqa: E402
 from wsipipe.tiles.tiling import GridSpec, read_patches, tile_slide  # noqa: E402
-from benchutil import mosaic_slide, write_results  # noqa: E402
-
-
-def needed_tiles(spec: GridSpec, coords: np.ndarray, tile: int) -> np.ndarray:
-    """Row-major indices of the level tiles that the patches touch."""
-    ds = spec.level_downsample
-    x0, y0 = np.floor(coords / ds).astype(np.int64).T
-    edge = int(np.ceil(spec.patch_size_l0 / ds)) + 1
-    cols = -(-int(np.ceil(spec.slide_width / ds)) // tile)
-    found = set()
-    for x, y in zip(x0.tolist(), y0.tolist(), strict=True):
-        for ty in range(y // tile, (y + edge - 1) // tile + 1):
-            for tx in range(x // tile, min((x + edge - 1) // tile, cols - 1) + 1):
-                found.add(ty * cols + tx)
-    return np.array(sorted(found))
-
-
-def decode_bound(slide_path: Path, spec: GridSpec, tiles: np.ndarray) -> tuple[float, int]:
-    """Seconds to pread + decode each needed tile once, 1 thread; and the pixels decoded."""
-    with open_slide(slide_path) as s:
-        level = s.fast_reader(spec.level)
-        fd = os.open(slide_path, os.O_RDONLY)
-        try:
-            out = np.empty((level.tile_h, level.tile_w, 3), np.uint8)  # decoding into one buffer is fastest
-            t0 = time.perf_counter()
-            for i in tiles.tolist():
-                data = os.pread(fd, int(level.counts[i]), int(level.offsets[i]))
-                level.decode(data, i, out=out)
-            seconds = time.perf_counter() - t0
-        finally:
-            os.close(fd)
-        return seconds, len(tiles) * level.tile_h * level.tile_w
-
-
-def naive_loop(slide_path: Path, coords: np.ndarray, spec: GridSpec) -> float:
-    size_l0, p = int(round(spec.patch_size_l0)), spec.patch_size
-    with openslide.OpenSlide(str(slide_path)) as s:
-        t0 = time.perf_counter()
-        for x, y in coords:
-            img = s.read_region((int(x), int(y)), 0, (size_l0, size_l0)).convert("RGB")
-            if size_l0 != p:
-                img = img.resize((p, p), Image.Resampling.LANCZOS)
-            np.asarray(img)
-        return time.perf_counter() - t0
+from benchutil import decode_bound, mosaic_slide, naive_loop, needed_tiles, write_results  # noqa: E402
 
 
 def timed_tile(slide: Path, out: Path, workers: int, overrides: dict) -> dict:

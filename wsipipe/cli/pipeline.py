@@ -116,8 +116,9 @@ def run(
     scheduler: str | None = typer.Option(None, help="Address of an existing Dask scheduler."),
     config: Path | None = ConfigOpt,
 ) -> None:
-    """All stages (tile -> infer -> stitch) for each slide. One failing slide doesn't stop the rest."""
-    from wsipipe.run.pipeline import run_slide
+    """All stages (tile -> infer -> stitch) for each slide, slide n+1 tiling while slide n infers.
+    One failing slide doesn't stop the rest."""
+    from wsipipe.run.pipeline import run_slide, run_slides
 
     cfg = load_config(config, **{"tile.mpp": mpp, "mpp_override": mpp_override, "dask.scheduler_address": scheduler})
     # A path that is not there is a typo, not a bad slide: fail before any work.
@@ -128,24 +129,52 @@ def run(
     if cfg.dask.scheduler_address:
         _run_on_cluster(slides, out, cfg, model)
         return
+    if len(slides) == 1:  # one slide: its typed error is the command's exit
+        with progress() as update:
+            result = run_slide(slides[0], out, cfg, model, progress=update)
+        print_summary(result.summary)
+        print_paths({slides[0].name: result.out_dir})
+        return
+    if Flags.debug:
+        _run_in_order(slides, out, cfg, model)
+        return
+    # Up to orchestration.slides_in_flight slides at once: slide n+1 tiles while slide n infers.
+    with progress() as update:
+        rows = run_slides(slides, out, cfg, model, progress=lambda path: _labelled(path, update))
+    failed = 0
+    for path, row in zip(slides, rows, strict=True):
+        if row.status == "failed":
+            failed += 1
+            error = row.error or "unknown error"
+            error_line("failed: ", error if str(path) in error else f"{path}: {error}")  # name the slide once
+            continue
+        if row.summary is not None:
+            print_summary(row.summary)
+        print_paths({path.name: row.out_dir})
+    if failed:
+        err.print(f"[red]{failed} of {len(slides)} slides failed[/]")
+        raise typer.Exit(EXIT_ERROR)
+
+
+def _labelled(slide: Path, update: Callable[[str, int, int], None]) -> Callable[[str, int, int], None]:
+    """The slide's stage bars, named after it: two slides are in flight at once."""
+    return lambda stage, done, total: update(f"{slide.stem[:24]} {stage}", done, total)
+
+
+def _run_in_order(slides: list[Path], out: Path, cfg, model: Path | None) -> None:
+    """`run --debug`: one slide after the other, the first unforeseen error raised with its traceback."""
+    from wsipipe.run.pipeline import run_slide
+
     failed = 0
     for path in slides:
         try:
             with progress() as update:
                 result = run_slide(path, out, cfg, model, progress=update)
-            out.mkdir(parents=True, exist_ok=True)
             print_summary(result.summary)
             print_paths({path.name: result.out_dir})
         except WsipipeError as exc:
-            if len(slides) == 1:
-                raise
             failed += 1
             error_line("failed: ", exc)
-        except Exception as exc:  # the unforeseen in one slide must not end a batch either
-            if len(slides) == 1 or Flags.debug:
-                raise
-            failed += 1
-            error_line("failed: ", f"{path}: unexpected {type(exc).__name__}: {exc}")
     if failed:
         err.print(f"[red]{failed} of {len(slides)} slides failed[/]")
         raise typer.Exit(EXIT_ERROR)

@@ -22,9 +22,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import shapely
+import shapely.affinity
 import tifffile
 from shapely.geometry import MultiPolygon
 
+from wsipipe.geometry import as_multipolygon
 from wsipipe.slides.synth import _aperio_description, _encode, make_layout, pyramid_downsamples
 
 GLASS_RGB = (242, 241, 243)
@@ -140,17 +142,23 @@ def _level_tiles(choice: np.ndarray, pool: np.ndarray, glass: np.ndarray, factor
 
 def write_mosaic_slide(
     path: str | Path, width: int, height: int, source: str | Path | np.ndarray, mpp: float = 0.5, seed: int = 0,
-    tile_size: int = 256, pool_size: int = 256, n_tissue: int = 4, jpeg_quality: int = 90,
+    tile_size: int = 256, pool_size: int = 256, n_tissue: int = 4, jpeg_quality: int = 90, tissue_scale: float = 1.0,
 ) -> MosaicSlide:
     """Write an Aperio-style pyramidal SVS of real tissue tiles (see the module doc).
 
     ``source`` is a real slide file (its level 0 is read whole: use a small one such as
-    cmu-1-small-region.svs) or an RGB array. Written under a temporary name, renamed into place."""
+    cmu-1-small-region.svs) or an RGB array. ``tissue_scale`` grows (or shrinks) every tissue
+    piece of the layout about its centroid, clipped to the slide: the layout alone covers at
+    most about 40 % of the slide, a scale of 1.7 gives dense slides (60-90 %) whose pieces touch.
+    Written under a temporary name, renamed into place."""
     if tile_size <= 0 or tile_size % 16:
         raise ValueError(f"tile_size must be a positive multiple of 16 (JPEG 4:2:0 blocks), got {tile_size}")
     image = source if isinstance(source, np.ndarray) else read_source(source)
     pool = tissue_pool(image, tile_size, pool_size, seed)
     tissue, _ = make_layout(width, height, mpp, seed, n_tissue, 0)
+    if tissue_scale != 1.0 and not tissue.is_empty:
+        grown = [shapely.affinity.scale(p, tissue_scale, tissue_scale, origin="centroid") for p in tissue.geoms]
+        tissue = as_multipolygon(shapely.union_all(grown).intersection(shapely.box(0, 0, width, height)))
     choice = tile_choices(tissue, width, height, tile_size, pool_size, seed)
     glass_tile = np.full((tile_size, tile_size, 3), GLASS_RGB, np.uint8)
     # Levels whose tile still holds whole level-0 tiles (factor <= tile): 1, 4, 16, 64 for 256-px tiles.
