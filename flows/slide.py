@@ -7,7 +7,6 @@ outputs exist for the same inputs (markers in the slide's Zarr store).
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,8 @@ from wsipipe.run.archive import artifact_key, parse_overrides, slide_markdown
 from wsipipe.run.cluster import dask_scheduler
 from wsipipe.run.job import STAGES, SlideJob, Stage, StageOutcome, output_dir, run_job, run_stage
 from wsipipe.run.names import weights_path
+from wsipipe.run.pipeline import ACCELERATOR_GATE
 from wsipipe.run.rows import SlideResult
-
-# One inference at a time in this process (the Prefect tag bounds it across processes).
-_ACCELERATOR = threading.Lock()
 
 
 def _transient(task, task_run, state) -> bool:
@@ -47,7 +44,9 @@ def _transient(task, task_run, state) -> bool:
 def _run(stage: Stage, job: SlideJob, label: str) -> StageOutcome:
     log = get_run_logger()
     if stage.accelerator:
-        with _ACCELERATOR:
+        # One inference at a time in this process (the gate `wsipipe run` uses too); the
+        # Prefect concurrency tag bounds it across processes.
+        with ACCELERATOR_GATE:
             outcome = run_stage(stage, job)
     else:
         outcome = run_stage(stage, job)

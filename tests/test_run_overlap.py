@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from wsipipe.config import load_config
 from wsipipe.models.model import build_model, save_weights
+from wsipipe.run.job import direct
 from wsipipe.run.pipeline import StageEvent, run_slide, run_slides
 from wsipipe.slides.synth import write_synthetic_slide
 from wsipipe.tiles import store
@@ -93,4 +95,38 @@ def test_cli_run_over_slides_with_one_broken(inputs, tmp_path, slides_dir):
     for slide in (slides[0], slides[1]):
         (done,) = (tmp_path / "out").glob(f"{slide.stem}-*/summary.json")
         assert json.loads(done.read_text())["slide"]["name"] == slide.name
-        assert slide.name in res.stdout
+    # Summaries and folders printed in the slides' order; the failure names the broken file.
+    assert -1 < res.stdout.find(f"{slides[0].name}:") < res.stdout.find(f"{slides[1].name}:"), res.stdout
+    (failed,) = [line for line in res.stderr.splitlines() if line.startswith("failed: ")]
+    assert str(broken) in failed, res.stderr
+
+
+def test_the_next_slide_tiles_while_one_infers(inputs, tmp_path):
+    """An ordering property, not a timing: slide 1's inference waits until slide 2's tiling has
+    started. Were the slides run one after the other, slide 2 would never start tiling and this
+    would fail."""
+    slides, weights, config = inputs
+    second_tiling = threading.Event()
+
+    def runner(stage, job):
+        if (job.slide, stage.name) == (slides[1], "tile"):
+            second_tiling.set()
+        if (job.slide, stage.name) == (slides[0], "infer"):
+            assert second_tiling.wait(timeout=120), "slide 2 never started tiling while slide 1 was about to infer"
+        return direct(stage, job)
+
+    cfg = load_config(config, {"orchestration.slides_in_flight": 2})
+    rows = run_slides(slides[:2], tmp_path / "out", cfg, weights, runner=runner)
+    assert [r.status for r in rows] == ["ok", "ok"], [r.error for r in rows]
+
+
+def test_rows_come_back_in_order_as_each_slide_is_done(inputs, tmp_path):
+    slides, weights, config = inputs
+    empty = tmp_path / "empty.svs"
+    empty.write_bytes(b"")
+    done: list[tuple[str, str, str | None]] = []
+    rows = run_slides([slides[0], empty, slides[1]], tmp_path / "out", load_config(config), weights,
+                      on_done=lambda row, exc: done.append((Path(row.slide).name, row.status, type(exc).__name__ if exc else None)))
+    assert [(Path(r.slide).name, r.status) for r in rows] == [(slides[0].name, "ok"), ("empty.svs", "failed"), (slides[1].name, "ok")]
+    assert done == [(slides[0].name, "ok", None), ("empty.svs", "failed", "SlideOpenError"), (slides[1].name, "ok", None)]
+    assert "empty.svs" in (rows[1].error or "")

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.text import Text
@@ -26,6 +29,9 @@ from wsipipe.cli.console import (
     progress,
 )
 from wsipipe.errors import ConfigError, ModelLoadError, SlideOpenError, WsipipeError, writing_outputs
+
+if TYPE_CHECKING:
+    from wsipipe.run.rows import SlideResult
 
 
 def synth(
@@ -139,26 +145,38 @@ def run(
         _run_in_order(slides, out, cfg, model)
         return
     # Up to orchestration.slides_in_flight slides at once: slide n+1 tiles while slide n infers.
-    with progress() as update:
-        rows = run_slides(slides, out, cfg, model, progress=lambda path: _labelled(path, update))
     failed = 0
-    for path, row in zip(slides, rows, strict=True):
-        if row.status == "failed":
+    # While the bars run, rich sends sys.stdout to them (stderr); a redirected stdout keeps the summaries.
+    stdout = sys.stdout
+
+    def show(row: SlideResult, exc: BaseException | None) -> None:  # each slide, in order, as soon as it is done
+        nonlocal failed
+        if exc is not None:
             failed += 1
-            error = row.error or "unknown error"
-            error_line("failed: ", error if str(path) in error else f"{path}: {error}")  # name the slide once
-            continue
-        if row.summary is not None:
-            print_summary(row.summary)
-        print_paths({path.name: row.out_dir})
+            # a typed error names its file; the unforeseen in one slide must not end a batch either
+            error_line("failed: ", exc if isinstance(exc, WsipipeError) else f"{row.slide}: unexpected {type(exc).__name__}: {exc}")
+            return
+        with contextlib.redirect_stdout(sys.stdout if stdout.isatty() else stdout):
+            if row.summary is not None:
+                print_summary(row.summary)
+            print_paths({Path(row.slide).name: row.out_dir})
+
+    with progress() as update:
+        lock = threading.Lock()  # two slides in flight report from two threads
+        run_slides(slides, out, cfg, model, progress=lambda path: _labelled(path, update, lock), on_done=show)
     if failed:
         err.print(f"[red]{failed} of {len(slides)} slides failed[/]")
         raise typer.Exit(EXIT_ERROR)
 
 
-def _labelled(slide: Path, update: Callable[[str, int, int], None]) -> Callable[[str, int, int], None]:
+def _labelled(slide: Path, update: Callable[[str, int, int], None], lock: threading.Lock) -> Callable[[str, int, int], None]:
     """The slide's stage bars, named after it: two slides are in flight at once."""
-    return lambda stage, done, total: update(f"{slide.stem[:24]} {stage}", done, total)
+
+    def labelled(stage: str, done: int, total: int) -> None:
+        with lock:
+            update(f"{slide.stem[:24]} {stage}", done, total)
+
+    return labelled
 
 
 def _run_in_order(slides: list[Path], out: Path, cfg, model: Path | None) -> None:

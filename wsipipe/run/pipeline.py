@@ -8,12 +8,14 @@ slide n infers, and no two slides tile or run the model at the same time.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +25,15 @@ from wsipipe.run.names import weights_path
 from wsipipe.run.rows import SlideResult
 from wsipipe.tiles import store
 
-__all__ = ["GatedRunner", "SlideOutputs", "StageEvent", "StageProgress", "add_ground_truth_dice", "run_demo", "run_slide",
-           "run_slides"]
+__all__ = ["ACCELERATOR_GATE", "GatedRunner", "SlideOutputs", "StageEvent", "StageProgress", "add_ground_truth_dice", "run_demo",
+           "run_slide", "run_slides"]
 
 log = logging.getLogger(__name__)
+
+# One accelerator stage at a time in this process, whichever runner runs it (``wsipipe run``'s
+# slides in flight, the Prefect flows' slide tasks): the model owns the GPU, and two slides
+# inferring at once would only split it and double its memory.
+ACCELERATOR_GATE = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -71,21 +78,50 @@ class StageEvent:
     edge: str  # "start" | "end"
 
 
+class _Gate:
+    """A lock granted to the waiting slide that comes first in the batch (lowest rank): slides
+    pass each stage in their order, so their results come out in that order too."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._busy = False
+        self._waiting: list[int] = []  # heap of ranks
+
+    @contextmanager
+    def held(self, rank: int) -> Iterator[None]:
+        with self._changed:
+            heapq.heappush(self._waiting, rank)
+            self._changed.wait_for(lambda: not self._busy and self._waiting[0] == rank)
+            heapq.heappop(self._waiting)
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._busy = False
+                self._changed.notify_all()
+
+
 @dataclass
 class GatedRunner:
     """A runner over ``inner`` (default :func:`direct`) that lets one slide at a time through
-    each stage kind: the tile stage uses every core and the infer stage owns the accelerator,
-    so two slides never tile or infer at once, while one slide's tiling overlaps another's
-    inference. ``events``, when given, receives a :class:`StageEvent` as each stage starts
-    (gate held) and ends."""
+    each stage kind: the tile stage uses every core and the infer stage owns the accelerator
+    (and, within the process, holds :data:`ACCELERATOR_GATE`), so two slides never tile or infer
+    at once, while one slide's tiling overlaps another's inference. Slides waiting at a gate pass
+    it in ``rank(job)`` order. ``events``, when given, receives a :class:`StageEvent` as each
+    stage starts (gate held) and ends; both are logged too.
+
+    A slide holds no gate between its stages, so slides never wait on each other in a cycle."""
 
     inner: Runner = direct
     events: list[StageEvent] | None = None
-    _gates: dict[str, threading.Lock] = field(default_factory=lambda: {s.name: threading.Lock() for s in STAGES})
+    rank: Callable[[SlideJob], int] = lambda job: 0
+    _gates: dict[str, _Gate] = field(default_factory=lambda: {s.name: _Gate() for s in STAGES})
     _record: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, stage: Stage, job: SlideJob) -> StageOutcome:
-        with self._gates.setdefault(stage.name, threading.Lock()):
+        gate = self._gates.setdefault(stage.name, _Gate())
+        with gate.held(self.rank(job)), ACCELERATOR_GATE if stage.accelerator else nullcontext():
             self._event(job, stage, "start")
             try:
                 return self.inner(stage, job)
@@ -93,9 +129,14 @@ class GatedRunner:
                 self._event(job, stage, "end")
 
     def _event(self, job: SlideJob, stage: Stage, edge: str) -> None:
+        log.info("slide=%s stage=%s: %s", job.name, stage.name, edge)
         if self.events is not None:
             with self._record:
                 self.events.append(StageEvent(job.name, stage.name, edge))
+
+
+# (the slide's row, its exception when it failed) -> None; called in the calling thread.
+SlideDone = Callable[[SlideResult, BaseException | None], None]
 
 
 def run_slides(
@@ -105,41 +146,79 @@ def run_slides(
     model_path: str | Path | None = None,
     progress: Callable[[Path], StageProgress | None] | None = None,
     events: list[StageEvent] | None = None,
+    on_done: SlideDone | None = None,
+    runner: Runner = direct,
 ) -> list[SlideResult]:
     """Every slide's job in this process, up to ``cfg.orchestration.slides_in_flight`` at once
-    through one :class:`GatedRunner`; one row per slide, in the order given.
+    through one :class:`GatedRunner` over ``runner``; one row per slide, in the order given.
 
     The model is loaded once (a bad weights file fails here, before any work) and shared: the
     infer gate keeps its use to one slide at a time. A slide that fails is a ``failed`` row
-    with its one-line error; the others go on. ``progress(slide)``: the slide's stage
-    callback (the CLI labels its bars with the slide). ``events``: see :class:`GatedRunner`."""
+    with its one-line error; the others go on. ``on_done(row, error)`` is called in the calling
+    thread, in the slides' order, as soon as a slide and every slide before it have finished
+    (the CLI prints as it goes). ``progress(slide)``: the slide's stage callback (the CLI labels
+    its bars with the slide). ``events``: see :class:`GatedRunner`.
+
+    The slides run on daemon threads: an interrupt in the calling thread ends the process
+    without waiting for the slides in flight, which resume from what they wrote (each under
+    its folder's lock, leftovers cleared)."""
     from wsipipe.models.inference import resolve_device, resolve_precision
     from wsipipe.models.model import load_model
 
     weights = weights_path(model_path, cfg)
     net, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
     resolve_precision(cfg.inference.precision, resolve_device(cfg.inference.device))
-    runner = GatedRunner(events=events)
+    paths = [Path(s) for s in slides]
+    order = {path: i for i, path in reversed(list(enumerate(paths)))}  # a slide given twice: its first place
+    gated = GatedRunner(inner=runner, events=events, rank=lambda job: order.get(job.slide, 0))
 
-    def one(slide: Path) -> SlideResult:
+    def one(slide: Path) -> tuple[SlideResult, BaseException | None]:
         t0 = time.perf_counter()
         slide_dir = None
         try:
             slide_dir = output_dir(slide, out_dir, cfg)
             job = SlideJob(slide, slide_dir, cfg, weights, net, info, progress=progress(slide) if progress else None)
-            row = run_job(job, runner)
+            row = run_job(job, gated)
             log.info("%s: done in %.1f s -> %s", slide.name, row.seconds, slide_dir)
-            return row
+            return row, None
         except Exception as exc:  # one bad slide (or a bug in it) is a row, not the end of the batch
             log.debug("%s failed", slide, exc_info=True)
             return SlideResult.make(slide, "failed", name=slide_dir.name if slide_dir else None, error=exc,
-                                    out_dir=slide_dir, seconds=time.perf_counter() - t0)
+                                    out_dir=slide_dir, seconds=time.perf_counter() - t0), exc
 
-    paths = [Path(s) for s in slides]
-    if not paths:
-        return []
-    with ThreadPoolExecutor(max_workers=min(len(paths), cfg.orchestration.slides_in_flight)) as pool:
-        return list(pool.map(one, paths))
+    return _in_flight(one, paths, min(len(paths), cfg.orchestration.slides_in_flight), on_done)
+
+
+def _in_flight(one: Callable[[Path], tuple[SlideResult, BaseException | None]], paths: list[Path], workers: int,
+               on_done: SlideDone | None) -> list[SlideResult]:
+    """``one(path)`` for every path on ``workers`` daemon threads; rows handed to ``on_done``
+    (in this thread) and returned in the paths' order."""
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(len(paths)):
+        todo.put(i)
+    finished: queue.SimpleQueue[tuple[int, SlideResult, BaseException | None]] = queue.SimpleQueue()
+
+    def work() -> None:
+        while True:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            finished.put((i, *one(paths[i])))
+
+    for k in range(workers):
+        threading.Thread(target=work, name=f"wsipipe-slide-{k}", daemon=True).start()
+    waiting: dict[int, tuple[SlideResult, BaseException | None]] = {}
+    rows: list[SlideResult] = []
+    while len(rows) < len(paths):
+        i, row, exc = finished.get()
+        waiting[i] = (row, exc)
+        while len(rows) in waiting:
+            row, exc = waiting.pop(len(rows))
+            if on_done:
+                on_done(row, exc)
+            rows.append(row)
+    return rows
 
 
 def add_ground_truth_dice(slide_dir: Path, geojson_path: Path) -> dict:
