@@ -143,9 +143,9 @@ class DaskConfig(_Section):
 
 
 class OrchestrationConfig(_Section):
-    """How the Prefect flows (flows/) schedule work; no effect on any output."""
+    """How the Prefect flows (flows/) and `wsipipe run` schedule work; no effect on any output."""
 
-    slides_in_flight: int = Field(2, ge=1, le=256, description="Slides an archive run processes at once.")
+    slides_in_flight: int = Field(2, ge=1, le=256, description="Slides an archive run or `wsipipe run` processes at once (their stages overlap).")
     stage_retries: int = Field(2, ge=0, le=20, description="Retries of a stage after a transient I/O error.")
     retry_delay_s: float = Field(10.0, ge=0.0, description="Wait before a stage retry, seconds.")
     stage_timeout_s: float = Field(6 * 3600.0, gt=0.0, description="A stage running longer than this fails, seconds.")
