@@ -52,16 +52,11 @@ gpu-check:
 	bash bench/gpu_check.sh
 
 # Tiling per CPU-second against TIAToolbox, the naive read_region loop and the decode bound
-# (bench/bench_peers.py). The peers live in their own virtualenv: torch and torchvision first
-# (the builds on this machine's disk), then tiatoolbox's other requirements, then tiatoolbox
-# itself without its torch < 2.13 pin (its patch extraction does not use torch).
+# (bench/bench_peers.py). The peers live in their own virtualenv (bench/peers/install.sh).
 PEERS_VENV := bench/.venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
-$(PEERS_STAMP): bench/peers/requirements.txt
-	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
-	$(PEERS_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PEERS_VENV)/bin/pip install -q -r bench/peers/requirements.txt
-	$(PEERS_VENV)/bin/pip install -q --no-deps tiatoolbox==2.1.3
+$(PEERS_STAMP): bench/peers/requirements.txt bench/peers/install.sh
+	bench/peers/install.sh $(PYTHON) $(PEERS_VENV)
 	@touch $(PEERS_STAMP)
 
 bench-peers: $(STAMP) $(PEERS_STAMP)
