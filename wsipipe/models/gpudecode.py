@@ -27,8 +27,8 @@ decoder too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import os
 import threading
 import warnings
@@ -42,7 +42,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from wsipipe.errors import SlideReadError
 from wsipipe.slides.slide import Slide
 from wsipipe.slides.tiffread import TiledLevel
-from wsipipe.tiles.tiling import GridSpec, read_patches
+from wsipipe.tiles.tiling import GridSpec, area_factor, read_patches, row_runs
 
 log = logging.getLogger(__name__)
 
@@ -174,27 +174,9 @@ def device_decode_agrees(level: TiledLevel, device: torch.device | str) -> bool:
 
 def integer_factor(spec: GridSpec) -> int | None:
     """f when the grid's patches are f x f blocks of whole pixels of the level it reads (1 at an
-    exact level), else None (a fractional resample, which the CPU reader does)."""
-    if not spec.needs_resize:
-        return 1
-    ds, f = spec.level_downsample, spec.scale / spec.level_downsample
-    if ds != round(ds) or abs(f - round(f)) > 1e-9 or round(f) < 1:
-        return None
-    return int(round(f))
-
-
-def runs_of(grid_ij: np.ndarray, spec: GridSpec) -> list[tuple[int, int]]:
-    """[start, end) index ranges of neighbouring cells of one grid row (cells that share pixels
-    or touch), as :func:`wsipipe.tiles.tiling.read_patches` groups its reads."""
-    gap = max(1, math.ceil(spec.patch_size / spec.stride))
-    out, start = [], 0
-    while start < len(grid_ij):
-        end = start + 1
-        while end < len(grid_ij) and grid_ij[end, 0] == grid_ij[start, 0] and grid_ij[end, 1] - grid_ij[end - 1, 1] <= gap:
-            end += 1
-        out.append((start, end))
-        start = end
-    return out
+    exact level), else None (a fractional resample, which the CPU reader does). The tiler's
+    area factor, whatever ``spec.resample`` says: the device path always averages areas."""
+    return 1 if not spec.needs_resize else area_factor(dataclasses.replace(spec, resample="area"))
 
 
 def read_patches_on_device(
@@ -223,7 +205,7 @@ def read_patches_on_device(
         _told.add(level)
         log.info("%s level %d: %s", slide.path, spec.level, problem)
     size, step = p * f, spec.stride * f  # level px of one patch and of one grid step
-    runs = runs_of(grid_ij, spec)
+    runs = row_runs(grid_ij, spec)
     # Every tile any run touches, decoded once in one batch; one extra slot is the background.
     grids: list[tuple[np.ndarray, int, int]] = []
     for a, b in runs:

@@ -167,16 +167,23 @@ def read_patches(
     p = spec.patch_size
     if out is None:
         out = np.empty((len(grid_ij), p, p, 3), dtype=np.uint8)
-    gap = max(1, math.ceil(spec.patch_size / spec.stride))  # cells that still share pixels
-    start = 0
-    while start < len(grid_ij):
-        row = grid_ij[start, 0]
-        end = start + 1
-        while end < len(grid_ij) and grid_ij[end, 0] == row and grid_ij[end, 1] - grid_ij[end - 1, 1] <= gap:
-            end += 1
+    for start, end in row_runs(grid_ij, spec):
         _read_run(slide, spec, grid_ij[start:end], out[start:end], fast)
-        start = end
     return out
+
+
+def row_runs(grid_ij: np.ndarray, spec: GridSpec) -> list[tuple[int, int]]:
+    """[start, end) index ranges of neighbouring cells of one grid row (cells that still share
+    pixels or touch): each is read with one region read."""
+    gap = max(1, math.ceil(spec.patch_size / spec.stride))
+    runs, start = [], 0
+    while start < len(grid_ij):
+        end = start + 1
+        while end < len(grid_ij) and grid_ij[end, 0] == grid_ij[start, 0] and grid_ij[end, 1] - grid_ij[end - 1, 1] <= gap:
+            end += 1
+        runs.append((start, end))
+        start = end
+    return runs
 
 
 def _read_run(slide: Slide, spec: GridSpec, cells: np.ndarray, out: np.ndarray, fast: bool = True) -> None:
