@@ -2,8 +2,8 @@
 
 A store tiled with ``tile.store_patches: false`` holds the plan (coords, grid, tissue fraction,
 thumbnail, tissue mask) but no patches. Its infer stage reads each pending chunk from the slide
-on a pool of reader threads (JPEG decoding in libjpeg-turbo, resampling in PIL and QC in numpy
-release the GIL, so the threads decode in parallel), writes the chunk's QC measures and corrupt
+on a pool of reader threads (JPEG decoding in libjpeg-turbo and the tile reductions and QC in
+OpenCV and numpy release the GIL, so the threads decode in parallel), writes the chunk's QC measures and corrupt
 flags into the store (what the tiler writes when it stores patches) and hands the uint8
 patches on, in chunk order, to :func:`wsipipe.models.inference.infer_store`'s batching. No
 patch is compressed, written or read back: on a GPU box the CPUs only decode and assemble.
