@@ -20,19 +20,19 @@ from wsipipe.slides.synth import write_synthetic_slide
 from wsipipe.tiles import store
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU = {"inference.device": "cpu", "inference.precision": "fp32", "inference.batch_size": 32}
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("overlap-in")
-    slides = [write_synthetic_slide(tmp / f"s{seed}.svs", 3000, 2400, mpp=0.5, seed=seed, n_tissue=1, n_tumor=1).path
+    slides = [write_synthetic_slide(tmp / f"s{seed}.svs", 2400, 1800, mpp=0.5, seed=seed, n_tissue=1, n_tumor=1).path
               for seed in (3, 4, 5)]
     torch.manual_seed(0)
     weights = tmp / "tiny.safetensors"
     save_weights(build_model("mobilenet_v3_small", 1).eval(), weights, "mobilenet_v3_small", 1)  # cheap on CPU
     config = tmp / "cpu.yaml"
-    config.write_text("inference:\n  device: cpu\n  precision: fp32\n  batch_size: 32\n")
+    # Small patches at 1 µm/px: every stage runs for real, in a fraction of the default's time.
+    config.write_text("tile:\n  mpp: 1.0\n  patch_size: 64\ninference:\n  device: cpu\n  precision: fp32\n  batch_size: 32\n")
     return slides, weights, config
 
 
