@@ -384,10 +384,11 @@ def index_entry(row: Row, earlier: dict[str, Any] | None = None) -> dict[str, An
     return {key: entry[key] for key in INDEX_KEYS}
 
 
-def merge_index(entries: list[dict[str, Any]], rows: list[Row]) -> list[dict[str, Any]]:
+def merge_index(entries: list[dict[str, Any]], rows: list[Row], newest: bool = True) -> list[dict[str, Any]]:
     """``entries`` (archive-index.json) with ``rows`` merged in: one entry per slide path,
     sorted by path. A row older than the slide's entry (a run that overlapped a later one)
-    does not replace it."""
+    does not replace it, unless ``newest`` is False (entries rebuilt from the folders, whose
+    file times say when they were written, not when a run ended)."""
     from wsipipe.outputs.report import parse_stamp
 
     by_slide = {e["slide"]: e for e in entries if isinstance(e, dict) and e.get("slide")}
@@ -396,7 +397,11 @@ def merge_index(entries: list[dict[str, Any]], rows: list[Row]) -> list[dict[str
         earlier = by_slide.get(key)
         if earlier is not None:
             seen, new = parse_stamp(earlier.get("when")), parse_stamp(row.finished)
-            if seen is not None and new is not None and new < seen:
+            if newest and seen is not None and new is not None and new < seen:
+                # An overlapping run's older row: the status stays; its computation still counts.
+                done = parse_stamp(earlier.get("processed"))
+                if row.status == "ok" and row.out_dir == earlier.get("out_dir") and (done is None or new > done):
+                    earlier["processed"] = row.finished
                 continue
         by_slide[key] = index_entry(row, earlier)
     return [by_slide[k] for k in sorted(by_slide)]
@@ -446,12 +451,13 @@ def update_index(rows: list[Row], out_root: str | Path) -> list[dict[str, Any]]:
 
     out_root = Path(out_root)
     entries = read_index(out_root)
+    rebuilt = entries is None
     if entries is None:
         entries = rebuild_index(out_root)
         if (out_root / INDEX_FILE).exists():
             log.warning("%s: unreadable or not an index; rebuilt from %d slide folders' summary.json",
                         out_root / INDEX_FILE, len(entries))
-    entries = merge_index(entries, rows)
+    entries = merge_index(entries, rows, newest=not rebuilt)
     write_atomic(out_root / INDEX_FILE, json.dumps(entries, indent=0, separators=(",", ":")))
     write_index_report(entries, out_root / INDEX_REPORT_NAME)
     return entries
