@@ -426,7 +426,7 @@ def rebuild_index(out_root: str | Path) -> list[dict[str, Any]]:
     path, the most recent output when a slide has several; ``when`` is summary.json's time."""
     import json
 
-    rows = []
+    rows: list[SlideResult] = []
     for summary_path in sorted(Path(out_root).glob("*/summary.json")):
         try:
             summary = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -437,7 +437,8 @@ def rebuild_index(out_root: str | Path) -> list[dict[str, Any]]:
         if isinstance(slide, str) and slide:
             rows.append(SlideResult.make(slide, "ok", name=summary_path.parent.name, out_dir=summary_path.parent,
                                          summary=summary, finished=finished))
-    return merge_index([], sorted(rows, key=lambda r: r.finished or ""))
+    rows.sort(key=lambda r: r.finished or "")  # the latest output of a slide last
+    return merge_index([], list(rows), newest=False)
 
 
 def update_index(rows: list[Row], out_root: str | Path) -> list[dict[str, Any]]:
