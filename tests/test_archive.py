@@ -69,6 +69,9 @@ def test_manifest_relative_paths_comments_and_missing_files(tmp_path):
         archive.read_manifest(bad)
     with pytest.raises(ConfigError, match="manifest not found"):
         archive.read_manifest(tmp_path / "none.csv")
+    (tmp_path / "empty.csv").write_text("# only a comment\n\n")
+    with pytest.raises(ConfigError, match=r"empty\.csv: manifest is empty"):
+        archive.read_manifest(tmp_path / "empty.csv")
 
 
 def test_rows_counts_message_and_artifacts():

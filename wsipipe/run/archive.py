@@ -78,7 +78,7 @@ def read_manifest_settings(path: str | Path) -> dict[Path, dict[str, Any]]:
     """Per-slide config fields from a manifest's setting columns (:data:`SETTING_COLUMNS`):
     slide path (as :func:`read_manifest` gives it) -> ``{"mpp_override": 0.25}``, only for
     slides with a non-empty setting cell. A bad value (not a number, <= 0, out of the
-    field's range) is a ConfigError naming the manifest, the line and the column."""
+    field's range) is a ConfigError naming the manifest, the row and the column."""
     return {slide: settings for slide, settings in _manifest_rows(Path(path)).items() if settings}
 
 
@@ -112,7 +112,7 @@ def _manifest_rows(path: Path, log_ignored: bool = True) -> dict[Path, dict[str,
     slide_col = -1
     setting_cols: dict[int, str] = {}  # cell index -> column name
     slides: dict[Path, dict[str, Any]] = {}
-    where: dict[Path, int] = {}  # slide -> line it was first listed on
+    where: dict[Path, int] = {}  # slide -> row it was first listed in
     ignored: list[str] = []
     for cells in reader:
         if not any(c.strip() for c in cells) or cells[0].lstrip().startswith("#"):
@@ -145,6 +145,8 @@ def _manifest_rows(path: Path, log_ignored: bool = True) -> dict[Path, dict[str,
             continue
         slides[slide] = settings
         where[slide] = reader.line_num
+    if header is None:
+        raise ConfigError(path, f"manifest is empty (expected a header row with one of {list(MANIFEST_COLUMNS)})")
     if ignored and log_ignored:
         log.info(
             "%s: columns ignored: %s (per-slide columns: %s)", path, ", ".join(ignored), ", ".join(SETTING_COLUMNS)
