@@ -24,7 +24,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.slide import load_run_inputs, publish_slide, run_slide_job
 from wsipipe.config import PipelineConfig
 from wsipipe.run.archive import (
-    any_to_compute, archive_message, archive_table, scan_archive, status_counts, write_archive_files,
+    any_to_compute, archive_error, archive_message, archive_settings, archive_table, scan_archive, slide_config,
+    status_counts, write_archive_files,
 )
 from wsipipe.run.cluster import dask_scheduler
 from wsipipe.run.rows import SlideResult
@@ -42,7 +43,7 @@ def slide_task(slide: str, out: str, cfg: PipelineConfig, net, info) -> dict:
     try:
         row = run_slide_job(slide, out, cfg, net, info, skip_done=True)
     except Exception as exc:  # one slide's failure, whatever it is, must not stop the archive
-        row = SlideResult.make(slide, "failed", error=exc, seconds=time.perf_counter() - t0)
+        row = SlideResult.make(slide, "failed", error=archive_error(exc), seconds=time.perf_counter() - t0)
         log.error("slide=%s stage=failed: %s", Path(slide).name, row.error)
     publish_slide(row)
     return row.as_dict()
@@ -74,14 +75,16 @@ def process_archive(
     log = get_run_logger()
     cfg, net, info = load_run_inputs(model, config, overrides)
     slides = scan_archive(archive)
+    settings = archive_settings(archive)  # per-slide manifest columns, e.g. mpp
     log.info("archive %s: %d slides, model %s, %d in flight", archive, len(slides), info.sha256[:12],
              cfg.orchestration.slides_in_flight)
     Path(out).mkdir(parents=True, exist_ok=True)
     # A run with nothing new starts no cluster.
-    cluster = dask_scheduler(cfg) if any_to_compute(slides, out, cfg, info) else nullcontext(cfg)
+    cluster = dask_scheduler(cfg) if any_to_compute(slides, out, cfg, info, settings) else nullcontext(cfg)
     with cluster as cfg:
         rows = _bounded(
-            lambda s: slide_task.submit(str(s), out, cfg, net, info), slides, cfg.orchestration.slides_in_flight
+            lambda s: slide_task.submit(str(s), out, slide_config(cfg, settings.get(s)), net, info), slides,
+            cfg.orchestration.slides_in_flight,
         )
     message = archive_message(rows)
     report = write_archive_files(rows, out)

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from test_faults import assert_same_outputs
-from wsipipe.run.archive import RESULTS_FILE, slide_output_dir, write_archive_files
+from wsipipe.run.archive import INDEX_FILE, RESULTS_FILE, slide_output_dir, write_archive_files
 from wsipipe.config import load_config
 from wsipipe.locks import LOCK_NAME, folder_lock, is_locked, stale_temps
 from wsipipe.models.model import build_model, save_weights
@@ -188,7 +188,8 @@ def test_two_archive_runs_at_once_compute_each_slide_once(archive, tmp_path):
 
     # One folder per slide, complete and equal to a single run's; nothing half-written.
     visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    assert visible == sorted(["archive-report.html", RESULTS_FILE, *(d.name for d in reference.values())])
+    assert visible == sorted(["archive-report.html", RESULTS_FILE, INDEX_FILE, "archive-index.html",
+                              *(d.name for d in reference.values())])
     for ref_dir in reference.values():
         got = out / ref_dir.name
         assert _files(got) == _files(ref_dir)
@@ -196,6 +197,9 @@ def test_two_archive_runs_at_once_compute_each_slide_once(archive, tmp_path):
     assert _all_temps(out) == []
     rows = json.loads((out / RESULTS_FILE).read_text())  # whole: one run's rows, not a mix
     assert len(rows) == 2 and {r["status"] for r in rows} <= {"ok", "skipped"}
+    index = json.loads((out / INDEX_FILE).read_text())  # both runs merged into the folder's index
+    assert sorted(e["out_dir"] for e in index) == sorted(str(out / d.name) for d in reference.values())
+    assert all(e["current"] and e["processed"] for e in index)
 
 
 # --------------------------------------------------------------------------- soak

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,9 @@ from wsipipe.errors import WsipipeError
 from wsipipe.models.inference import infer_store
 from wsipipe.models.model import build_model, load_model, save_weights
 from wsipipe.run.pipeline import run_slide
-from wsipipe.outputs.report import archive_markdown, write_archive_report, write_slide_report
+from wsipipe.outputs.report import archive_markdown, archive_throughput, write_archive_report, write_slide_report
+from wsipipe.run.archive import INDEX_FILE, read_index, result_row, write_archive_files
+from wsipipe.run.rows import SlideResult
 from wsipipe.outputs.stitch import stitch_store
 from wsipipe.tiles.tiling import tile_slide
 
@@ -150,6 +153,9 @@ def outputs(tmp_path_factory, slides_dir):
     rows.append({"slide": str(slides_dir / "broken.svs"), "name": None, "status": "failed",
                  "error": str(failure.value).splitlines()[0], "out_dir": None, "summary": None,
                  "seconds": time.perf_counter() - t0})
+    for row in rows:  # wall-clock start and end, as SlideResult.make records them
+        stamped = SlideResult.make(row["slide"], row["status"], seconds=row["seconds"]).as_dict()
+        row.update(started=stamped["started"], finished=stamped["finished"])
     return {"tmp": tmp, "planted": planted_dir, "truth": synth, "real": real.out_dir, "rows": rows}
 
 
@@ -285,3 +291,109 @@ def test_report_cli(outputs, tmp_path):
     empty.mkdir()
     res = subprocess.run([*env_cmd, str(empty)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "summary.json" in res.stderr and "not-a-slide-output" in res.stderr
+
+
+# --------------------------------------------------------------------------- archive numbers and the index
+
+
+def test_archive_throughput_is_processed_slides_over_the_runs_wall_time(tmp_path):
+    """3 slides in a 58.7-s run, 1 computed: 61 slides/hour (not the sum of per-slide seconds);
+    a rerun that computes nothing says so instead of giving a rate."""
+    t0 = datetime(2026, 1, 31, 2, 0, tzinfo=UTC)
+    rows = [result_row("/s/a.svs", "ok", seconds=58.0, finished=t0 + timedelta(seconds=58.7)),
+            result_row("/s/b.svs", "skipped", seconds=0.2, finished=t0 + timedelta(seconds=0.9)),
+            result_row("/s/c.svs", "failed", error="boom", seconds=0.7, finished=t0 + timedelta(seconds=0.7))]
+    run = archive_throughput(rows)
+    assert run["start"] == t0 and run["wall_s"] == pytest.approx(58.7) and run["processed"] == 1
+    assert run["per_hour"] == pytest.approx(3600 / 58.7)
+    page = write_archive_report(rows, tmp_path / "a.html").read_text()
+    assert '<div class="value" id="throughput">61.3</div>' in page and "1 processed in 58.7 s wall clock" in page
+    assert "(58.7 s wall clock)" in page
+
+    noop = [result_row(f"/s/{n}.svs", "skipped", seconds=0.01, finished=t0 + timedelta(seconds=0.02)) for n in "abc"]
+    assert archive_throughput(noop)["per_hour"] is None and archive_throughput(noop)["processed"] == 0
+    page = write_archive_report(noop, tmp_path / "noop.html").read_text()
+    assert '<div class="muted" id="throughput-note">no slides processed</div>' in page and "slides per hour" not in page
+    # Rows of a run that recorded no wall-clock times: no rate, no timeline.
+    old = [{k: v for k, v in r.items() if k not in ("started", "finished")} for r in rows]
+    assert archive_throughput(old)["per_hour"] is None
+    assert "no wall-clock times recorded" in write_archive_report(old, tmp_path / "old.html").read_text()
+
+
+def generated_rows(n: int, out: Path, t0: datetime) -> list[dict]:
+    """``n`` rows of one run (ok, skipped, failed in turn; scores spread over [0, 1)), each ok
+    or skipped slide with a report in ``out``."""
+    rows = []
+    for i in range(n):
+        status = ("ok", "ok", "skipped", "failed")[i % 4]
+        slide, finished = f"/archive/batch-{i // 100}/slide-{i:04d}.svs", t0 + timedelta(seconds=7 * i + 40)
+        if status == "failed":
+            rows.append(result_row(slide, "failed", error=f"SlideOpenError: {slide}: not a slide", seconds=1, finished=finished))
+            continue
+        folder = out / f"slide-{i:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.html").write_text("<!DOCTYPE html><title>slide</title>")
+        score = (i * 0.6180339887) % 1.0
+        summary = {"decision": "tumor" if score >= 0.5 else "normal", "threshold": 0.5, "slide_score": {"top_k_mean": score},
+                   "tumor_area_mm2": 10 * score, "qc": {"flags": [{"code": "tissue_small"}] if i % 5 == 0 else [],
+                                                        "needs_review": i % 5 == 0}}
+        rows.append(result_row(slide, status, name=folder.name, out_dir=folder, summary=summary, seconds=40, finished=finished))
+    return rows
+
+
+SORT_JS = """
+var table = document.getElementById("slides");
+var names = function () { return Array.from(table.tBodies[0].rows).map(function (r) { return r.cells[0].querySelector("b").textContent; }); };
+var header = function (label) { return Array.from(table.tHead.rows[0].cells).filter(function (th) {
+    return th.textContent.trim() === label; })[0]; };
+var result = {rows: table.tBodies[0].rows.length, images: document.images.length,
+              broken: Array.from(document.images).filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).length,
+              elements: document.getElementsByTagName("*").length};
+header("score").click(); result.score_asc = names();
+header("slide").click(); header("slide").click(); result.name_desc = names();
+var status = document.getElementById("status-filter");
+status.value = "failed"; status.dispatchEvent(new Event("change"));
+result.failed = Array.from(table.tBodies[0].rows).filter(function (r) { return !r.hidden; }).length;
+result.shown = document.getElementById("shown-count").textContent;
+result.links = document.querySelectorAll("#slides a").length;
+result.stale = document.querySelectorAll("#slides .stale").length;
+return result;
+"""
+
+
+def test_archive_report_and_index_of_1000_slides_open_and_sort_in_chromium(tmp_path):
+    """1 000 rows of one run and 200 of an earlier one: archive-report.html and the folder's
+    archive-index.html load in Chromium, sort and filter every row, and stay lean (no per-row
+    image, under 1.5 kB of HTML and 25 elements a row)."""
+    out = tmp_path / "out"
+    t0 = datetime(2026, 1, 31, 2, 0, tzinfo=UTC)
+    # An earlier run: 200 other slides, then 10 of this run's slides, which this run fails.
+    earlier = [result_row(f"/old/old-{i:04d}.svs", "failed", error="boom", seconds=1, finished=t0 - timedelta(days=1))
+               for i in range(200)]
+    earlier += generated_rows(4, out, t0 - timedelta(days=1))  # slide-0000..0003: ok, ok, skipped, failed
+    write_archive_files(earlier, out)
+    rows = generated_rows(1000, out, t0)
+    for k in (0, 1):  # two slides ok in the earlier run fail now: their earlier report stays, marked
+        rows[k] = result_row(rows[k]["slide"], "failed", error="boom", seconds=1, finished=datetime.fromisoformat(rows[k]["finished"]))
+    report = write_archive_files(rows, out)
+    index = read_index(out)
+    assert len(index) == 1200 and (out / INDEX_FILE).stat().st_size < 600_000
+
+    names = [r["name"] or Path(r["slide"]).name for r in rows]
+    scores = {n: (r["summary"] or {}).get("slide_score", {}).get("top_k_mean") for n, r in zip(names, rows, strict=True)}
+    page = probe(report, tmp_path, SORT_JS)
+    assert page["rows"] == 1000 and page["images"] == 3 and page["broken"] == 0
+    assert page["score_asc"] == sorted((n for n in names if scores[n] is not None), key=lambda n: scores[n]) + [
+        n for n in names if scores[n] is None]
+    assert page["name_desc"] == sorted(names, key=str.lower, reverse=True)
+    n_failed = sum(r["status"] == "failed" for r in rows)
+    assert page["failed"] == n_failed and page["shown"] == f"{n_failed} of 1000 shown" and page["links"] == 1000 - n_failed
+    assert report.stat().st_size < 1000 * 1500 + 150_000 and page["elements"] < 25 * 1000
+
+    page = probe(out / "archive-index.html", tmp_path, SORT_JS)
+    assert page["rows"] == 1200 and page["images"] == 0
+    by_name = {e["name"]: e for e in index}
+    assert page["name_desc"] == sorted(by_name, key=str.lower, reverse=True)
+    assert page["failed"] == sum(e["status"] == "failed" for e in index) == 200 + n_failed
+    assert page["stale"] == 2 and page["links"] == sum(1 for e in index if e["out_dir"])
+    assert (out / "archive-index.html").stat().st_size < 1200 * 1500 and page["elements"] < 25 * 1200

@@ -34,7 +34,25 @@ class SlideReadError(WsipipeError):
 
 
 class MissingMppError(WsipipeError):
-    """The slide has no usable resolution (mpp) and none was given."""
+    """The slide has no usable resolution (mpp) and none was given.
+
+    ``reason`` says what is missing, ``hint`` how to give the resolution; the hint depends on
+    the command at hand (``--mpp-override`` for ``wsipipe run``/``tile``, an ``mpp`` manifest
+    column for an archive), so a caller that knows better swaps it with :meth:`with_hint`."""
+
+    HINT = "give it explicitly with --mpp-override (or the config field mpp_override)"
+
+    def __init__(self, path: str | Path | None, reason: str, hint: str | None = None):
+        self.reason = reason
+        self.hint = hint or self.HINT
+        super().__init__(path, f"{reason}; {self.hint}")
+
+    def with_hint(self, hint: str) -> MissingMppError:
+        """The same error with another way to give the resolution."""
+        return type(self)(self.path, self.reason, hint)
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason, self.hint)
 
 
 class NoTissueError(WsipipeError):

@@ -14,8 +14,8 @@ byte-range locks, which the server arbitrates between clients.
 The lock file stays empty and is never removed: unlinking it could let a third run lock a
 fresh inode while the second still waits on the old one.
 
-The archive-level files (archive-results.json, archive-report.html) are written under the
-same kind of lock on the output folder itself.
+The archive-level files (archive-results.json, archive-report.html, archive-index.json and
+archive-index.html) are written under the same kind of lock on the output folder itself.
 
 Under the lock, nobody else writes the folder, so any temporary file in it was left by a
 writer that died mid-write (:func:`remove_stale_temps`). One exception: Dask tasks of a run

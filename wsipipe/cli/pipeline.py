@@ -235,7 +235,7 @@ def archive(
 
     Runs with Prefect's ephemeral server when PREFECT_API_URL is unset (no server needed, offline),
     else it reports to that server."""
-    from wsipipe.run.archive import archive_message, parse_overrides
+    from wsipipe.run.archive import archive_message, archive_settings, parse_overrides
 
     values = parse_overrides(overrides)
     if scheduler:
@@ -246,6 +246,7 @@ def archive(
         raise ConfigError(Path(source), "archive not found (expected a folder, a glob pattern, a .csv manifest or a slide file)")
     if model is not None and not model.exists():
         raise ModelLoadError(model, "weights file not found")
+    archive_settings(source)  # a bad per-slide value in a manifest: fail before any work
     import flows  # noqa: F401  (offline-safe Prefect settings first)
     from flows.archive import process_archive
 

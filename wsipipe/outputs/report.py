@@ -15,6 +15,7 @@ import base64
 import io
 import logging
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterable
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 ARCHIVE_REPORT_NAME = "archive-report.html"
+INDEX_REPORT_NAME = "archive-index.html"
 # Slide properties shown in the report (the rest are many and of little use to a reader).
 MAX_PROPERTIES = 80
 MAX_PROPERTY_CHARS = 300
@@ -71,6 +73,8 @@ def _environment():
         lstrip_blocks=True,
     )
     env.filters["num"] = _num
+    env.filters["stamp"] = _stamp
+    env.filters["duration"] = _duration
     return env
 
 
@@ -83,6 +87,34 @@ def _num(value: Any, digits: int = 3) -> str:
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.{digits}g}" if abs(value) < 10 ** digits else f"{float(value):,.0f}".replace(",", " ")
     return str(value)
+
+
+def parse_stamp(text: str | None) -> datetime | None:
+    """An ISO 8601 timestamp of a result row (``started``, ``finished``) as an aware datetime;
+    None when missing or unreadable (rows of runs that did not record them)."""
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _stamp(moment: Any) -> str:
+    """A datetime for people, in UTC to the second; '—' for missing."""
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment is not None else "—"
+
+
+def _duration(seconds: float | None) -> str:
+    """Seconds for people: 58.7 s, 12 min 5 s, 3 h 20 min."""
+    if seconds is None:
+        return "—"
+    if seconds < 120:
+        return f"{seconds:.3g} s" if seconds < 100 else f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
 
 
 # --------------------------------------------------------------------------- slide report: data
@@ -340,16 +372,19 @@ def write_slide_report(slide_dir: str | Path, qc_cfg: QCConfig | None = None, on
 # --------------------------------------------------------------------------- archive report
 
 
+def _report_link(out_dir: str | None, base: Path) -> str | None:
+    """The slide report's path relative to ``base`` (the page's folder), when it is there."""
+    if not out_dir:
+        return None
+    target = Path(out_dir).resolve() / REPORT_NAME
+    return Path(os.path.relpath(target, base)).as_posix() if target.is_file() else None
+
+
 def _row_view(row: dict, base: Path) -> dict[str, Any]:
-    """One archive row (interfaces §1) flattened for the table; ``base`` = the report's folder."""
+    """One archive row (wsipipe.run.rows) flattened for the table; ``base`` = the report's folder."""
     summary = row.get("summary") or {}
     score = (summary.get("slide_score") or {}).get("top_k_mean")
     flags = [f.get("code", "?") for f in (summary.get("qc") or {}).get("flags", [])]
-    link = None
-    if row.get("out_dir"):
-        target = Path(row["out_dir"]).resolve() / REPORT_NAME
-        if target.is_file():
-            link = Path(os.path.relpath(target, base)).as_posix()
     slide = str(row.get("slide") or "")
     return {
         "slide": slide,
@@ -363,7 +398,9 @@ def _row_view(row: dict, base: Path) -> dict[str, Any]:
         "flags": flags,
         "needs_review": bool((summary.get("qc") or {}).get("needs_review")),
         "seconds": row.get("seconds"),
-        "link": link,
+        "started": parse_stamp(row.get("started")),
+        "finished": parse_stamp(row.get("finished")),
+        "link": _report_link(row.get("out_dir"), base),
     }
 
 
@@ -381,8 +418,41 @@ def archive_counts(rows: list[dict]) -> dict[str, int]:
     return counts
 
 
-def archive_figures(views: list[dict]) -> list[dict[str, str]]:
-    """Score distribution, tumor area distribution, throughput over the run (PNG data URIs)."""
+def archive_throughput(rows: list[dict]) -> dict[str, Any]:
+    """The run's wall time and throughput from the rows' wall-clock timestamps.
+
+    ``wall_s``: first slide start to last slide finish (None without timestamps);
+    ``processed``: slides computed (status ok; skipped and failed ones are not throughput);
+    ``per_hour``: processed slides per hour of wall time, None when nothing was processed."""
+    starts = [t for t in (parse_stamp(r.get("started")) for r in rows) if t is not None]
+    ends = [t for t in (parse_stamp(r.get("finished")) for r in rows) if t is not None]
+    processed = sum(1 for r in rows if r.get("status") == "ok")
+    if not starts or not ends:
+        return {"start": None, "end": None, "wall_s": None, "processed": processed, "per_hour": None}
+    start, end = min(starts), max(ends)
+    wall_s = max((end - start).total_seconds(), 0.0)
+    per_hour = 3600.0 * processed / wall_s if processed and wall_s > 0 else None
+    return {"start": start, "end": end, "wall_s": wall_s, "processed": processed, "per_hour": per_hour}
+
+
+def _throughput_axes(ax, views: list[dict], start) -> None:
+    """Completions against wall-clock time since the run's first slide started."""
+    done = sorted(((v["finished"] - start).total_seconds(), v["status"]) for v in views if v["finished"] is not None)
+    span = max((t for t, _ in done), default=0.0)
+    scale, unit = (60.0, "min") if span > 600 else (1.0, "s")
+    for status, colour, label in (("ok", "#1a9850", "processed"), ("skipped", "#7f8c9a", "skipped (already done)"),
+                                  ("failed", "#b2182b", "failed")):
+        times = [t / scale for t, s in done if s == status]
+        if times:
+            ax.step([0.0, *times], range(len(times) + 1), where="post", color=colour, label=label)
+    ax.set(xlabel=f"wall-clock time since the run's first slide started ({unit})", ylabel="slides completed")
+    ax.set_xlim(left=0.0)
+    ax.legend(fontsize=8)
+
+
+def archive_figures(views: list[dict], start=None) -> list[dict[str, str]]:
+    """Score distribution, tumor area distribution and, when the rows carry wall-clock
+    timestamps (``start``: the run's first start), slides completed over the run (PNG data URIs)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -415,26 +485,63 @@ def archive_figures(views: list[dict]) -> list[dict[str, str]]:
     ax.set(xlabel="tumor area (mm²)", ylabel="slides")
     out.append({"title": "Tumor area distribution", "src": _figure_uri(fig)})
 
-    fig, ax = figure()
-    # Rows are in processing order; time on the x axis is the summed wall time of the slides.
-    elapsed = np.cumsum([float(v["seconds"] or 0.0) for v in views])
-    ok = np.cumsum([v["status"] in ("ok", "skipped") for v in views])
-    failed = np.cumsum([v["status"] == "failed" for v in views])
-    ax.step(np.r_[0, elapsed], np.r_[0, ok], where="post", color="#1a9850", label="done")
-    ax.step(np.r_[0, elapsed], np.r_[0, failed], where="post", color="#b2182b", label="failed")
-    ax.set(xlabel="processing time (s)", ylabel="slides")
-    ax.legend(fontsize=8)
-    out.append({"title": "Throughput over the run", "src": _figure_uri(fig)})
+    if start is not None:
+        fig, ax = figure()
+        _throughput_axes(ax, views, start)
+        out.append({"title": "Slides completed over the run (wall clock)", "src": _figure_uri(fig)})
     return out
 
 
-def write_archive_report(rows: list[dict], out_path: str | Path, title: str = "wsipipe archive report") -> Path:
-    """Write one self-contained HTML page for an archive run (rows per interfaces §1); returns its path."""
+def write_archive_report(
+    rows: list[dict], out_path: str | Path, title: str = "wsipipe archive report", index_link: str | None = None,
+) -> Path:
+    """Write one self-contained HTML page for an archive run (rows of wsipipe.run.rows); returns
+    its path. ``index_link``: the folder's index page, relative to the report, to link to."""
     out_path = Path(out_path)
     views = [_row_view(row, out_path.parent.resolve()) for row in rows]
+    run = archive_throughput(rows)
     html = _environment().get_template("archive.html.j2").render(
-        title=title, version=__version__, rows=views, counts=archive_counts(rows), figures=archive_figures(views),
-        total_seconds=sum(float(v["seconds"] or 0.0) for v in views),
+        title=title, version=__version__, rows=views, counts=archive_counts(rows), run=run, index_link=index_link,
+        figures=archive_figures(views, run["start"]),
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(out_path, html)
+
+
+# --------------------------------------------------------------------------- archive index
+
+
+def _index_view(entry: dict, base: Path) -> dict[str, Any]:
+    """One index entry (wsipipe.run.archive.index_entry) for the index table."""
+    slide = str(entry.get("slide") or "")
+    when = parse_stamp(entry.get("when"))
+    processed = parse_stamp(entry.get("processed"))
+    return {
+        **entry,
+        "slide": slide,
+        "name": entry.get("name") or Path(slide).name,
+        "status": entry.get("status") or "failed",
+        "when": when,
+        "processed": processed,
+        "flags": entry.get("flags") or [],
+        "link": _report_link(entry.get("out_dir"), base),
+    }
+
+
+def write_index_report(entries: list[dict], out_path: str | Path, title: str = "wsipipe archive index") -> Path:
+    """One self-contained page listing every slide ever processed into an output folder
+    (entries of ``archive-index.json``): latest status and when, link to its report. No images:
+    it stays light at thousands of rows."""
+    out_path = Path(out_path)
+    base = out_path.parent.resolve()
+    views = [_index_view(e, base) for e in entries]
+    counts = {s: sum(1 for v in views if v["status"] == s) for s in ("ok", "skipped", "failed")}
+    counts["slides"] = len(views)
+    counts["current"] = sum(1 for v in views if v.get("current") and v["link"])
+    counts["needs_review"] = sum(1 for v in views if v.get("needs_review"))
+    html = _environment().get_template("index.html.j2").render(
+        title=title, version=__version__, rows=views, counts=counts,
+        updated=max((v["when"] for v in views if v["when"] is not None), default=None),
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(out_path, html)

@@ -307,11 +307,7 @@ def resolve_mpp(path: Path, properties: Mapping[str, str], override: float | Non
         mpp = 10.0 / power
         log.warning("%s: no mpp in the file; estimating %.3f µm/px from objective power %gx", path, mpp, power)
         return mpp, "objective-power"
-    raise MissingMppError(
-        path,
-        "no resolution in the file (no openslide.mpp-x/y, TIFF resolution tags or objective power); "
-        "give it explicitly with --mpp-override / mpp_override",
-    )
+    raise MissingMppError(path, "no resolution in the file (no openslide.mpp-x/y, TIFF resolution tags or objective power)")
 
 
 def slide_identity(path: Path, properties: Mapping[str, str]) -> str:
