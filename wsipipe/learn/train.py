@@ -428,6 +428,10 @@ def train_model(stores: list, out_dir, cfg, progress: StepLog | None = None) -> 
     except TrainingDataError as exc:
         raise TrainingDataError(None, f"{where}: {exc.problem}") from None
     splits = split.indices
+    for name in ("train", "val", "test"):  # val picks the epoch and the threshold, test reports
+        if len(splits[name]) == 0:
+            raise TrainingDataError(None, f"{where}: split {name!r} is empty (train.split {tuple(tc.split)}); "
+                                    "training needs train, val and test")
     if len(np.unique(data.labels[splits["train"]])) < 2:
         raise TrainingDataError(None, f"{where}: the training split has labelled patches of "
                                 f"{len(np.unique(data.labels[splits['train']]))} class(es) of {data.classes} "
