@@ -81,7 +81,9 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, metric: str = "balan
     pos = positive % p.shape[1]
     s, truth = p[:, pos], np.asarray(labels) == pos
     if metric not in THRESHOLD_METRICS:
-        raise ValueError(f"threshold metric must be one of {THRESHOLD_METRICS}, got {metric!r}")
+        from wsipipe.errors import ParameterError
+
+        raise ParameterError(None, f"threshold metric must be one of {THRESHOLD_METRICS}, got {metric!r}")
     if truth.all() or not truth.any():
         return None
     u = np.unique(s)
