@@ -8,7 +8,9 @@ Both land in the tiled-slide Zarr layout (``patches``, ``coords``) plus::
     attrs["wsipipe"]["labels"] = {"classes": [...], "groups": [...], "source": ..., "min_overlap": ...}
 
 Splits are drawn over groups, never over patches, so patches of one slide (or of one
-source group of a folder set) never land in two splits.
+source group of a folder set) never land in two splits; with fewer slides than splits they
+are drawn over blocks of each slide's patch grid, with a one-patch gap between splits
+(:func:`split_patch_set`).
 
     read_annotations("slide.geojson")                  # validated polygons by class
     label_store("slide.zarr", "slide.geojson")         # labels into the slide's store
