@@ -173,3 +173,27 @@ def test_run_stitches_at_the_card_threshold_unless_one_is_set(labelled_slides, o
     card["weights_sha256"] = "0" * 64  # a card of other weights is not theirs to follow
     card_path.write_text(json.dumps(card))
     assert summary("--config", config)["threshold"] == pytest.approx(0.5)
+
+
+def test_registry_production_model_brings_its_card_threshold(tmp_path):
+    from wsipipe.config import load_config
+    from wsipipe.learn import registry
+    from wsipipe.models.model import build_model, save_weights
+    from wsipipe.run.names import run_model
+
+    info = save_weights(build_model("shufflenet_v2_x0_5", 1), tmp_path / "m" / "model.safetensors", "shufflenet_v2_x0_5", 1)
+    card = {"arch": "shufflenet_v2_x0_5", "num_classes": 1, "weights_sha256": info.sha256, "threshold": 0.37,
+            "test_metrics": {"auc": 0.9}, "test_split_id": "x"}
+    (tmp_path / "m" / "card.json").write_text(json.dumps(card))
+    version = registry.register(tmp_path / "models", tmp_path / "m")
+    registry.promote(tmp_path / "models", version)
+    assert registry.entry(tmp_path / "models", version)["threshold"] == 0.37
+    weights, cfg = run_model(None, load_config(None, {"train.registry": str(tmp_path / "models")}))
+    assert weights == tmp_path / "models" / version / "model.safetensors" and cfg.stitch.threshold == 0.37
+    _, pinned = run_model(None, load_config(None, {"train.registry": str(tmp_path / "models"), "stitch.threshold": 0.6}))
+    assert pinned.stitch.threshold == 0.6
+    _, plain = run_model(tmp_path / "m" / "model.safetensors", load_config(None))
+    assert plain.stitch.threshold == 0.37 and plain.stitch.tumor_threshold == 0.37
+    (tmp_path / "m" / "card.json").unlink()  # weights without a card: the configured default
+    _, bare = run_model(tmp_path / "m" / "model.safetensors", load_config(None))
+    assert bare.stitch.threshold is None and bare.stitch.tumor_threshold == 0.5
