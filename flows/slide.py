@@ -20,7 +20,7 @@ from wsipipe.errors import WsipipeError
 from wsipipe.run.archive import artifact_key, parse_overrides, slide_markdown
 from wsipipe.run.cluster import dask_scheduler
 from wsipipe.run.job import STAGES, SlideJob, Stage, StageOutcome, output_dir, run_job, run_stage
-from wsipipe.run.names import weights_path
+from wsipipe.run.names import run_model
 from wsipipe.run.pipeline import ACCELERATOR_GATE
 from wsipipe.run.rows import SlideResult
 
@@ -96,8 +96,8 @@ def load_run_inputs(model: str | None, config: str | None, overrides: dict[str, 
     """Config (YAML <- overrides, validated before any work) and the model, loaded once."""
     from wsipipe.models.model import load_model
 
-    cfg = load_config(config, parse_overrides(overrides))
-    net, info = load_model(weights_path(model, cfg), cfg.model.arch, cfg.model.num_classes)
+    weights, cfg = run_model(model, load_config(config, parse_overrides(overrides)))
+    net, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
     return cfg, net, info
 
 

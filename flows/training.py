@@ -83,7 +83,10 @@ def train_flow(stores: list[str], out: str, add_to_registry: bool = False, promo
     cfg = load_config(config, overrides)
     log = get_run_logger()
     card = train_model(stores, out, cfg)
-    result = {"out": str(out), "test_metrics": card["test_metrics"]}
+    result = {"out": str(out), "test_metrics": card["test_metrics"], "threshold": card["threshold"], "split": card["split"]}
+    if card["split"]["by"] == "spatial":
+        log.warning("split spatially within %d slide(s): %s", len(set(card["data"]["splits"]["train"]["groups"])),
+                    card["split"]["note"])
     if add_to_registry or promote:
         version = registry.register(cfg.train.registry, Path(out))
         result["version"] = version

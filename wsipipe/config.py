@@ -131,10 +131,20 @@ class InferenceConfig(_Section):
 
 
 class StitchConfig(_Section):
-    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Tumor probability threshold.")
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Tumor probability threshold. None (unset) = the threshold in the model's card (chosen on the "
+        "validation split by `wsipipe train`), else default_threshold; a value set here wins over the card.",
+    )
+    default_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Threshold when none is set and the model has no card threshold.")
     min_tumor_area_um2: float = Field(50_000.0, ge=0.0, description="Smaller tumor regions are dropped, µm².")
     top_k: int = Field(10, ge=1, description="Slide score = mean of the top-k patch probabilities (and max).")
     class_index: int = Field(-1, description="Which class is 'tumor' for k-class models (-1 = last).")
+
+    @property
+    def tumor_threshold(self) -> float:
+        """The threshold in force: ``threshold`` when set, else ``default_threshold``."""
+        return self.default_threshold if self.threshold is None else self.threshold
 
 
 class DaskConfig(_Section):
@@ -215,10 +225,20 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, ge=2, le=4096)
     lr: float = Field(1e-3, gt=0.0)
     train_size: int | None = Field(128, ge=8, le=4096, description="Train on random crops of this edge (None = whole patches).")
-    patience: int = Field(3, ge=1, description="Early stopping: epochs without a better validation AUC.")
+    patience: int = Field(3, ge=1, description="Early stopping: epochs without a better validation AUC (ties: lower validation log-loss).")
+    min_epochs: int = Field(4, ge=1, description="Early stopping never stops before this many epochs (a validation AUC of 1.0 cannot improve).")
+    threshold_metric: Literal["balanced_accuracy", "dice"] = Field(
+        "balanced_accuracy", description="The decision threshold stored in the model card maximises this on the validation split.",
+    )
     min_overlap: float = Field(0.5, ge=0.0, le=1.0, description="Patch is in a class when this fraction of it lies in the class polygon.")
     max_normal_overlap: float = Field(0.1, ge=0.0, le=1.0, description="... and background when at most this fraction lies in any polygon.")
-    split: tuple[float, float, float] = Field((0.6, 0.2, 0.2), description="train/val/test fractions of slides (groups), never of patches.")
+    split: tuple[float, float, float] = Field(
+        (0.6, 0.2, 0.2), description="train/val/test fractions of slides (groups), or of each class's patches when split spatially.",
+    )
+    split_by: Literal["auto", "slide", "spatial"] = Field(
+        "auto", description="slide = whole slides (groups) per split; spatial = contiguous blocks of each slide's patch grid "
+        "with a one-patch gap; auto = slide when there are at least as many slides as splits, else spatial.",
+    )
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -87,18 +87,40 @@ def train(
     init_path: Path | None = typer.Option(None, help="Encoder checkpoint / weights file for --init."),
     epochs: int | None = typer.Option(None, help="Maximum epochs (early stopping on validation AUC)."),
     arch: str | None = typer.Option(None, help="torchvision architecture."),
+    split: str | None = typer.Option(None, help="train,val,test fractions, e.g. 0.6,0.2,0.2 (default train.split)."),
+    split_by: str | None = typer.Option(
+        None, help="slide (whole slides per split), spatial (blocks of each slide with a gap) or auto: by slide "
+        "with at least as many slides as splits, else spatial (default train.split_by)."),
     register: bool = typer.Option(False, help="Add the result to the registry (train.registry) as a new version."),
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Fine-tune the patch classifier; held-out metrics into a JSON model card."""
+    """Fine-tune the patch classifier; held-out metrics and the decision threshold into a JSON model card."""
+    from wsipipe.errors import ConfigError
     from wsipipe.learn.train import train_model
 
-    cfg = load_config(config, **{"train.init": init, "train.init_path": init_path, "train.epochs": epochs, "train.arch": arch})
+    fractions = None
+    if split is not None:
+        try:
+            fractions = tuple(float(v) for v in split.split(","))
+        except ValueError:
+            raise ConfigError(None, f"--split {split!r}: expected three comma-separated fractions, e.g. 0.6,0.2,0.2") from None
+    cfg = load_config(config, **{"train.init": init, "train.init_path": init_path, "train.epochs": epochs, "train.arch": arch,
+                                 "train.split": fractions, "train.split_by": split_by})
     with loss_progress("train") as update:
         card = train_model(stores, out, cfg, progress=update)
+    how, counts = card["split"], {k: v.get("class_counts") for k, v in card["data"]["splits"].items()}
+    if how["by"] == "spatial":
+        console.print(f"split: spatial (blocks of {how['block_patches']} x {how['block_patches']} patches, "
+                      f"{how['dropped_patches']} patches dropped in the gaps): {counts}", highlight=False)
+        console.print("held-out metrics are optimistic: val and test are other regions of the same slide(s)",
+                      style="yellow", highlight=False)
+    else:
+        console.print(f"split: by slide: {counts}", highlight=False)
     m = card["test_metrics"]
+    at = "" if card.get("threshold") is None else f" at threshold {card['threshold']:.3f} (chosen on val)"
     console.print(f"test: AUC {m['auc']:.3f}, accuracy {m['accuracy']:.3f}, sensitivity {m['sensitivity']:.3f}, "
-                  f"specificity {m['specificity']:.3f}, ECE {m['ece']:.3f} (n={m['n']})", highlight=False)
+                  f"specificity {m['specificity']:.3f}, ECE {m['ece']:.3f} (n={m['n']}){at}; best epoch "
+                  f"{card['best_epoch']} of {len(card['history'])}", highlight=False)
     print_paths({"model": out / "model.safetensors", "model card": out / "card.json"})
     if register:
         from wsipipe.learn.registry import register as add
@@ -131,6 +153,7 @@ def models_list(registry_dir: Path | None = typer.Option(None, "--registry", hel
         m, card = e["card"].get("test_metrics", {}), e["card"]
         console.print(f"{'*' if e['production'] else ' '} {e['version']}  {card.get('arch')}  classes {card.get('classes')}  "
                       f"AUC {m.get('auc', float('nan')):.4f}  acc {m.get('accuracy', float('nan')):.4f}  "
+                      f"threshold {card.get('threshold')}  "
                       f"split {card.get('test_split_id')}  {card.get('created')}", highlight=False)
 
 

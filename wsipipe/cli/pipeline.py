@@ -98,7 +98,7 @@ def infer(
 def stitch(
     store_path: Path = typer.Argument(..., metavar="STORE.zarr", help="Store with probabilities."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for heatmap, tumor mask, GeoJSON, summary."),
-    threshold: float | None = typer.Option(None, help="Tumor probability threshold (default 0.5)."),
+    threshold: float | None = typer.Option(None, help="Tumor probability threshold (default stitch.threshold, else stitch.default_threshold)."),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Heatmap, tumor mask (PNG + QuPath GeoJSON) and summary.json from a classified store."""

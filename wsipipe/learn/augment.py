@@ -22,6 +22,7 @@ from skimage.color import hed_from_rgb, rgb_from_hed
 from torchvision.transforms import v2
 
 from wsipipe.config import AugmentConfig
+from wsipipe.errors import TrainingDataError
 
 _LOG_FLOOR = float(np.log(1e-6))  # skimage's rgb2hed clamps intensities at 1e-6 before the log
 _HED_FROM_RGB = torch.tensor(hed_from_rgb, dtype=torch.float32)
@@ -133,7 +134,7 @@ class Augmenter:
     def __call__(self, patches: np.ndarray, seed: int) -> np.ndarray:
         patches = np.asarray(patches)
         if patches.ndim != 4 or patches.shape[-1] != 3 or patches.dtype != np.uint8:
-            raise ValueError(f"need (N, H, W, 3) uint8 patches, got {patches.shape} {patches.dtype}")
+            raise TrainingDataError(None, f"need (N, H, W, 3) uint8 patches, got {patches.shape} {patches.dtype}")
         # One thread: ops on one small patch are far too small to split, and splitting them
         # anyway costs 10-100x on a busy machine (measured: HED jitter of 40 patches 3.6 s -> 0.03 s).
         threads = torch.get_num_threads()

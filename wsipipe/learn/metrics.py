@@ -54,13 +54,71 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(ece)
 
 
-def classification_metrics(probs: np.ndarray, labels: np.ndarray, positive: int = -1) -> dict:
+def balanced_log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over the classes present of each class's mean -log P(true class): the loss the
+    class-balanced training minimises, on held-out patches (nan for none)."""
+    p = _as_matrix(probs)
+    labels = np.asarray(labels, dtype=np.int64)
+    if not len(labels):
+        return float("nan")
+    nll = -np.log(np.clip(p[np.arange(len(labels)), labels], 1e-7, 1.0))
+    return float(np.mean([nll[labels == c].mean() for c in np.unique(labels)]))
+
+
+THRESHOLD_METRICS = ("balanced_accuracy", "dice")
+
+
+def choose_threshold(probs: np.ndarray, labels: np.ndarray, metric: str = "balanced_accuracy",
+                     positive: int = -1) -> tuple[float, float] | None:
+    """The probability threshold of class ``positive`` (vs the rest) that maximises ``metric`` on
+    these patches, and the value reached; None when one side is absent.
+
+    ``metric``: ``balanced_accuracy`` (mean of sensitivity and specificity) or ``dice`` (F1 of
+    the positive class). Predictions are ``p >= t``; every t between two neighbouring scores
+    gives the same predictions, so of the best run of such intervals the middle is returned
+    (a model that separates the classes gets the middle of the gap, not its edge)."""
+    p = _as_matrix(probs)
+    pos = positive % p.shape[1]
+    s, truth = p[:, pos], np.asarray(labels) == pos
+    if metric not in THRESHOLD_METRICS:
+        from wsipipe.errors import ParameterError
+
+        raise ParameterError(None, f"threshold metric must be one of {THRESHOLD_METRICS}, got {metric!r}")
+    if truth.all() or not truth.any():
+        return None
+    u = np.unique(s)
+    if len(u) < 2:
+        return float(u[0]), float("nan")
+    upper = u[1:]  # interval i = (u[i], u[i+1]]: predicted positive = s >= u[i+1]
+    pos_sorted, neg_sorted = np.sort(s[truth]), np.sort(s[~truth])
+    tp = len(pos_sorted) - np.searchsorted(pos_sorted, upper, "left")
+    fp = len(neg_sorted) - np.searchsorted(neg_sorted, upper, "left")
+    fn, tn = len(pos_sorted) - tp, len(neg_sorted) - fp
+    dice = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+    value = dice if metric == "dice" else 0.5 * (tp / len(pos_sorted) + tn / len(neg_sorted))
+    best = np.flatnonzero(value >= value.max() - 1e-12)
+    end = best[0]
+    while end + 1 in best:
+        end += 1
+    return float((u[best[0]] + u[end + 1]) / 2), float(value.max())
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, positive: int = -1,
+                           threshold: float | None = None) -> dict:
     """AUC, accuracy, confusion matrix (rows = truth), ECE; sensitivity / specificity of
-    class ``positive`` (default: the last, 'Tumor') against the rest."""
+    class ``positive`` (default: the last, 'Tumor') against the rest.
+
+    Predictions are the most probable class, or with ``threshold`` class ``positive`` where its
+    probability is at least ``threshold`` and the most probable other class elsewhere."""
     p = _as_matrix(probs)
     labels = np.asarray(labels, dtype=np.int64)
     n_classes = p.shape[1]
     predicted = p.argmax(axis=1)
+    if threshold is not None:
+        pos = positive % n_classes
+        others = p.copy()
+        others[:, pos] = -np.inf
+        predicted = np.where(p[:, pos] >= threshold, pos, others.argmax(axis=1))
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
     pos = positive % n_classes
@@ -81,4 +139,5 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, positive: int 
         "ece": expected_calibration_error(p, labels),
         "confusion_matrix": confusion.tolist(),
         "positive_class_index": int(pos),
+        "threshold": threshold,
     }

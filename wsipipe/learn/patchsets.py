@@ -8,7 +8,9 @@ Both land in the tiled-slide Zarr layout (``patches``, ``coords``) plus::
     attrs["wsipipe"]["labels"] = {"classes": [...], "groups": [...], "source": ..., "min_overlap": ...}
 
 Splits are drawn over groups, never over patches, so patches of one slide (or of one
-source group of a folder set) never land in two splits.
+source group of a folder set) never land in two splits; with fewer slides than splits they
+are drawn over blocks of each slide's patch grid, with a one-patch gap between splits
+(:func:`split_patch_set`).
 
     read_annotations("slide.geojson")                  # validated polygons by class
     label_store("slide.zarr", "slide.geojson")         # labels into the slide's store
@@ -219,9 +221,12 @@ class PatchSet:
     groups: np.ndarray  # (N,) str: source slide identity / folder group, prefixed by the store
     classes: list[str]
     identity: str  # hash of the stores' slide identities, label sources and counts
+    coords: np.ndarray | None = None  # (N, 2) level-0 x, y of each patch (zeros for folder sets)
+    pitch: np.ndarray | None = None  # (N,) level-0 grid step of each patch's store (0 for folder sets)
 
     def subset(self, idx: np.ndarray) -> PatchSet:
-        return PatchSet(self.patches[idx], self.labels[idx], self.groups[idx], self.classes, self.identity)
+        return PatchSet(self.patches[idx], self.labels[idx], self.groups[idx], self.classes, self.identity,
+                        None if self.coords is None else self.coords[idx], None if self.pitch is None else self.pitch[idx])
 
 
 def load_patch_sets(paths: Sequence[str | Path], labelled_only: bool = True) -> PatchSet:
@@ -229,6 +234,7 @@ def load_patch_sets(paths: Sequence[str | Path], labelled_only: bool = True) -> 
     from wsipipe.tiles.tiling import stored_patches
 
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    where: list[tuple[np.ndarray, np.ndarray]] = []  # coords and grid pitch of the kept patches
     classes: list[str] | None = None
     ident = hashlib.sha256()
     for p in paths:
@@ -245,6 +251,11 @@ def load_patch_sets(paths: Sequence[str | Path], labelled_only: bool = True) -> 
         keep = np.flatnonzero(labels >= 0) if labelled_only else np.arange(len(labels))
         names = np.asarray(info["groups"], dtype=object)[np.asarray(store.array(g, store.GROUPS)[:])[keep]]
         parts.append((_patches_at(patches, keep), labels[keep], names))
+        tile = store.meta(g).get(store.META_TILE) or {}
+        step = float(tile.get("stride_l0") or tile.get("patch_size_l0") or 0.0)
+        coords = np.asarray(store.array(g, store.COORDS)[:]).reshape(-1, 2)[keep] if store.COORDS in g else \
+            np.zeros((len(keep), 2), np.int64)
+        where.append((coords.astype(np.int64), np.full(len(keep), step)))
         ident.update(json.dumps([info["groups"], info.get("source"), int(len(labels))]).encode())
     if not parts:
         raise AnnotationError(None, "no patch sets given")
@@ -252,7 +263,8 @@ def load_patch_sets(paths: Sequence[str | Path], labelled_only: bool = True) -> 
     if len(shapes) > 1:
         raise AnnotationError(paths[0], f"patch sets have different patch shapes {sorted(shapes)}")
     return PatchSet(np.concatenate([x for x, _, _ in parts]), np.concatenate([y for _, y, _ in parts]),
-                    np.concatenate([g for _, _, g in parts]).astype(str), classes or [], ident.hexdigest()[:16])
+                    np.concatenate([g for _, _, g in parts]).astype(str), classes or [], ident.hexdigest()[:16],
+                    np.concatenate([c for c, _ in where]), np.concatenate([p for _, p in where]))
 
 
 def _patches_at(patches: zarr.Array, idx: np.ndarray) -> np.ndarray:
@@ -286,7 +298,157 @@ def split_by_group(groups: np.ndarray, fractions=(0.6, 0.2, 0.2), seed: int = 0)
     return out
 
 
-def split_identity(groups: np.ndarray, split: np.ndarray) -> str:
-    """Identity of a split = hash of its sorted group names and size (compare test sets by it)."""
+SPLIT_MODES = ("auto", "slide", "spatial")
+SPATIAL_BLOCKS = (8, 6, 5, 4, 3, 2)  # block edges (patches) tried, largest first: fewer borders, less leakage
+SPATIAL_MIN_PER_CLASS = 2  # patches of each class every split with a non-zero fraction must keep
+
+
+@dataclass
+class Split:
+    """Patch indices of train / val / test and how they were drawn (recorded in the model card)."""
+
+    indices: dict[str, np.ndarray]
+    by: str  # "slide" or "spatial"
+    block_patches: int | None = None  # spatial: edge of the square blocks, in patches
+    gap_patches: int = 0  # spatial: patches dropped between blocks of different splits, at least this wide
+    dropped: int = 0  # spatial: labelled patches in the gaps (in no split)
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"by": self.by}
+        if self.by == "spatial":
+            out.update(block_patches=self.block_patches, gap_patches=self.gap_patches, dropped_patches=self.dropped,
+                       note="train, val and test are regions of the same slide(s): held-out metrics are optimistic; "
+                            "measure on other slides before trusting them")
+        return out
+
+
+def _data_error(problem: str):
+    from wsipipe.errors import TrainingDataError
+
+    return TrainingDataError(None, problem)
+
+
+def _class_counts(labels: np.ndarray, classes: Sequence[str]) -> str:
+    return ", ".join(f"{name} {int(np.count_nonzero(labels == k))}" for k, name in enumerate(classes))
+
+
+def split_patch_set(data: PatchSet, fractions=(0.6, 0.2, 0.2), by: str = "auto", seed: int = 0) -> Split:
+    """Train / val / test of a labelled set, by slide (source group) or spatially within slides.
+
+    ``by="slide"`` deals whole groups out (:func:`split_by_group`) and needs at least one group per
+    split; ``"spatial"`` cuts each slide's patch grid into blocks (:func:`split_spatial`);
+    ``"auto"`` splits by slide when there are at least as many groups as non-empty splits,
+    else spatially. A split that cannot be drawn is a :class:`TrainingDataError` naming the
+    groups or the class counts."""
+    if by not in SPLIT_MODES:
+        raise ParameterError(None, f"split_by must be one of {', '.join(SPLIT_MODES)}, got {by!r}")
+    fr = _fractions(fractions)
+    n_groups = len(np.unique(data.groups))
+    wanted = int(np.count_nonzero(fr > 0))
+    if by == "slide" or (by == "auto" and n_groups >= wanted):
+        indices = split_by_group(data.groups, fr, seed)
+        for k, name in enumerate(SPLITS):
+            if fr[k] > 0 and len(indices[name]) == 0:
+                raise _data_error(f"split {name!r} is empty: {n_groups} source group(s) cannot fill train/val/test "
+                                  f"{tuple(fractions)} by slide; add slides, or split within slides (--split-by spatial)")
+        return Split(indices, "slide")
+    if data.coords is None or data.pitch is None or not (data.pitch > 0).all():
+        raise _data_error(f"{n_groups} source group(s) cannot fill train/val/test {tuple(fractions)} by group, and a "
+                          "folder patch set has no patch positions to split within; add groups")
+    return split_spatial(data.groups, data.coords, data.pitch, data.labels, fr, seed, data.classes)
+
+
+def _fractions(fractions) -> np.ndarray:
+    fr = np.asarray(fractions, dtype=float)
+    if fr.shape != (3,) or (fr < 0).any() or fr.sum() <= 0:
+        raise ParameterError(None, f"train/val/test split fractions must be three non-negative numbers, got {fractions}")
+    return fr / fr.sum()
+
+
+def split_spatial(
+    groups: np.ndarray, coords: np.ndarray, pitch: np.ndarray, labels: np.ndarray, fractions=(0.6, 0.2, 0.2),
+    seed: int = 0, classes: Sequence[str] | None = None,
+) -> Split:
+    """Train / val / test as contiguous blocks of each slide's patch grid, stratified by class.
+
+    Each slide's grid (level-0 ``coords`` over its ``pitch``) is cut into square blocks of
+    ``b`` x ``b`` patches; blocks go to splits greedily (those holding most of a class first)
+    so that every split gets its fraction of every class. A patch next to (within one pitch
+    of, diagonals included) a patch of a split later in test > val > train is dropped, so
+    patches of different splits are never neighbours: at least one patch lies between them.
+    The largest ``b`` of :data:`SPATIAL_BLOCKS` that leaves every split with a non-zero fraction
+    at least :data:`SPATIAL_MIN_PER_CLASS` patches of each class wins; none does = a
+    :class:`TrainingDataError` with the class counts. Deterministic for a ``seed``."""
+    fr = _fractions(fractions)
+    groups, labels = np.asarray(groups), np.asarray(labels)
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    pitch = np.asarray(pitch, dtype=np.float64)
+    present = np.unique(labels[labels >= 0])
+    names = list(classes) if classes is not None else [str(k) for k in range(int(present.max(initial=0)) + 1)]
+    wanted = np.flatnonzero(fr > 0)
+    if len(present) < 2 or any(np.count_nonzero(labels == k) < SPATIAL_MIN_PER_CLASS * len(wanted) for k in present):
+        raise _data_error(f"too few labelled patches to split one slide into train/val/test with every class in each "
+                          f"(class counts: {_class_counts(labels, names)}; need at least {SPATIAL_MIN_PER_CLASS * len(wanted)} "
+                          "of each of two classes or more); annotate more regions or add slides")
+    # grid cell of each patch, per group: (group, column, row)
+    _, gid = np.unique(groups, return_inverse=True)
+    cell = np.zeros((len(labels), 2), np.int64)
+    for g in np.unique(gid):
+        sel = gid == g
+        cell[sel] = np.rint((coords[sel] - coords[sel].min(axis=0)) / pitch[sel][:, None]).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    tie = rng.random(len(labels) + 1)  # one draw per seed, reused by every block size
+    for b in SPATIAL_BLOCKS:
+        indices, dropped = _spatial_at(gid, cell, labels, fr, b, tie)
+        kept = [np.count_nonzero(labels[indices[SPLITS[s]]] == k) for s in wanted for k in present]
+        if min(kept) >= SPATIAL_MIN_PER_CLASS:
+            return Split(indices, "spatial", block_patches=b, gap_patches=1, dropped=dropped)
+    raise _data_error(f"cannot split the slide(s) spatially into train/val/test with every class in each: the "
+                      f"classes are too concentrated (class counts: {_class_counts(labels, names)}); annotate more "
+                      "regions of the rarer class or add slides")
+
+
+def _spatial_at(gid: np.ndarray, cell: np.ndarray, labels: np.ndarray, fr: np.ndarray, b: int,
+                tie: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+    """One spatial split with ``b`` x ``b`` blocks: (indices per split, patches dropped in gaps)."""
+    block = np.column_stack([gid, cell // b])
+    ublocks, of_patch = np.unique(block, axis=0, return_inverse=True)
+    of_patch = of_patch.reshape(-1)
+    n_classes = int(labels.max()) + 1
+    counts = np.zeros((len(ublocks), n_classes))
+    lab = labels >= 0
+    np.add.at(counts, (of_patch[lab], labels[lab]), 1)
+    totals = np.maximum(counts.sum(axis=0), 1)
+    share = counts / totals  # each block's share of each class
+    target = fr[:, None] * share.sum(axis=0)[None, :]  # (split, class) shares to reach
+    got = np.zeros_like(target)
+    order = np.lexsort((tie[: len(ublocks)], -share.max(axis=1)))  # big shares first, seeded ties
+    split_of_block = np.zeros(len(ublocks), np.int64)
+    for j in order:
+        cost = [((got + np.where(np.arange(3)[:, None] == s, share[j], 0) - target) ** 2).sum() if fr[s] > 0 else np.inf
+                for s in range(3)]
+        s = int(np.argmin(cost))
+        split_of_block[j] = s
+        got[s] += share[j]
+    split = split_of_block[of_patch]
+    # drop a patch with a neighbour (8-connected) of a split later in test > val > train
+    where = {(int(g), int(x), int(y)): int(s) for g, (x, y), s in zip(gid, cell, split, strict=True)}
+    keep = np.ones(len(labels), bool)
+    for i, (g, (x, y), s) in enumerate(zip(gid, cell, split, strict=True)):
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                if where.get((int(g), int(x) + dx, int(y) + dy), -1) > s:
+                    keep[i] = False
+    indices = {name: np.flatnonzero((split == k) & keep) for k, name in enumerate(SPLITS)}
+    return indices, int(np.count_nonzero(~keep & lab))
+
+
+def split_identity(groups: np.ndarray, split: np.ndarray, coords: np.ndarray | None = None) -> str:
+    """Identity of a split = hash of its sorted group names and size (compare test sets by it);
+    with ``coords`` (a spatial split: regions of slides, not whole slides) also of the patches' positions."""
     names = sorted(set(np.asarray(groups)[split].tolist()))
-    return hashlib.sha256(json.dumps([names, int(len(split))]).encode()).hexdigest()[:16]
+    key: list[Any] = [names, int(len(split))]
+    if coords is not None:
+        where = sorted(zip(np.asarray(groups)[split].tolist(), np.asarray(coords)[split].reshape(-1, 2).tolist(), strict=True))
+        key.append(hashlib.sha256(json.dumps(where).encode()).hexdigest())
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]

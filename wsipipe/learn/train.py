@@ -323,11 +323,18 @@ def initial_model(arch: str, num_classes: int, init: str = "scratch", path=None,
 
 @dataclass
 class _Best:
-    """The best model of a retraining so far (by validation AUC)."""
+    """The best model of a retraining so far (by validation AUC, ties by validation log-loss)."""
 
     auc: float = -np.inf
+    loss: float = np.inf
     model: nn.Module | None = None
     epoch: int = -1
+    probs: np.ndarray | None = None  # its validation probabilities
+
+    def beaten_by(self, auc: float, loss: float) -> bool:
+        if self.model is None or auc > self.auc:
+            return True
+        return auc == self.auc and loss < self.loss
 
 
 def retrain(
@@ -337,11 +344,21 @@ def retrain(
     """Fine-tune on ``train`` = (patches, labels), early-stopping on the validation AUC.
 
     After each epoch a copy of the model gets exact BatchNorm statistics and is scored on
-    ``val``; the best copy is returned with the per-epoch history and its epoch. Training
-    stops after ``cfg.patience`` epochs without a better AUC. ``cfg`` is a TrainConfig."""
+    ``val``: the best copy (higher AUC; at equal AUC lower class-balanced log-loss, so a model
+    that separates val perfectly from its first epoch still improves) is returned with the
+    per-epoch history and its epoch. Training stops after ``cfg.patience`` epochs without a
+    better copy, never before ``cfg.min_epochs``. ``cfg`` is a TrainConfig."""
+    model, history, best = _retrain(train, val, cfg, num_classes, model, augmenter, on_step)
+    return model, history, best.epoch
+
+
+def _retrain(
+    train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], cfg, num_classes: int,
+    model: nn.Module | None = None, augmenter=None, on_step: StepLog | None = None,
+) -> tuple[nn.Module, list[dict], _Best]:
     import copy
 
-    from wsipipe.learn.metrics import auc
+    from wsipipe.learn.metrics import auc, balanced_log_loss
 
     (xtr, ytr), (xva, yva) = train, val
     dev = resolve_device(cfg.device)
@@ -352,6 +369,7 @@ def retrain(
     history: list[dict] = []
     best = _Best()
     losses: list[float] = []
+    min_epochs = getattr(cfg, "min_epochs", 1)
 
     def step_log(step, total, loss, rate):
         losses.append(loss)
@@ -361,21 +379,29 @@ def retrain(
     def epoch_end(epoch: int, current: nn.Module) -> bool:
         snapshot = copy.deepcopy(current)
         recalibrate_batchnorm(snapshot, xtr, bn_sample, cfg.batch_size, dev, dtype)
-        score = auc(predict_patches(snapshot, xva, dev), yva) if len(yva) else float("nan")
+        probs = predict_patches(snapshot, xva, dev)
+        score = auc(probs, yva) if len(yva) else float("nan")
         score = -np.inf if np.isnan(score) else score
-        history.append({"epoch": epoch, "val_auc": float(score), "train_loss": float(np.mean(losses[-50:] or [np.nan]))})
-        if score > best.auc or best.model is None:
-            best.auc, best.model, best.epoch = float(score), snapshot, epoch
-        return epoch - best.epoch >= cfg.patience
+        val_loss = balanced_log_loss(probs, yva)
+        val_loss = np.inf if np.isnan(val_loss) else val_loss
+        history.append({"epoch": epoch, "val_auc": float(score), "val_log_loss": float(val_loss),
+                        "train_loss": float(np.mean(losses[-50:] or [np.nan]))})
+        if best.beaten_by(float(score), float(val_loss)):
+            best.auc, best.loss, best.model, best.epoch, best.probs = float(score), float(val_loss), snapshot, epoch, probs
+        return epoch + 1 >= min_epochs and epoch - best.epoch >= cfg.patience
 
     fit_classifier(xtr, ytr, FitOptions.from_train_config(cfg, num_classes),
                    FitHooks(model=model, augmenter=augmenter, on_step=step_log, on_epoch=epoch_end))
     if best.model is None:  # epoch_end keeps a model after the first epoch
-        raise RuntimeError("retraining ran no epoch")
-    return best.model.eval(), history, best.epoch
+        raise TrainingDataError(None, "retraining ran no epoch (no training patches)")
+    return best.model.eval(), history, best
 
 
 CARD_FORMAT = "wsipipe-model-card-1"
+
+
+def _counts(labels: np.ndarray, classes: list[str]) -> str:
+    return ", ".join(f"{name} {int(np.count_nonzero(labels == k))}" for k, name in enumerate(classes))
 
 
 def train_model(stores: list, out_dir, cfg, progress: StepLog | None = None) -> dict:
@@ -390,20 +416,26 @@ def train_model(stores: list, out_dir, cfg, progress: StepLog | None = None) -> 
     from wsipipe import __version__
     from wsipipe.learn.augment import Augmenter
     from wsipipe.files import write_atomic
-    from wsipipe.learn.metrics import classification_metrics
+    from wsipipe.learn.metrics import choose_threshold, classification_metrics
     from wsipipe.models.model import save_weights
-    from wsipipe.learn.patchsets import load_patch_sets, split_by_group, split_identity
+    from wsipipe.learn.patchsets import load_patch_sets, split_identity, split_patch_set
 
     tc = cfg.train
+    where = ", ".join(map(str, stores))
     data = load_patch_sets(stores)
-    splits = split_by_group(data.groups, tc.split, tc.seed)
-    for name in ("train", "val", "test"):
+    try:
+        split = split_patch_set(data, tc.split, tc.split_by, tc.seed)
+    except TrainingDataError as exc:
+        raise TrainingDataError(None, f"{where}: {exc.problem}") from None
+    splits = split.indices
+    for name in ("train", "val", "test"):  # val picks the epoch and the threshold, test reports
         if len(splits[name]) == 0:
-            raise TrainingDataError(None, f"{', '.join(map(str, stores))}: split {name!r} is empty: {len(set(data.groups))} source "
-                                    f"group(s) cannot fill train/val/test {tc.split}; add slides or change train.split")
+            raise TrainingDataError(None, f"{where}: split {name!r} is empty (train.split {tuple(tc.split)}); "
+                                    "training needs train, val and test")
     if len(np.unique(data.labels[splits["train"]])) < 2:
-        raise TrainingDataError(None, f"{', '.join(map(str, stores))}: the training split has labelled patches of "
-                                f"{len(np.unique(data.labels[splits['train']]))} class(es) of {data.classes}; need at least two")
+        raise TrainingDataError(None, f"{where}: the training split has labelled patches of "
+                                f"{len(np.unique(data.labels[splits['train']]))} class(es) of {data.classes} "
+                                f"(class counts: {_counts(data.labels, data.classes)}); need at least two")
     num_classes = 1 if len(data.classes) == 2 else len(data.classes)
     model, init = initial_model(tc.arch, num_classes, tc.init, tc.init_path, tc.registry)
     tr, va, te = (data.subset(splits[k]) for k in ("train", "val", "test"))
@@ -416,11 +448,15 @@ def train_model(stores: list, out_dir, cfg, progress: StepLog | None = None) -> 
         stain = fit_stain_normaliser(cfg.augment.stain_normalise, tr.patches[np.sort(ref)])
         for part in (tr, va, te):
             part.patches = stain.apply(part.patches)
-    model, history, best_epoch = retrain((tr.patches, tr.labels), (va.patches, va.labels), tc, num_classes, model,
-                                         Augmenter(cfg.augment), progress)
+    model, history, best = _retrain((tr.patches, tr.labels), (va.patches, va.labels), tc, num_classes, model,
+                                    Augmenter(cfg.augment), progress)
+    # The decision threshold of the tumor class (the last, as stitch.class_index), chosen on val.
+    chosen = choose_threshold(best.probs, va.labels, tc.threshold_metric) if best.probs is not None else None
+    threshold = None if chosen is None else round(chosen[0], 6)
     probs = predict_patches(model, te.patches, resolve_device(tc.device))
-    metrics = classification_metrics(probs, te.labels)
+    metrics = classification_metrics(probs, te.labels, threshold=threshold)
     out_dir = Path(out_dir)
+    where_xy = data.coords if split.by == "spatial" else None
     info = save_weights(model, out_dir / "model.safetensors", tc.arch, num_classes, {"classes": json.dumps(data.classes)})
     card = {
         "format": CARD_FORMAT, "wsipipe_version": __version__,
@@ -430,9 +466,16 @@ def train_model(stores: list, out_dir, cfg, progress: StepLog | None = None) -> 
         "config_hash": cfg.section_hash("train", "augment"),
         "data": {"identity": data.identity, "stores": [str(s) for s in stores],
                  "splits": {k: {"n": int(len(v)), "groups": sorted(set(data.groups[v].tolist())),
-                                "split_id": split_identity(data.groups, v)} for k, v in splits.items()}},
-        "test_split_id": split_identity(data.groups, splits["test"]),
-        "history": history, "best_epoch": best_epoch, "test_metrics": metrics,
+                               "class_counts": {c: int(np.count_nonzero(data.labels[v] == j)) for j, c in enumerate(data.classes)},
+                               "split_id": split_identity(data.groups, v, where_xy)} for k, v in splits.items()}},
+        "split": split.describe(),
+        "test_split_id": split_identity(data.groups, splits["test"], where_xy),
+        "history": history, "best_epoch": best.epoch,
+        "threshold": threshold,
+        "threshold_selection": {"split": "val", "metric": tc.threshold_metric,
+                                "value": None if chosen is None else chosen[1],
+                                "note": None if chosen is not None else "val lacks a class: no threshold chosen"},
+        "test_metrics": metrics,
         "stain_normalisation": stain.to_dict() if stain else None,
     }
     write_atomic(out_dir / "card.json", json.dumps(card, indent=2))

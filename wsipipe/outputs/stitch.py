@@ -619,7 +619,7 @@ def accumulate(
         except ValueError as exc:
             raise StoreError(store_path, f"inconsistent grid_ij: {exc}") from None
         score.add(p)
-        n_tumor_patches += int(np.count_nonzero(p >= cfg.threshold))
+        n_tumor_patches += int(np.count_nonzero(p >= cfg.tumor_threshold))
         if progress:
             progress(sl.stop, n)
     return Accumulated(heat.result(), score.result(), n_tumor_patches)
@@ -640,11 +640,11 @@ def render(inputs: StitchInputs, acc: Accumulated, cfg: StitchConfig, thumbnail:
     """Tumor mask and polygons from the heatmap; the heatmap PNG and the mask at thumbnail scale."""
     min_cells = _min_tumor_cells(cfg, inputs)
     # Holes below the same size are treated like specks: noise inside a tumor region.
-    mask = tumor_mask(acc.heatmap, cfg.threshold, min_area_cells=min_cells, fill_holes_cells=min_cells)
+    mask = tumor_mask(acc.heatmap, cfg.tumor_threshold, min_area_cells=min_cells, fill_holes_cells=min_cells)
     polygons = tumor_polygons(mask, inputs.stride_l0, inputs.origin, bounds=inputs.bounds)
     tumor_area_mm2 = polygons.area * inputs.slide_mpp**2 / 1e6
     scores = acc.scores
-    decision = "tumor" if scores["top_k_mean"] >= cfg.threshold else "normal"
+    decision = "tumor" if scores["top_k_mean"] >= cfg.tumor_threshold else "normal"
     slide = inputs.slide
     title = (
         f"{slide.get('name') or Path(str(slide.get('path', inputs.store_path))).name}: {decision} "
@@ -652,7 +652,7 @@ def render(inputs: StitchInputs, acc: Accumulated, cfg: StitchConfig, thumbnail:
         f"tumor {tumor_area_mm2:.3g} mm²)"
     )
     heatmap_png = render_heatmap_png(
-        thumbnail, inputs.thumb_downsample, acc.heatmap, inputs.stride_l0, inputs.origin, polygons, cfg.threshold,
+        thumbnail, inputs.thumb_downsample, acc.heatmap, inputs.stride_l0, inputs.origin, polygons, cfg.tumor_threshold,
         inputs.slide_mpp, title,
     )
     mask_thumb = grid_to_thumbnail(mask, thumbnail.shape[:2], inputs.thumb_downsample, inputs.stride_l0, inputs.origin, fill=False)
@@ -672,7 +672,7 @@ def write_outputs(
             "wsipipe_version": __version__,
             "slide_identity": str(slide.get("identity", "")),
             "model_sha256": str(model.get("sha256", "")),
-            "threshold": f"{cfg.threshold:g}",
+            "threshold": f"{cfg.tumor_threshold:g}",
         },
     }
     write_atomic(out_dir / OUTPUT_FILES["heatmap"], _npy_bytes(acc.heatmap))
@@ -683,7 +683,7 @@ def write_outputs(
         out_dir, export, acc.heatmap, out.mask, out.polygons, inputs.stride_l0, inputs.origin, inputs.slide_mpp,
         inputs.bounds,
         provenance={"wsipipe_version": __version__, "slide_identity": slide.get("identity"),
-                    "model_sha256": model.get("sha256"), "threshold": cfg.threshold},
+                    "model_sha256": model.get("sha256"), "threshold": cfg.tumor_threshold},
     )
 
 
@@ -720,7 +720,7 @@ def summarise(
         n_patches=inputs.n,
         skipped_patches=(stages.get(store.STAGE_TILE) or {}).get("corrupt_patches"),
         n_tumor_patches=acc.n_tumor_patches,
-        threshold=cfg.threshold,
+        threshold=cfg.tumor_threshold,
         slide_score=SlideScore(**{k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()}),
         decision=out.decision,
         tumor_area_mm2=round(out.tumor_area_mm2, 6),
@@ -739,7 +739,7 @@ def summarise(
             STAGE: round(seconds, 3),
         },
         files=dict(OUTPUT_FILES),
-        qc=QCSection.model_validate(qc.slide_qc(group, inputs.meta, scores["top_k_mean"], cfg.threshold, qc_cfg)),
+        qc=QCSection.model_validate(qc.slide_qc(group, inputs.meta, scores["top_k_mean"], cfg.tumor_threshold, qc_cfg)),
         exports=exports,  # outputs for other tools (directories included), by kind
     )
 

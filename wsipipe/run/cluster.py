@@ -27,7 +27,7 @@ from pathlib import Path
 from wsipipe.config import DaskConfig, PipelineConfig
 from wsipipe.run.client import connect
 from wsipipe.run.job import SlideJob, Stage, StageOutcome, output_dir, run_job, run_stage
-from wsipipe.run.names import weights_path
+from wsipipe.run.names import run_model
 from wsipipe.run.rows import SlideResult
 
 __all__ = ["GPU", "dask_client", "dask_scheduler", "local_cluster", "run_slides", "split_workers"]
@@ -98,7 +98,8 @@ def run_slides(
     Rows carry ``workers``: the address each stage ran on. A slide that fails is a
     ``failed`` row with the one-line error; the others go on. ``skipped`` = every stage
     was already complete for the same slide, config and model."""
-    weights = weights_path(model_path, cfg).resolve()
+    weights, cfg = run_model(model_path, cfg)
+    weights = weights.resolve()
     out_dir = Path(out_dir).resolve()
     runner = DaskRunner(client)
     slides = [Path(s).resolve() for s in slides]

@@ -29,3 +29,24 @@ def weights_path(model: str | Path | None, cfg: PipelineConfig) -> Path:
             f"or promote a model in the registry {cfg.train.registry})",
         )
     return Path(weights)
+
+
+def with_card_threshold(cfg: PipelineConfig, weights: Path) -> PipelineConfig:
+    """``cfg`` with ``stitch.threshold`` from the model card next to ``weights`` when the
+    configuration leaves it unset (a value set in YAML, an override or ``--threshold`` wins).
+    The threshold then is part of the stitch stage's identity: a new card threshold restitches."""
+    from wsipipe.learn.registry import card_threshold
+
+    if cfg.stitch.threshold is not None:
+        return cfg
+    threshold = card_threshold(weights)
+    if threshold is None:
+        return cfg
+    return cfg.model_copy(update={"stitch": cfg.stitch.model_copy(update={"threshold": threshold})})
+
+
+def run_model(model: str | Path | None, cfg: PipelineConfig) -> tuple[Path, PipelineConfig]:
+    """The weights a run uses (:func:`weights_path`) and ``cfg`` with their card's threshold
+    (:func:`with_card_threshold`)."""
+    weights = weights_path(model, cfg)
+    return weights, with_card_threshold(cfg, weights)

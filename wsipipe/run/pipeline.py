@@ -21,7 +21,7 @@ from pathlib import Path
 
 from wsipipe.config import PipelineConfig
 from wsipipe.run.job import STAGES, Runner, SlideJob, Stage, StageOutcome, StageProgress, direct, output_dir, run_job
-from wsipipe.run.names import weights_path
+from wsipipe.run.names import run_model
 from wsipipe.run.rows import SlideResult
 from wsipipe.tiles import store
 
@@ -59,7 +59,7 @@ def run_slide(
     from wsipipe.models.model import load_model
 
     slide_path = Path(slide_path)
-    weights = weights_path(model_path, cfg)
+    weights, cfg = run_model(model_path, cfg)
     # Fail fast on bad weights or architecture, before any tiling work.
     net, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
     resolve_precision(cfg.inference.precision, resolve_device(cfg.inference.device))
@@ -165,7 +165,7 @@ def run_slides(
     from wsipipe.models.inference import resolve_device, resolve_precision
     from wsipipe.models.model import load_model
 
-    weights = weights_path(model_path, cfg)
+    weights, cfg = run_model(model_path, cfg)
     net, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
     resolve_precision(cfg.inference.precision, resolve_device(cfg.inference.device))
     paths = [Path(s) for s in slides]
