@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from wsipipe.cli.console import ConfigOpt, console, help_when_bare, load_config, loss_progress, one, print_paths, progress
+from wsipipe.cli.console import ConfigOpt, console, error_line, help_when_bare, load_config, loss_progress, one, print_paths, progress
 from wsipipe.errors import AnnotationError, RegistryError
 
 
@@ -16,7 +16,8 @@ def patches(
     source: Path = typer.Argument(..., help="A tiled store (with --annotations) or a folder with one sub-folder per class."),
     annotations: Path | None = typer.Option(None, "--annotations", "-a", help="QuPath GeoJSON for a tiled store."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Zarr store to write (folder sets)."),
-    classes: str | None = typer.Option(None, help="Comma-separated classes in index order, background first (default: Normal + the GeoJSON's)."),
+    classes: str | None = typer.Option(None, help="Comma-separated classes in index order, background first (default: Normal + the GeoJSON's); "
+                                       "NAME=A+B gives class NAME the polygons of annotation classes A and B."),
     patch_size: int | None = typer.Option(None, help="Resize folder images to this edge (default: the first image's)."),
     group_regex: str | None = typer.Option(None, help="Source group of a file: first capture group on its name (folder sets)."),
     config: Path | None = ConfigOpt,
@@ -32,9 +33,18 @@ def patches(
     if annotations is not None:
         labels = label_store(source, annotations, classes.split(",") if classes else None,
                              cfg.train.min_overlap, cfg.train.max_normal_overlap)
-        counts = {int(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True), strict=True)}
-        print_paths({f"labels {counts} (-1 = unlabelled)": source})
+        from wsipipe.tiles import store
+
+        info = store.meta(store.open_store(source))[store.META_LABELS]
+        for warning in info.get("warnings", []):
+            error_line("wsipipe warning: ", warning, "yellow")
+        counts = np.bincount(labels.astype(np.int64) + 1, minlength=len(info["classes"]) + 1)
+        named = ", ".join(f"{name} {n}" for name, n in zip([*info["classes"], "unlabelled"], [*counts[1:], counts[0]], strict=True))
+        print_paths({f"labels: {named}": source})
     else:
+        if (source / "zarr.json").is_file():
+            raise AnnotationError(source, "is a Zarr store: label a tiled store with --annotations SLIDE.geojson "
+                                  "(a folder set is made from a folder of images, one sub-folder per class)")
         if out is None:
             raise typer.BadParameter("--out is required for a folder-per-class set")
         stats = folder_patch_set(source, out, patch_size, group_regex)
@@ -65,19 +75,27 @@ def pretrain(
     method: str | None = typer.Option(None, help="simclr or byol (default pretrain.method)."),
     steps: int | None = typer.Option(None, help="Training steps."),
     arch: str | None = typer.Option(None, help="torchvision architecture of the encoder."),
-    probe: list[Path] = typer.Option([], help="Labelled stores for a linear probe after training (split by slide)."),
+    probe: list[Path] = typer.Option([], help="Labelled stores for a linear probe after training (split by slide; "
+                                      "by position within the slide when there is one)."),
+    restart: bool = typer.Option(False, "--restart", help="Start over at step 0 in --out, overwriting its checkpoint "
+                                 "(needed when the method, architecture, other settings or stores differ from it)."),
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Contrastive pretraining (SimCLR / BYOL) of a patch encoder; resumable; optional linear probe."""
-    from wsipipe.learn.pretrain import pretrain as run_pretrain, probe_on_sets
+    """Contrastive pretraining (SimCLR / BYOL) of a patch encoder; resumes up to --steps; optional linear probe."""
+    from wsipipe.learn.pretrain import check_probe_sets, pretrain as run_pretrain, probe_on_sets
 
     cfg = load_config(config, **{"pretrain.method": method, "pretrain.steps": steps, "pretrain.arch": arch})
+    check_probe_sets(list[str | Path](probe))
     with loss_progress(cfg.pretrain.method) as update:
-        result = run_pretrain(list[str | Path](stores), out, cfg.pretrain, cfg.augment, progress=update)
+        result = run_pretrain(list[str | Path](stores), out, cfg.pretrain, cfg.augment, progress=update, restart=restart)
+    if result.resumed_from >= cfg.pretrain.steps and result.resumed_from > 0:
+        console.print(f"the checkpoint is already at step {result.resumed_from} (steps {cfg.pretrain.steps}): nothing to run",
+                      highlight=False)
     print_paths({f"encoder after {result.steps} steps (resumed from {result.resumed_from})": out})
     if probe:
         scores = probe_on_sets(out, list[str | Path](probe), cfg.train.seed)
-        console.print(f"linear probe: accuracy {scores['accuracy']:.3f}, AUC {scores['auc']:.3f}")
+        console.print(f"linear probe: accuracy {scores['accuracy']:.3f}, AUC {scores['auc']:.3f} "
+                      f"(n={scores['n_train']} fit, {scores['n_test']} scored; split {scores['split']})", highlight=False)
 
 
 def train(
@@ -149,7 +167,10 @@ def models_list(registry_dir: Path | None = typer.Option(None, "--registry", hel
             raise RegistryError(root, "registry folder not found")
         console.print(f"no models registered in {root} yet", highlight=False)
         return
-    for e in list_models(root):
+    entries = list_models(root)
+    if not entries:
+        console.print(f"no models registered in {root} yet", highlight=False)
+    for e in entries:
         m, card = e["card"].get("test_metrics", {}), e["card"]
         console.print(f"{'*' if e['production'] else ' '} {e['version']}  {card.get('arch')}  classes {card.get('classes')}  "
                       f"AUC {m.get('auc', float('nan')):.4f}  acc {m.get('accuracy', float('nan')):.4f}  "

@@ -35,7 +35,7 @@ import zarr
 from shapely.geometry import MultiPolygon, shape
 
 from wsipipe.tiles import store
-from wsipipe.errors import AnnotationError, ParameterError
+from wsipipe.errors import AnnotationError, ParameterError, StoreError
 from wsipipe.geometry import as_multipolygon
 from wsipipe.geometry import overlap_fraction
 
@@ -81,28 +81,73 @@ def read_annotations(path: str | Path, repair: bool = True) -> dict[str, MultiPo
     return {name: as_multipolygon(shapely.union_all(polys)) for name, polys in out.items()}
 
 
+def paint_regions(regions: dict[str, MultiPolygon]) -> dict[str, MultiPolygon]:
+    """The regions made disjoint, the most specific winning: where polygons of several classes
+    overlap, the area goes to the smallest polygon covering it (a ``Tumor`` polygon inside a
+    ``Tissue`` outline keeps its area; the outline keeps the rest). Polygons are the connected
+    parts of each class's region; on equal areas the class listed first wins."""
+    parts = [(float(poly.area), k, poly) for k, name in enumerate(regions) for poly in regions[name].geoms]
+    parts.sort(key=lambda t: (t[0], t[1]))
+    polys = [poly for _, _, poly in parts]
+    tree = shapely.STRtree(polys)
+    names = list(regions)
+    painted: dict[str, list] = {name: [] for name in names}
+    for rank, (_, k, poly) in enumerate(parts):
+        earlier = [polys[i] for i in tree.query(poly, predicate="intersects") if i < rank]
+        piece = shapely.difference(poly, shapely.union_all(earlier)) if earlier else poly
+        painted[names[k]].extend(as_multipolygon(piece).geoms)
+    return {name: MultiPolygon(p) for name, p in painted.items()}
+
+
 def label_by_regions(
     coords: np.ndarray, patch_size_l0: float, regions: dict[str, MultiPolygon], classes: list[str],
     min_overlap: float = 0.5, max_normal_overlap: float = 0.1, background: str | None = BACKGROUND,
 ) -> np.ndarray:
-    """int8 class index per patch: the class whose polygons cover >= ``min_overlap`` of it;
-    ``background`` when every class covers <= ``max_normal_overlap``; else -1 (unlabelled).
+    """int8 class index per patch: the class whose region covers >= ``min_overlap`` of it (the
+    most, if several; the first listed on a tie); ``background`` when at most
+    ``max_normal_overlap`` of it lies in any region; else -1 (unlabelled).
 
-    ``classes`` fixes the index order (background included, if used)."""
+    Regions are first made disjoint by :func:`paint_regions`: where classes overlap (a
+    ``Tumor`` polygon inside a ``Tissue`` outline), the smallest polygon wins. ``classes``
+    fixes the index order; the background class, when listed, takes no polygons of its own:
+    it is what lies clear of the others (when not listed, those patches stay unlabelled)."""
     if not 0.0 <= max_normal_overlap < min_overlap <= 1.0:
         raise ParameterError(None, f"need 0 <= max_normal_overlap ({max_normal_overlap}) < min_overlap ({min_overlap}) <= 1")
     named = [c for c in classes if c != background]
+    painted = paint_regions({name: regions.get(name, MultiPolygon()) for name in named})
     n = len(np.asarray(coords).reshape(-1, 2))
     overlaps = np.zeros((n, max(len(named), 1)))
     for j, name in enumerate(named):
-        overlaps[:, j] = overlap_fraction(coords, patch_size_l0, regions.get(name, MultiPolygon()))
+        overlaps[:, j] = overlap_fraction(coords, patch_size_l0, painted[name])
     labels = np.full(n, -1, dtype=np.int8)
-    if background is not None:
-        labels[overlaps.max(axis=1) <= max_normal_overlap] = classes.index(background)
+    if background is not None and background in classes:
+        labels[overlaps.sum(axis=1) <= max_normal_overlap] = classes.index(background)
     best = overlaps.argmax(axis=1)
     hit = overlaps[np.arange(n), best] >= min_overlap
     labels[hit] = np.array([classes.index(named[b]) for b in best[hit]], dtype=np.int8) if hit.any() else []
     return labels
+
+
+def parse_classes(classes: Sequence[str]) -> dict[str, list[str]]:
+    """``["Normal=Tissue", "Tumor=Tumor+Metastasis", "Stroma"]`` -> each class (in index order)
+    with the annotation classes whose polygons it takes (by default, its own name)."""
+    out: dict[str, list[str]] = {}
+    taken: dict[str, str] = {}
+    for item in classes:
+        name, eq, src = (x.strip() for x in item.partition("="))
+        sources = [s.strip() for s in src.split("+")] if eq else [name]
+        if not name or not all(sources):
+            raise ParameterError(None, f"classes: {item!r} is not NAME or NAME=ANNOTATION[+ANNOTATION...]")
+        if name in out:
+            raise ParameterError(None, f"classes: {name!r} is listed twice")
+        for s in sources:
+            if s in taken and taken[s] != name:
+                raise ParameterError(None, f"classes: annotation class {s!r} is mapped to both {taken[s]!r} and {name!r}")
+            taken[s] = name
+        out[name] = sources
+    if not out:
+        raise ParameterError(None, "classes: no class given")
+    return out
 
 
 def label_store(
@@ -112,23 +157,57 @@ def label_store(
     """Write ``labels`` and ``groups`` into a tiled slide's store from its annotations.
 
     ``classes`` default: background first, then the annotation classes sorted (so a
-    Tumor-only GeoJSON gives ["Normal", "Tumor"] = 0/1, the binary classifier's labels)."""
+    Tumor-only GeoJSON gives ["Normal", "Tumor"] = 0/1, the binary classifier's labels).
+    An entry ``NAME=A+B`` gives class NAME the polygons of annotation classes A and B (see
+    :func:`parse_classes`). Where polygons overlap the smallest wins (:func:`paint_regions`).
+
+    Warnings (annotation classes no class takes, classes left without patches) go into
+    ``attrs.wsipipe.labels.warnings``. A GeoJSON without polygons, or without polygons of any
+    requested class other than the background, is an :class:`AnnotationError`."""
     regions = read_annotations(geojson_path)
+    if not regions and classes is None:
+        raise AnnotationError(geojson_path, "no polygon annotations (no Polygon or MultiPolygon features) to label with")
     if classes is None:
         classes = ([background] if background else []) + sorted(c for c in regions if c != background)
+    sources = parse_classes(classes)
+    classes = list(sources)
+    named = [c for c in classes if c != background]
+    if named and not regions:
+        raise AnnotationError(geojson_path, "no polygon annotations (no Polygon or MultiPolygon features) to label with")
+    found = sorted(regions)
+    if named and not any(s in regions for c in named for s in sources[c]):
+        raise AnnotationError(geojson_path, f"no polygons of the classes {named} (the file has {found}); "
+                              "name the annotation classes with --classes, e.g. --classes Normal,Tumor=Carcinoma")
+    class_regions = {c: as_multipolygon(shapely.union_all([regions[s] for s in sources[c] if s in regions])) for c in named}
     from wsipipe.tiles.tiling import stored_patches
 
     group = store.open_store(store_path, "r+")
     store.require_complete(group, store.STAGE_TILE, store_path)
     stored_patches(group, store_path)  # labels are for training, which needs the patches stored
     info = store.meta(group)
+    if not (info.get(store.META_TILE) or {}).get("patch_size_l0"):
+        raise StoreError(store_path, "no slide positions (a folder patch set?): annotations label the patches of a "
+                         "slide tiled with `wsipipe tile`")
     coords = np.asarray(store.array(group, store.COORDS)[:])
-    labels = label_by_regions(coords, info[store.META_TILE]["patch_size_l0"], regions, classes,
+    labels = label_by_regions(coords, info[store.META_TILE]["patch_size_l0"], class_regions, classes,
                               min_overlap, max_normal_overlap, background)
+    warnings = []
+    ignored = [name for name in found if not any(name in s for s in sources.values())]
+    if ignored:
+        warnings.append(f"annotation classes not in the classes {classes}, ignored: {', '.join(ignored)} "
+                        f"(map one onto a class with NAME=ANNOTATION, e.g. {classes[-1]}={ignored[0]})")
+    counts = np.bincount(labels[labels >= 0], minlength=len(classes))
+    for k, name in enumerate(classes):
+        if counts[k] == 0:
+            why = ("no polygons of " + "+".join(sources[name]) + " in the GeoJSON") if name in named and class_regions[name].is_empty \
+                else f"no patch is clear of the other classes' polygons (<= {max_normal_overlap} covered)" if name not in named \
+                else f"its polygons cover no patch by >= {min_overlap}"
+            warnings.append(f"class {name!r} has no patches: {why}")
     slide_id = (info.get(store.META_SLIDE) or {}).get("identity") or str(store_path)
     _write_labels(group, labels, np.zeros(len(labels), np.int32), {
         "classes": classes, "groups": [slide_id], "source": str(geojson_path),
         "min_overlap": min_overlap, "max_normal_overlap": max_normal_overlap,
+        "mapping": {c: s for c, s in sources.items() if s != [c]}, "warnings": warnings,
     })
     return labels
 

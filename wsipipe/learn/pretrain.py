@@ -33,13 +33,15 @@ from torch import nn
 from wsipipe.tiles import store
 from wsipipe.learn.augment import Augmenter
 from wsipipe.config import AugmentConfig, PretrainConfig
-from wsipipe.errors import ModelLoadError, ParameterError, StoreError
+from wsipipe.errors import AnnotationError, ConfigError, ModelLoadError, ParameterError, StoreError, TrainingDataError
 from wsipipe.models.inference import resolve_device, resolve_precision, to_tensor
 from wsipipe.models.model import _head, build_model, _read_state
 from wsipipe.files import write_atomic
 from wsipipe.tiles.tiling import reads_from_slide, stored_patches
 
 FORMAT = "wsipipe-encoder-1"
+# Config fields a run may change and still resume: how long it runs, how often it saves, where.
+RUN_CONTROL = ("steps", "checkpoint_every", "device", "precision")
 # (step, total, loss, patches per second) -> None
 PretrainProgress = Callable[[int, int, float, float], None]
 
@@ -174,12 +176,16 @@ def _view_config(aug: AugmentConfig, crop: int, patch: int) -> AugmentConfig:
 
 def pretrain(
     stores: Sequence[str | Path], out_dir: str | Path, cfg: PretrainConfig, aug: AugmentConfig | None = None,
-    progress: PretrainProgress | None = None, stop_after: int | None = None,
+    progress: PretrainProgress | None = None, stop_after: int | None = None, restart: bool = False,
 ) -> PretrainResult:
     """Run ``cfg.method`` for ``cfg.steps`` steps, checkpointing into ``out_dir`` every
-    ``cfg.checkpoint_every`` steps and at the end; resumes from ``out_dir``'s checkpoint
-    when it has the same config and data identity. ``stop_after`` ends the run early (as
-    an interruption would) after that many steps in total."""
+    ``cfg.checkpoint_every`` steps and at the end. A checkpoint already in ``out_dir`` is
+    resumed from its step up to ``cfg.steps`` (a run of 200 steps raised to 400 runs steps
+    201..400; one already at or past ``cfg.steps`` runs nothing): it must have the same data
+    and config apart from :data:`RUN_CONTROL` (steps, checkpoint_every, device, precision),
+    else a :class:`ConfigError` names the checkpoint and the differences. ``restart`` ignores
+    the checkpoint and starts over at step 0 (overwriting it). ``stop_after`` ends the run
+    early (as an interruption would) after that many steps in total."""
     out_dir = Path(out_dir)
     stream = PatchStream(stores)
     patch = stream.arrays[0].shape[1]
@@ -194,11 +200,11 @@ def pretrain(
     config = cfg.model_dump(mode="json")
     start, losses = 0, []
     meta_path = out_dir / "checkpoint.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("config") == config and meta.get("data", {}).get("hash") == stream.identity["hash"]:
-            _load_state(net, opt, out_dir / "state.safetensors", meta)
-            start, losses = int(meta["step"]), list(meta["losses"])
+    if meta_path.is_file() and not restart:
+        meta = _read_meta(meta_path)
+        _check_resumable(meta_path, meta, config, stream.identity)
+        _load_state(net, opt, out_dir / "state.safetensors", meta)
+        start, losses = int(meta["step"]), list(meta["losses"])
     resumed_from = start
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     net.train()
@@ -220,9 +226,32 @@ def pretrain(
             progress(step + 1, cfg.steps, losses[-1], seen / max(time.perf_counter() - t0, 1e-9))
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             _save_checkpoint(out_dir, net, opt, cfg, stream.identity, step + 1, losses)
-    if end == start and not meta_path.is_file():
+    if end <= start and (restart or not meta_path.is_file()):
         _save_checkpoint(out_dir, net, opt, cfg, stream.identity, start, losses)
-    return PretrainResult(out_dir, losses, resumed_from, end)
+    return PretrainResult(out_dir, losses, resumed_from, max(end, start))
+
+
+def _read_meta(meta_path: Path) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(meta_path, f"unreadable pretraining checkpoint ({exc}); pass --restart to start over") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
+        raise ModelLoadError(meta_path, "not a wsipipe pretraining checkpoint; pass --restart to start over in this folder")
+    return meta
+
+
+def _check_resumable(meta_path: Path, meta: dict, config: dict, data: dict) -> None:
+    """A :class:`ConfigError` naming every difference that forbids resuming from ``meta``."""
+    old = meta["config"]
+    diffs = [f"{k} {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
+             if k not in RUN_CONTROL and old.get(k) != config.get(k)]
+    before = (meta.get("data") or {}).get("stores")
+    if (meta.get("data") or {}).get("hash") != data["hash"]:
+        diffs.append(f"stores {[s[1] for s in before or []]} -> {[s[1] for s in data['stores']]} (or their contents)")
+    if diffs:
+        raise ConfigError(meta_path, f"cannot resume: the checkpoint (step {meta.get('step')}) was made with "
+                          f"{'; '.join(diffs)}; pass --restart to start over (overwrites it) or use another --out")
 
 
 def _save_checkpoint(out_dir: Path, net: nn.Module, opt: torch.optim.Optimizer, cfg: PretrainConfig,
@@ -244,6 +273,8 @@ def _save_checkpoint(out_dir: Path, net: nn.Module, opt: torch.optim.Optimizer, 
 
 
 def _load_state(net: nn.Module, opt: torch.optim.Optimizer, path: Path, meta: dict) -> None:
+    if not path.is_file():
+        raise ModelLoadError(path, "checkpoint.json is there but its state is missing; pass --restart to start over")
     state, _ = _read_state(path, path.read_bytes())
     net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")}, strict=True)
     opt_state: dict = {}
@@ -292,6 +323,8 @@ def linear_probe(encoder: nn.Module, train: tuple[np.ndarray, np.ndarray], test:
     from wsipipe.learn.metrics import auc
 
     (xtr, ytr), (xte, yte) = train, test
+    if not len(ytr) or not len(yte):
+        raise TrainingDataError(None, f"the linear probe needs patches to fit and to score (got {len(ytr)} and {len(yte)})")
     ftr, fte = embed(encoder, xtr), embed(encoder, xte)
     mean, std = ftr.mean(0), ftr.std(0) + 1e-6
     xs_tr, xs_te = torch.from_numpy((ftr - mean) / std), torch.from_numpy((fte - mean) / std)
@@ -310,16 +343,97 @@ def linear_probe(encoder: nn.Module, train: tuple[np.ndarray, np.ndarray], test:
             "train_accuracy": float((ptr.argmax(1) == ytr).mean()), "n_train": int(len(ytr)), "n_test": int(len(yte))}
 
 
+def check_probe_sets(paths: Sequence[str | Path]) -> None:
+    """Before pretraining, not after it: each probe store exists and carries labels."""
+    for p in paths:
+        g = store.open_store(p)
+        if store.META_LABELS not in store.meta(g) or store.LABELS not in g:
+            raise AnnotationError(p, "store has no labels for the linear probe; run `wsipipe patches` on it first")
+
+
+PROBE_BLOCK = 4  # patches along each edge of the blocks a one-slide probe is split by
+
+
 def probe_on_sets(checkpoint: str | Path, labelled: Sequence[str | Path], seed: int = 0) -> dict:
-    """Linear probe of a checkpoint's encoder on labelled stores, split by slide / group
-    (2/3 of the groups fit the probe, 1/3 score it); stored as ``probe.json`` beside it."""
+    """Linear probe of a checkpoint's encoder on labelled stores; stored as ``probe.json``
+    beside it, with ``split`` saying how train and test were drawn.
+
+    Split by slide / group (2/3 of the groups fit the probe, 1/3 score it) when that leaves
+    every class in both halves. Otherwise (one slide, or a class on one slide only) by
+    position: blocks of :data:`PROBE_BLOCK` x :data:`PROBE_BLOCK` neighbouring patches go
+    whole to one half (single patches when the stores have no positions, e.g. folder sets);
+    train and test are then regions of the same slides, so the score flatters the encoder.
+    A :class:`TrainingDataError` with the class counts when no split has every class on
+    both sides."""
     from wsipipe.learn.patchsets import load_patch_sets, split_by_group
 
     encoder, _ = load_encoder(checkpoint)
     data = load_patch_sets(labelled)
+    counts = {name: int((data.labels == k).sum()) for k, name in enumerate(data.classes)}
+    where = labelled[0] if len(labelled) == 1 else None
+    if sum(n > 0 for n in counts.values()) < 2:
+        raise TrainingDataError(where, f"the linear probe needs patches of two classes or more; class counts {counts}")
     splits = split_by_group(data.groups, (2, 0, 1), seed)
-    scores = linear_probe(encoder, (data.patches[splits["train"]], data.labels[splits["train"]]),
-                          (data.patches[splits["test"]], data.labels[splits["test"]]), seed=seed)
+    train, test = splits["train"], splits["test"]
+    split = f"by slide ({len(np.unique(data.groups[train]))} fit, {len(np.unique(data.groups[test]))} scored)"
+    if not _both_sides(data.labels, train, test):
+        grid = _probe_blocks(labelled, len(data.labels))
+        found = _split_blocks(grid, data.labels, seed) if grid is not None else None
+        blocks = grid if found is not None and grid is not None else np.arange(len(data.labels))
+        if found is None:
+            found = _split_blocks(blocks, data.labels, seed)
+        if found is None:
+            raise TrainingDataError(where, "the linear probe needs every class on both sides of its split (at least "
+                                    f"two patches each, apart); class counts {counts}")
+        train, test = found
+        n_groups = len(np.unique(data.groups))
+        split = (f"by position within the slides (blocks of {PROBE_BLOCK}x{PROBE_BLOCK} patches): {n_groups} slide(s) "
+                 "cannot be split by slide with every class on both sides, so train and test are regions of the same "
+                 "slide(s) and the score flatters the encoder") if blocks is grid else (
+                 f"by patch: {n_groups} slide(s)/group(s) cannot be split by group with every class on both sides, so "
+                 "patches of one slide or group are on both sides and the score flatters the encoder")
+    scores = linear_probe(encoder, (data.patches[train], data.labels[train]),
+                          (data.patches[test], data.labels[test]), seed=seed)
+    scores["split"] = split
     folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     write_atomic(folder / "probe.json", json.dumps({**scores, "data": data.identity, "stores": [str(p) for p in labelled]}, indent=1))
     return scores
+
+
+def _both_sides(labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> bool:
+    present = set(np.unique(labels).tolist())
+    return set(np.unique(labels[train]).tolist()) == present == set(np.unique(labels[test]).tolist())
+
+
+def _probe_blocks(paths: Sequence[str | Path], n: int) -> np.ndarray | None:
+    """A block id per labelled patch (in :func:`load_patch_sets` order): the store and the
+    patch's block of the grid; None when the stores' rows do not line up with ``n``."""
+    ids: list[np.ndarray] = []
+    for k, p in enumerate(paths):
+        g = store.open_store(p)
+        labels = np.asarray(store.array(g, store.LABELS)[:])
+        coords = np.asarray(store.array(g, store.COORDS)[:]) if store.COORDS in g else np.zeros((len(labels), 2))
+        tile = store.meta(g).get(store.META_TILE) or {}
+        edge = float(tile.get("patch_size_l0") or tile.get("patch_size") or 1) * PROBE_BLOCK
+        cells = np.floor(np.asarray(coords, np.float64)[labels >= 0] / edge).astype(np.int64)
+        ids.append(np.column_stack([np.full(len(cells), k), cells]))
+    rows = np.concatenate(ids) if ids else np.zeros((0, 3), np.int64)
+    if len(rows) != n:
+        return None
+    return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def _split_blocks(blocks: np.ndarray, labels: np.ndarray, seed: int, tries: int = 50) -> tuple[np.ndarray, np.ndarray] | None:
+    """(train, test) patch indices with whole blocks on one side, about a third of the patches
+    scored, every class on both sides; None when ``tries`` seeded draws find no such split."""
+    uniq, sizes = np.unique(blocks, return_counts=True)
+    if len(uniq) < 2:
+        return None
+    for t in range(tries):
+        order = np.random.default_rng(seed + t).permutation(len(uniq))
+        take = order[: max(1, int(np.searchsorted(np.cumsum(sizes[order]), len(blocks) / 3)) + 1)]
+        in_test = np.isin(blocks, uniq[take])
+        train, test = np.flatnonzero(~in_test), np.flatnonzero(in_test)
+        if len(train) and _both_sides(labels, train, test):
+            return train, test
+    return None
