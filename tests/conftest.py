@@ -17,6 +17,7 @@ SLOW_MODULES = {
     "test_archive", "test_augment", "test_bench_peers", "test_cli", "test_cluster", "test_concurrency", "test_fast_read",
     "test_faults", "test_flows", "test_fused", "test_model", "test_patch_codec", "test_pipeline", "test_pretrain", "test_report",
     "test_retrain", "test_run_overlap", "test_runners", "test_synth", "test_tiling", "test_train", "test_training_cli",
+    "test_training_commands",
     "test_training_flows",
 }
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from wsipipe.config import PretrainConfig
-from wsipipe.errors import ModelLoadError
+from wsipipe.errors import ConfigError, ModelLoadError
 from wsipipe.learn.patchsets import load_patch_sets, split_by_group
 from wsipipe.learn.pretrain import linear_probe, load_encoder, nt_xent, pretrain
 from wsipipe.tiles.tiling import tile_slide
@@ -67,9 +67,11 @@ def test_interrupted_run_resumes_to_the_same_encoder(unlabelled, tmp_path):
     b, _ = load_encoder(tmp_path / "split")
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=k)
-    # a different config does not resume from someone else's checkpoint
-    other = pretrain(unlabelled, tmp_path / "split", _cfg("byol", steps=2, checkpoint_every=2, lr=5e-4))
-    assert other.resumed_from == 0
+    # a different config does not resume from someone else's checkpoint: refused, or restarted when asked
+    with pytest.raises(ConfigError, match=r"checkpoint.json: cannot resume.*lr 0.001 -> 0.0005"):
+        pretrain(unlabelled, tmp_path / "split", _cfg("byol", steps=2, checkpoint_every=2, lr=5e-4))
+    other = pretrain(unlabelled, tmp_path / "split", _cfg("byol", steps=2, checkpoint_every=2, lr=5e-4), restart=True)
+    assert other.resumed_from == 0 and other.steps == 2
 
 
 class _Payload:

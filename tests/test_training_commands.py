@@ -60,7 +60,7 @@ def test_smallest_region_wins_where_classes_overlap():
 
 def _fractions(g, region):
     info = store.meta(g)
-    coords, size = g["coords"][:], info["tile"]["patch_size_l0"]
+    coords, size = np.asarray(store.array(g, "coords")[:]), info["tile"]["patch_size_l0"]
     squares = shapely.box(coords[:, 0], coords[:, 1], coords[:, 0] + size, coords[:, 1] + size)
     return shapely.area(shapely.intersection(squares, region)) / size**2
 
@@ -73,7 +73,7 @@ def test_patches_on_the_qupath_layout_label_the_tumor_inside_the_tissue(labelled
     res = wsipipe("patches", path, "--annotations", s.geojson_path)
     assert res.exit_code == 0, res.stdout + res.stderr
     g = store.open_store(path)
-    labels, info = g["labels"][:], store.meta(g)["labels"]
+    labels, info = np.asarray(store.array(g, "labels")[:]), store.meta(g)["labels"]
     assert info["classes"] == ["Normal", "Tissue", "Tumor"]
     tumor, rest = _fractions(g, s.tumor), _fractions(g, s.tissue.difference(s.tumor))
     assert (labels == 2).sum() >= 20, np.bincount(labels + 1)
@@ -89,7 +89,7 @@ def test_patches_on_the_qupath_layout_label_the_tumor_inside_the_tissue(labelled
     assert any("ignored: Tissue" in w for w in warnings), res.stderr
     assert any("'Necrosis' has no patches" in w and "no polygons of Necrosis" in w for w in warnings), res.stderr
     g = store.open_store(path)
-    labels, info = g["labels"][:], store.meta(g)["labels"]
+    labels, info = np.asarray(store.array(g, "labels")[:]), store.meta(g)["labels"]
     assert info["classes"] == ["Normal", "Tumor", "Necrosis"] and len(info["warnings"]) == 2
     np.testing.assert_array_equal(labels == 1, tumor >= 0.5)
     np.testing.assert_array_equal(labels == 0, tumor <= 0.1)
@@ -99,14 +99,14 @@ def test_patches_on_the_qupath_layout_label_the_tumor_inside_the_tissue(labelled
     assert res.exit_code == 0 and "warning" not in res.stderr, res.stderr
     g = store.open_store(path)
     assert store.meta(g)["labels"]["mapping"] == {"Normal": ["Tissue"]}
-    np.testing.assert_array_equal(g["labels"][:], labels)
+    np.testing.assert_array_equal(np.asarray(store.array(g, "labels")[:]), labels)
 
 
 def test_patches_bad_inputs_are_one_line(labelled_slides, tmp_path):
     s = labelled_slides["slides"][0]
     path = tmp_path / "slide.zarr"
     shutil.copytree(labelled_slides["stores"][0], path)
-    before = store.open_store(path)["labels"][:]
+    before = np.asarray(store.array(store.open_store(path), "labels")[:])
     empty = _geojson(tmp_path / "empty.geojson", [])
     one_error_line(wsipipe("patches", path, "--annotations", empty), str(empty), "no polygon annotations")
     tissue_only = _geojson(tmp_path / "tissue.geojson", [_feature(s.tissue, "Tissue")])
@@ -114,7 +114,7 @@ def test_patches_bad_inputs_are_one_line(labelled_slides, tmp_path):
                    str(tissue_only), "no polygons of the classes ['Tumor']", "['Tissue']")
     one_error_line(wsipipe("patches", path, "--annotations", tissue_only, "--classes", "Normal,Tumor=A,B=A"),
                    "mapped to both")
-    np.testing.assert_array_equal(store.open_store(path)["labels"][:], before)  # nothing written
+    np.testing.assert_array_equal(np.asarray(store.array(store.open_store(path), "labels")[:]), before)  # nothing written
     one_error_line(wsipipe("patches", tmp_path / "nope.zarr", "--annotations", empty), "nope.zarr", "not found")
     one_error_line(wsipipe("patches", path, "--out", tmp_path / "x.zarr"), "is a Zarr store")
     one_error_line(wsipipe("patches", tmp_path, "--annotations", s.geojson_path), "not a wsipipe Zarr store")
@@ -171,6 +171,6 @@ def test_pretrain_probe_on_one_slide_splits_it_by_position(labelled_slides, tmp_
     assert res.exit_code == 0, res.stdout + res.stderr
     assert "linear probe: accuracy" in res.stdout and "by position within the slides" in res.stdout, res.stdout
     probe = json.loads((out / "probe.json").read_text())
-    labels = store.open_store(data)["labels"][:]
+    labels = np.asarray(store.array(store.open_store(data), "labels")[:])
     assert probe["n_train"] + probe["n_test"] == (labels >= 0).sum() and probe["n_test"] >= (labels >= 0).sum() // 4
     assert 0.0 <= probe["auc"] <= 1.0 and "blocks of 4x4" in probe["split"]
