@@ -174,3 +174,19 @@ def test_pretrain_probe_on_one_slide_splits_it_by_position(labelled_slides, tmp_
     labels = np.asarray(store.array(store.open_store(data), "labels")[:])
     assert probe["n_train"] + probe["n_test"] == (labels >= 0).sum() and probe["n_test"] >= (labels >= 0).sum() // 4
     assert 0.0 <= probe["auc"] <= 1.0 and "blocks of 4x4" in probe["split"]
+
+
+def test_augment_and_pretrain_mistakes_are_one_line(labelled_slides, tmp_path):
+    cfg, data = _small_config(tmp_path), labelled_slides["stores"][0]
+    copy = tmp_path / "set.zarr"
+    shutil.copytree(data, copy)
+    one_error_line(wsipipe("augment", copy, "--out", copy), str(copy), "would overwrite it")
+    assert np.asarray(store.array(store.open_store(copy), "labels")[:]).size > 0  # the set is intact
+    res = wsipipe("augment", copy, "--out", tmp_path / "aug.zarr", "--copies", "0")
+    assert res.exit_code == 2 and "--copies" in res.stderr and "unexpected" not in res.stderr, res.stderr
+    one_error_line(wsipipe("augment", tmp_path / "nope.zarr", "--out", tmp_path / "aug.zarr"), "nope.zarr", "not a wsipipe Zarr store")
+
+    (tmp_path / "file").write_text("")
+    one_error_line(wsipipe("pretrain", data, "--out", tmp_path / "file", "--steps", "1", "--config", cfg), "is a file")
+    one_error_line(wsipipe("pretrain", tmp_path / "nope.zarr", "--out", tmp_path / "enc", "--config", cfg), "nope.zarr")
+    assert not (tmp_path / "enc").exists()

@@ -54,15 +54,17 @@ def patches(
 def augment(
     store_path: Path = typer.Argument(..., metavar="STORE.zarr", help="Patch store to augment."),
     out: Path = typer.Option(..., "--out", "-o", help="Augmented copy (Zarr)."),
-    copies: int = typer.Option(1, help="Augmented draws per patch."),
+    copies: int = typer.Option(1, min=1, help="Augmented draws per patch."),
     preview: Path | None = typer.Option(None, help="PNG grid: N samples per transform."),
-    samples: int = typer.Option(6, help="Samples per transform in the preview."),
+    samples: int = typer.Option(6, min=1, help="Samples per transform in the preview."),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Write an augmented copy of a patch set (and a preview grid) to inspect the augmentation config."""
     from wsipipe.learn.augment import augment_store
 
     cfg = load_config(config)
+    if out.resolve() == store_path.resolve():
+        raise AnnotationError(out, "--out is the patch set itself: the augmented copy would overwrite it; give another path")
     with progress() as update:
         stats = augment_store(store_path, out, cfg.augment, copies, preview, samples, progress=one("augment", update))
     print_paths({f"{stats['n_patches']} patches ({', '.join(stats['transforms'])})": out,

@@ -33,7 +33,8 @@ from torch import nn
 from wsipipe.tiles import store
 from wsipipe.learn.augment import Augmenter
 from wsipipe.config import AugmentConfig, PretrainConfig
-from wsipipe.errors import AnnotationError, ConfigError, ModelLoadError, ParameterError, StoreError, TrainingDataError
+from wsipipe.errors import (AnnotationError, ConfigError, ModelLoadError, OutputWriteError, ParameterError, StoreError,
+                            TrainingDataError)
 from wsipipe.models.inference import resolve_device, resolve_precision, to_tensor
 from wsipipe.models.model import _head, build_model, _read_state
 from wsipipe.files import write_atomic
@@ -187,6 +188,8 @@ def pretrain(
     the checkpoint and starts over at step 0 (overwriting it). ``stop_after`` ends the run
     early (as an interruption would) after that many steps in total."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputWriteError(out_dir, "is a file: the checkpoint needs a folder")
     stream = PatchStream(stores)
     patch = stream.arrays[0].shape[1]
     views = Augmenter(_view_config(aug or AugmentConfig(), cfg.crop, patch))
@@ -214,8 +217,14 @@ def pretrain(
         raw = stream.batch(cfg.batch_size, seed)
         v1 = to_tensor(views(raw, 2 * seed), dev)
         v2 = to_tensor(views(raw, 2 * seed + 1), dev)
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            loss = net.loss(v1, v2)
+        try:
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+                loss = net.loss(v1, v2)
+        except (AssertionError, RuntimeError) as exc:  # torchvision asserts input sizes (ViT: 224 px)
+            if step > start or "out of memory" in str(exc):
+                raise
+            raise ConfigError(None, f"pretrain.arch={cfg.arch!r} cannot take {tuple(v1.shape[1:])} views "
+                              f"(pretrain.crop {cfg.crop}, patches {patch} px): {str(exc)[:200]}") from None
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
