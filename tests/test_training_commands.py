@@ -81,6 +81,9 @@ def test_patches_on_the_qupath_layout_label_the_tumor_inside_the_tissue(labelled
     np.testing.assert_array_equal(labels == 1, (rest >= 0.5) & (tumor < 0.5))
     assert f"Tumor {(labels == 2).sum()}" in res.stdout and "unlabelled" in res.stdout
     assert "ignored" not in res.stderr
+    # the Tissue outline leaves nothing to the background (tiling kept tissue only): the warning says what to do
+    assert not (labels == 0).any() and "'Normal' has no patches" in res.stderr, res.stderr
+    assert "--classes Normal=Tissue,Tumor" in res.stderr and f"Normal 0, Tissue {(labels == 1).sum()}" in res.stdout
 
     # Tissue not among the classes: warned about by name, its polygons ignored (background around the tumor)
     res = wsipipe("patches", path, "--annotations", s.geojson_path, "--classes", "Normal,Tumor,Necrosis")

@@ -197,12 +197,20 @@ def label_store(
         warnings.append(f"annotation classes not in the classes {classes}, ignored: {', '.join(ignored)} "
                         f"(map one onto a class with NAME=ANNOTATION, e.g. {classes[-1]}={ignored[0]})")
     counts = np.bincount(labels[labels >= 0], minlength=len(classes))
+    widest = max(named, key=lambda c: counts[classes.index(c)], default=None)
     for k, name in enumerate(classes):
-        if counts[k] == 0:
-            why = ("no polygons of " + "+".join(sources[name]) + " in the GeoJSON") if name in named and class_regions[name].is_empty \
-                else f"no patch is clear of the other classes' polygons (<= {max_normal_overlap} covered)" if name not in named \
-                else f"its polygons cover no patch by >= {min_overlap}"
-            warnings.append(f"class {name!r} has no patches: {why}")
+        if counts[k] > 0:
+            continue
+        if name not in named:
+            why = f"no patch is clear of the other classes' polygons (<= {max_normal_overlap} covered)"
+            if widest is not None and len(named) > 1:
+                rest = ",".join(c if sources[c] == [c] else f"{c}={'+'.join(sources[c])}" for c in named if c != widest)
+                why += f"; if {widest} outlines all the tissue, map it onto {name}: --classes {name}={widest},{rest}"
+        elif class_regions[name].is_empty:
+            why = "no polygons of " + "+".join(sources[name]) + " in the GeoJSON"
+        else:
+            why = f"its polygons cover no patch by >= {min_overlap}"
+        warnings.append(f"class {name!r} has no patches: {why}")
     slide_id = (info.get(store.META_SLIDE) or {}).get("identity") or str(store_path)
     _write_labels(group, labels, np.zeros(len(labels), np.int32), {
         "classes": classes, "groups": [slide_id], "source": str(geojson_path),
