@@ -68,7 +68,7 @@ def test_interrupted_run_resumes_to_the_same_encoder(unlabelled, tmp_path):
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=k)
     # a different config does not resume from someone else's checkpoint: refused, or restarted when asked
-    with pytest.raises(ConfigError, match=r"checkpoint.json: cannot resume.*lr 0.001 -> 0.0005"):
+    with pytest.raises(ConfigError, match=r"checkpoint.json: cannot resume.*lr 0.001 in the checkpoint, 0.0005 now"):
         pretrain(unlabelled, tmp_path / "split", _cfg("byol", steps=2, checkpoint_every=2, lr=5e-4))
     other = pretrain(unlabelled, tmp_path / "split", _cfg("byol", steps=2, checkpoint_every=2, lr=5e-4), restart=True)
     assert other.resumed_from == 0 and other.steps == 2

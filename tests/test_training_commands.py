@@ -153,7 +153,7 @@ def test_pretrain_resumes_to_more_steps_and_refuses_another_method(labelled_slid
     assert json.loads(meta_path.read_text())["step"] == 4
 
     res = wsipipe("pretrain", data, "--out", out, "--method", "simclr", "--steps", "4", "--config", cfg)
-    one_error_line(res, str(meta_path), "method 'byol' -> 'simclr'", "--restart")
+    one_error_line(res, str(meta_path), "method 'byol' in the checkpoint, 'simclr' now", "--restart")
     assert json.loads(meta_path.read_text())["method"] == "byol"  # untouched
     res = wsipipe("pretrain", data, "--out", out, "--method", "simclr", "--steps", "1", "--restart", "--config", cfg)
     assert res.exit_code == 0 and "after 1 steps (resumed from 0)" in res.stdout, res.stdout + res.stderr

@@ -253,13 +253,14 @@ def _read_meta(meta_path: Path) -> dict:
 def _check_resumable(meta_path: Path, meta: dict, config: dict, data: dict) -> None:
     """A :class:`ConfigError` naming every difference that forbids resuming from ``meta``."""
     old = meta["config"]
-    diffs = [f"{k} {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
+    diffs = [f"{k} {old.get(k)!r} in the checkpoint, {config.get(k)!r} now" for k in sorted(set(old) | set(config))
              if k not in RUN_CONTROL and old.get(k) != config.get(k)]
     before = (meta.get("data") or {}).get("stores")
     if (meta.get("data") or {}).get("hash") != data["hash"]:
-        diffs.append(f"stores {[s[1] for s in before or []]} -> {[s[1] for s in data['stores']]} (or their contents)")
+        diffs.append(f"stores {[s[1] for s in before or []]} in the checkpoint, {[s[1] for s in data['stores']]} now "
+                     "(or their contents differ)")
     if diffs:
-        raise ConfigError(meta_path, f"cannot resume: the checkpoint (step {meta.get('step')}) was made with "
+        raise ConfigError(meta_path, f"cannot resume from this checkpoint (step {meta.get('step')}): "
                           f"{'; '.join(diffs)}; pass --restart to start over (overwrites it) or use another --out")
 
 
