@@ -15,7 +15,7 @@ from shapely.geometry import MultiPolygon, box
 from typer.testing import CliRunner
 
 from wsipipe.cli import app
-from wsipipe.learn.patchsets import label_by_regions
+from wsipipe.learn.patchsets import label_by_regions, painted_coverage
 from wsipipe.tiles import store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -56,6 +56,10 @@ def test_smallest_region_wins_where_classes_overlap():
     assert label_by_regions(coords, 10, regions, ["Normal", "Tumor"]).tolist() == [0, 1, 1, 0, 0]
     # no background class listed: patches clear of every polygon stay unlabelled
     assert label_by_regions(coords, 10, regions, ["Tissue", "Tumor"]).tolist() == [0, 1, 1, 0, -1]
+    # partly overlapping classes: the overlap goes to the smaller polygon, nothing is counted twice
+    cover = painted_coverage(np.array([[0, 0], [10, 0], [5, 0]]), 10,
+                             {"B": MultiPolygon([box(5, 0, 25, 10)]), "A": MultiPolygon([box(0, 0, 10, 10)])})
+    np.testing.assert_allclose(cover, [[0, 1], [1, 0], [0.5, 0.5]])
 
 
 def _fractions(g, region):

@@ -37,7 +37,6 @@ from shapely.geometry import MultiPolygon, shape
 from wsipipe.tiles import store
 from wsipipe.errors import AnnotationError, ParameterError, StoreError
 from wsipipe.geometry import as_multipolygon
-from wsipipe.geometry import overlap_fraction
 
 BACKGROUND = "Normal"  # the class of patches clear of every annotation polygon
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
@@ -81,22 +80,49 @@ def read_annotations(path: str | Path, repair: bool = True) -> dict[str, MultiPo
     return {name: as_multipolygon(shapely.union_all(polys)) for name, polys in out.items()}
 
 
-def paint_regions(regions: dict[str, MultiPolygon]) -> dict[str, MultiPolygon]:
-    """The regions made disjoint, the most specific winning: where polygons of several classes
-    overlap, the area goes to the smallest polygon covering it (a ``Tumor`` polygon inside a
-    ``Tissue`` outline keeps its area; the outline keeps the rest). Polygons are the connected
-    parts of each class's region; on equal areas the class listed first wins."""
-    parts = [(float(poly.area), k, poly) for k, name in enumerate(regions) for poly in regions[name].geoms]
-    parts.sort(key=lambda t: (t[0], t[1]))
-    polys = [poly for _, _, poly in parts]
-    tree = shapely.STRtree(polys)
-    names = list(regions)
-    painted: dict[str, list] = {name: [] for name in names}
-    for rank, (_, k, poly) in enumerate(parts):
-        earlier = [polys[i] for i in tree.query(poly, predicate="intersects") if i < rank]
-        piece = shapely.difference(poly, shapely.union_all(earlier)) if earlier else poly
-        painted[names[k]].extend(as_multipolygon(piece).geoms)
-    return {name: MultiPolygon(p) for name, p in painted.items()}
+def painted_coverage(coords: np.ndarray, patch_size_l0: float, regions: dict[str, MultiPolygon]) -> np.ndarray:
+    """(N, len(regions)) fraction of each level-0 patch square covered by each class, where
+    polygons of several classes overlap the smallest polygon covering a point taking it: a
+    ``Tumor`` polygon inside a ``Tissue`` outline keeps its area, the outline the rest.
+    Polygons are the connected parts of each class's region; on equal areas the class listed
+    first wins. Rows sum to at most 1.
+
+    Only the polygons touching a patch are clipped to it, so a large outline with many
+    polygons inside costs what the patches on their borders cost."""
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    out = np.zeros((len(coords), len(regions)))
+    parts = sorted(((float(poly.area), k, poly) for k, name in enumerate(regions) for poly in regions[name].geoms),
+                   key=lambda t: (t[0], t[1]))
+    if not parts or not len(coords):
+        return out
+    polys = np.array([poly for _, _, poly in parts], dtype=object)
+    cls = np.array([k for _, k, _ in parts])
+    shapely.prepare(polys)
+    x, y = coords[:, 0], coords[:, 1]
+    squares = shapely.box(x, y, x + patch_size_l0, y + patch_size_l0)
+    sq, rank = shapely.STRtree(polys).query(squares, predicate="intersects")
+    order = np.lexsort((rank, sq))  # by patch, then smallest polygon first
+    sq, rank = sq[order], rank[order]
+    inside = shapely.contains_properly(polys[rank], squares[sq])
+    clips = squares[sq]  # a patch inside a polygon is its own clip
+    border = np.flatnonzero(~inside)
+    clips[border] = shapely.intersection(squares[sq[border]], polys[rank[border]])
+    area = shapely.area(clips) / float(patch_size_l0) ** 2
+    first = np.r_[True, sq[1:] != sq[:-1]]
+    alone = first & np.r_[first[1:], True]  # the only polygon touching its patch
+    np.add.at(out, (sq[alone], cls[rank[alone]]), area[alone])
+    starts = np.flatnonzero(first & ~alone)
+    for a in starts:  # patches several polygons touch: paint them, smallest first
+        b = a + 1
+        while b < len(sq) and sq[b] == sq[a]:
+            b += 1
+        taken = clips[a]
+        out[sq[a], cls[rank[a]]] += area[a]
+        for i in range(a + 1, b):
+            piece = shapely.area(shapely.difference(clips[i], taken)) / float(patch_size_l0) ** 2
+            out[sq[a], cls[rank[i]]] += piece
+            taken = shapely.union(taken, clips[i])
+    return out
 
 
 def label_by_regions(
@@ -107,18 +133,16 @@ def label_by_regions(
     most, if several; the first listed on a tie); ``background`` when at most
     ``max_normal_overlap`` of it lies in any region; else -1 (unlabelled).
 
-    Regions are first made disjoint by :func:`paint_regions`: where classes overlap (a
+    Coverage is :func:`painted_coverage`: where classes overlap (a
     ``Tumor`` polygon inside a ``Tissue`` outline), the smallest polygon wins. ``classes``
     fixes the index order; the background class, when listed, takes no polygons of its own:
     it is what lies clear of the others (when not listed, those patches stay unlabelled)."""
     if not 0.0 <= max_normal_overlap < min_overlap <= 1.0:
         raise ParameterError(None, f"need 0 <= max_normal_overlap ({max_normal_overlap}) < min_overlap ({min_overlap}) <= 1")
     named = [c for c in classes if c != background]
-    painted = paint_regions({name: regions.get(name, MultiPolygon()) for name in named})
     n = len(np.asarray(coords).reshape(-1, 2))
     overlaps = np.zeros((n, max(len(named), 1)))
-    for j, name in enumerate(named):
-        overlaps[:, j] = overlap_fraction(coords, patch_size_l0, painted[name])
+    overlaps[:, : len(named)] = painted_coverage(coords, patch_size_l0, {name: regions.get(name, MultiPolygon()) for name in named})
     labels = np.full(n, -1, dtype=np.int8)
     if background is not None and background in classes:
         labels[overlaps.sum(axis=1) <= max_normal_overlap] = classes.index(background)
@@ -159,7 +183,7 @@ def label_store(
     ``classes`` default: background first, then the annotation classes sorted (so a
     Tumor-only GeoJSON gives ["Normal", "Tumor"] = 0/1, the binary classifier's labels).
     An entry ``NAME=A+B`` gives class NAME the polygons of annotation classes A and B (see
-    :func:`parse_classes`). Where polygons overlap the smallest wins (:func:`paint_regions`).
+    :func:`parse_classes`). Where polygons overlap the smallest wins (:func:`painted_coverage`).
 
     Warnings (annotation classes no class takes, classes left without patches) go into
     ``attrs.wsipipe.labels.warnings``. A GeoJSON without polygons, or without polygons of any
