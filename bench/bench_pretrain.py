@@ -80,7 +80,7 @@ def main() -> None:
                             hidden_dim=256, projection_dim=64, checkpoint_every=max(args.steps // 4, 1),
                             device=args.device, precision="fp32", lr=1e-3)
         t = time.perf_counter()
-        result = pretrain(unlabelled + labelled, work / method, pc, cfg.augment)
+        result = pretrain(unlabelled + labelled, work / method, pc, cfg.augment, restart=True)  # timed from step 0
         seconds = time.perf_counter() - t
         encoder, _ = load_encoder(work / method)
         losses = result.losses
