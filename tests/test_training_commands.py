@@ -176,11 +176,11 @@ def test_pretrain_probe_on_one_slide_splits_it_by_position(labelled_slides, tmp_
 
     res = wsipipe("pretrain", data, "--out", out, "--steps", "1", "--probe", data, "--config", cfg)
     assert res.exit_code == 0, res.stdout + res.stderr
-    assert "linear probe: accuracy" in res.stdout and "by position within the slides" in res.stdout, res.stdout
+    assert "linear probe: accuracy" in res.stdout and "split spatial (blocks of" in res.stdout, res.stdout
     probe = json.loads((out / "probe.json").read_text())
     labels = np.asarray(store.array(store.open_store(data), "labels")[:])
-    assert probe["n_train"] + probe["n_test"] == (labels >= 0).sum() and probe["n_test"] >= (labels >= 0).sum() // 4
-    assert 0.0 <= probe["auc"] <= 1.0 and "blocks of 4x4" in probe["split"]
+    assert probe["n_train"] + probe["n_test"] <= (labels >= 0).sum() and probe["n_test"] >= (labels >= 0).sum() // 5
+    assert 0.0 <= probe["auc"] <= 1.0 and "same slide" in probe["split"]
 
 
 def test_augment_and_pretrain_mistakes_are_one_line(labelled_slides, tmp_path):
@@ -197,3 +197,26 @@ def test_augment_and_pretrain_mistakes_are_one_line(labelled_slides, tmp_path):
     one_error_line(wsipipe("pretrain", data, "--out", tmp_path / "file", "--steps", "1", "--config", cfg), "is a file")
     one_error_line(wsipipe("pretrain", tmp_path / "nope.zarr", "--out", tmp_path / "enc", "--config", cfg), "nope.zarr")
     assert not (tmp_path / "enc").exists()
+
+
+def test_probe_on_a_folder_set_splits_by_patch_or_names_the_class_counts(labelled_slides, tmp_path):
+    from PIL import Image
+
+    cfg, data = _small_config(tmp_path), labelled_slides["stores"][0]
+    patches = store.array(store.open_store(data), "patches")
+    for k, name in enumerate(("ADI", "TUM")):
+        (tmp_path / "kather" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.asarray(patches[k * 40 + i])).save(tmp_path / "kather" / name / f"s{i}.png")
+    res = wsipipe("patches", tmp_path / "kather", "--out", tmp_path / "k.zarr", "--group-regex", "^(s)")
+    assert res.exit_code == 0, res.stdout + res.stderr
+    res = wsipipe("pretrain", data, "--out", tmp_path / "enc", "--steps", "1", "--probe", tmp_path / "k.zarr", "--config", cfg)
+    assert res.exit_code == 0 and "split by patch" in res.stdout, res.stdout + res.stderr
+    assert json.loads((tmp_path / "enc" / "probe.json").read_text())["n_test"] >= 2
+
+    (tmp_path / "kather" / "TUM" / "s1.png").unlink()
+    for i in (2, 3):
+        (tmp_path / "kather" / "TUM" / f"s{i}.png").unlink()
+    assert wsipipe("patches", tmp_path / "kather", "--out", tmp_path / "k1.zarr", "--group-regex", "^(s)").exit_code == 0
+    res = wsipipe("pretrain", data, "--out", tmp_path / "enc", "--steps", "1", "--probe", tmp_path / "k1.zarr", "--config", cfg)
+    one_error_line(res, str(tmp_path / "k1.zarr"), "class counts {'ADI': 4, 'TUM': 1}")

@@ -361,21 +361,18 @@ def check_probe_sets(paths: Sequence[str | Path]) -> None:
             raise AnnotationError(p, "store has no labels for the linear probe; run `wsipipe patches` on it first")
 
 
-PROBE_BLOCK = 4  # patches along each edge of the blocks a one-slide probe is split by
-
-
 def probe_on_sets(checkpoint: str | Path, labelled: Sequence[str | Path], seed: int = 0) -> dict:
     """Linear probe of a checkpoint's encoder on labelled stores; stored as ``probe.json``
     beside it, with ``split`` saying how train and test were drawn.
 
     Split by slide / group (2/3 of the groups fit the probe, 1/3 score it) when that leaves
-    every class in both halves. Otherwise (one slide, or a class on one slide only) by
-    position: blocks of :data:`PROBE_BLOCK` x :data:`PROBE_BLOCK` neighbouring patches go
-    whole to one half (single patches when the stores have no positions, e.g. folder sets);
-    train and test are then regions of the same slides, so the score flatters the encoder.
-    A :class:`TrainingDataError` with the class counts when no split has every class on
-    both sides."""
-    from wsipipe.learn.patchsets import load_patch_sets, split_by_group
+    every class in both halves. Otherwise (one slide, or a class on one slide only) spatially
+    within the slides (:func:`~wsipipe.learn.patchsets.split_spatial`: blocks of neighbouring
+    patches, a one-patch gap between the halves), or by single patches when the stores have
+    no positions (folder sets). Train and test are then parts of the same slides, so the
+    score flatters the encoder. A :class:`TrainingDataError` with the class counts when no
+    split has every class on both sides."""
+    from wsipipe.learn.patchsets import load_patch_sets, split_by_group, split_spatial
 
     encoder, _ = load_encoder(checkpoint)
     data = load_patch_sets(labelled)
@@ -385,23 +382,23 @@ def probe_on_sets(checkpoint: str | Path, labelled: Sequence[str | Path], seed: 
         raise TrainingDataError(where, f"the linear probe needs patches of two classes or more; class counts {counts}")
     splits = split_by_group(data.groups, (2, 0, 1), seed)
     train, test = splits["train"], splits["test"]
+    n_groups = len(np.unique(data.groups))
     split = f"by slide ({len(np.unique(data.groups[train]))} fit, {len(np.unique(data.groups[test]))} scored)"
     if not _both_sides(data.labels, train, test):
-        grid = _probe_blocks(labelled, len(data.labels))
-        found = _split_blocks(grid, data.labels, seed) if grid is not None else None
-        blocks = grid if found is not None and grid is not None else np.arange(len(data.labels))
-        if found is None:
-            found = _split_blocks(blocks, data.labels, seed)
-        if found is None:
-            raise TrainingDataError(where, "the linear probe needs every class on both sides of its split (at least "
-                                    f"two patches each, apart); class counts {counts}")
-        train, test = found
-        n_groups = len(np.unique(data.groups))
-        split = (f"by position within the slides (blocks of {PROBE_BLOCK}x{PROBE_BLOCK} patches): {n_groups} slide(s) "
-                 "cannot be split by slide with every class on both sides, so train and test are regions of the same "
-                 "slide(s) and the score flatters the encoder") if blocks is grid else (
-                 f"by patch: {n_groups} slide(s)/group(s) cannot be split by group with every class on both sides, so "
-                 "patches of one slide or group are on both sides and the score flatters the encoder")
+        note = (f"{n_groups} slide(s)/group(s) cannot be split by slide with every class on both sides, so train and test "
+                "are parts of the same slide(s) and the score flatters the encoder")
+        if data.coords is not None and data.pitch is not None and (data.pitch > 0).all():
+            spatial = split_spatial(data.groups, data.coords, data.pitch, data.labels, (2, 0, 1), seed, data.classes)
+            train, test = spatial.indices["train"], spatial.indices["test"]
+            split = (f"spatial (blocks of {spatial.block_patches}x{spatial.block_patches} patches, a "
+                     f"{spatial.gap_patches}-patch gap, {spatial.dropped} patches dropped): {note}")
+        else:
+            found = _split_patches(data.labels, seed)
+            if found is None:
+                raise TrainingDataError(where, "the linear probe needs every class on both sides of its split (at least "
+                                        f"two patches each); class counts {counts}")
+            train, test = found
+            split = f"by patch: {note}"
     scores = linear_probe(encoder, (data.patches[train], data.labels[train]),
                           (data.patches[test], data.labels[test]), seed=seed)
     scores["split"] = split
@@ -415,35 +412,13 @@ def _both_sides(labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> bool
     return set(np.unique(labels[train]).tolist()) == present == set(np.unique(labels[test]).tolist())
 
 
-def _probe_blocks(paths: Sequence[str | Path], n: int) -> np.ndarray | None:
-    """A block id per labelled patch (in :func:`load_patch_sets` order): the store and the
-    patch's block of the grid; None when the stores' rows do not line up with ``n``."""
-    ids: list[np.ndarray] = []
-    for k, p in enumerate(paths):
-        g = store.open_store(p)
-        labels = np.asarray(store.array(g, store.LABELS)[:])
-        coords = np.asarray(store.array(g, store.COORDS)[:]) if store.COORDS in g else np.zeros((len(labels), 2))
-        tile = store.meta(g).get(store.META_TILE) or {}
-        edge = float(tile.get("patch_size_l0") or tile.get("patch_size") or 1) * PROBE_BLOCK
-        cells = np.floor(np.asarray(coords, np.float64)[labels >= 0] / edge).astype(np.int64)
-        ids.append(np.column_stack([np.full(len(cells), k), cells]))
-    rows = np.concatenate(ids) if ids else np.zeros((0, 3), np.int64)
-    if len(rows) != n:
-        return None
-    return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
-
-
-def _split_blocks(blocks: np.ndarray, labels: np.ndarray, seed: int, tries: int = 50) -> tuple[np.ndarray, np.ndarray] | None:
-    """(train, test) patch indices with whole blocks on one side, about a third of the patches
-    scored, every class on both sides; None when ``tries`` seeded draws find no such split."""
-    uniq, sizes = np.unique(blocks, return_counts=True)
-    if len(uniq) < 2:
-        return None
+def _split_patches(labels: np.ndarray, seed: int, tries: int = 50) -> tuple[np.ndarray, np.ndarray] | None:
+    """(train, test) indices, a third of the patches scored, every class on both sides; None
+    when ``tries`` seeded draws find no such split."""
+    n = len(labels)
     for t in range(tries):
-        order = np.random.default_rng(seed + t).permutation(len(uniq))
-        take = order[: max(1, int(np.searchsorted(np.cumsum(sizes[order]), len(blocks) / 3)) + 1)]
-        in_test = np.isin(blocks, uniq[take])
-        train, test = np.flatnonzero(~in_test), np.flatnonzero(in_test)
+        order = np.random.default_rng(seed + t).permutation(n)
+        test, train = np.sort(order[: max(1, n // 3)]), np.sort(order[max(1, n // 3) :])
         if len(train) and _both_sides(labels, train, test):
             return train, test
     return None
