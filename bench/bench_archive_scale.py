@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # the real-server helpers the tests use
 
 from archive_scale import (  # noqa: E402
     Sampler, check_exactly_once, compare_outputs, kill_mid_run, make_archive, start_worker, submit_deployment,
-    tiny_model, wait_flow_run,
+    start_server_retrying, tiny_model, wait_flow_run,
 )
-from test_flows import BIN, _api, _stop, deploy_and_start_worker, start_server  # noqa: E402
+from test_flows import BIN, _api, _stop, deploy_and_start_worker  # noqa: E402
 from test_report import CHROMIUM_FLAGS  # noqa: E402
 
 
@@ -166,7 +166,7 @@ def main() -> None:
     home.mkdir()
 
     t = time.perf_counter()
-    server, env = start_server(home)
+    server, env = start_server_retrying(home)
     worker = None
     try:
         worker = deploy_and_start_worker(env, home)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from test_flows import BIN, ROOT, _api, _prefect
+from test_flows import BIN, ROOT, _api, _prefect, start_server
 
 STAMP = ".archive-stamp.json"
 STAMP_VERSION = 2
@@ -125,6 +125,17 @@ def make_archive(folder: Path, n: int, width: int, height: int, mpp: float = 0.5
         _corrupt_slide(kind, path, good[0], width, height)
     stamp.write_text(json.dumps(params))
     return Archive(folder, good, corrupt, generate_s=time.perf_counter() - t0)
+
+
+def start_server_retrying(home: Path, tries: int = 3) -> tuple[subprocess.Popen, dict]:
+    """test_flows.start_server, again when a busy machine kept it from answering in time."""
+    for attempt in range(tries):
+        try:
+            return start_server(home)
+        except AssertionError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def tiny_model(path: Path) -> Path:

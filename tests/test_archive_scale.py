@@ -13,9 +13,9 @@ import pytest
 
 from archive_scale import (
     CORRUPT_KINDS, check_exactly_once, compare_outputs, kill_mid_run, make_archive, start_worker,
-    submit_deployment, tiny_model, wait_flow_run,
+    start_server_retrying, submit_deployment, tiny_model, wait_flow_run,
 )
-from test_flows import _api, _stop, deploy_and_start_worker, run_deployment, start_server
+from test_flows import _api, _stop, deploy_and_start_worker, run_deployment
 from wsipipe.run.archive import RESULTS_FILE, archive_message
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def scale_run(tmp_path_factory):
 
     home = base / "prefect"
     home.mkdir()
-    server, env = start_server(home)
+    server, env = start_server_retrying(home)
     worker = None
     out = base / "out"
     params = {"archive": str(archive.folder), "out": str(out), "model": str(model), "overrides": OVERRIDES}
