@@ -193,6 +193,10 @@ def main() -> None:
             "wsipipe_run_s": sub_run_s,
             "overhead_per_slide_s": round((sub_deploy_s - sub_run_s) / len(subset), 3),
             "ratio": round(sub_deploy_s / sub_run_s, 3),
+            # Split: once per run (submission -> worker -> new flow process -> running), and
+            # per slide inside the flow (its tasks, states, logs, artifact vs `wsipipe run`).
+            "start_latency_s": round(sub_deploy_s - run_seconds(sub_run), 2),
+            "in_flow_overhead_per_slide_s": round((run_seconds(sub_run) - sub_run_s) / len(subset), 3),
         }
         say("subset", json.dumps(result["subset"]))
 
@@ -211,6 +215,7 @@ def main() -> None:
             "ok": statuses.count("ok"), "failed": statuses.count("failed"), "skipped": statuses.count("skipped"),
             "wsipipe_run_per_slide_s": round(sub_run_s / len(subset), 3),
             "overhead_per_slide_s": round(full_s / len(archive.slides) - sub_run_s / len(subset), 3),
+            "start_latency_s": round(full_s - run_seconds(full_run), 2),
             "processes": profile(sampler, t0, t1),
             "task_runs": count(env, "task_runs", [full_id]),
             "artifacts": count(env, "artifacts", [full_id]),
