@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the real-server helpers the tests use
 
 from archive_scale import (  # noqa: E402
-    Sampler, check_exactly_once, compare_outputs, kill_mid_run, make_archive, start_worker, submit_deployment,
+    Sampler, check_exactly_once, compare_outputs, interrupted, kill_mid_run, make_archive, start_worker, submit_deployment,
     start_server_retrying, tiny_model, wait_flow_run,
 )
 from test_flows import BIN, _api, _stop, deploy_and_start_worker  # noqa: E402
@@ -245,6 +245,7 @@ def main() -> None:
             done_before = kill_mid_run(env, worker, killed_id, out, after_done=len(archive.good) // 3,
                                        timeout=args.timeout)
             killed_at = round(time.perf_counter() - t0, 1)
+            cut = interrupted(archive, out)
             say(f"killed worker and flow after {killed_at} s, {len(done_before)} slides done")
             worker = start_worker(env, home / "worker.log")
             rerun_id = submit_deployment(env, params)
@@ -252,7 +253,7 @@ def main() -> None:
             krows = json.loads((out / "archive-results.json").read_text())
             worker_log = (home / "worker.log").read_text(errors="replace")
             result["kill"] = {
-                "killed_after_s": killed_at, "done_at_kill": len(done_before),
+                "killed_after_s": killed_at, "done_at_kill": len(done_before), "cut_by_kill": [p.name for p in cut],
                 "rerun_s": round(time.perf_counter() - t0 - killed_at, 1),
                 "rerun_message": rerun["state"]["message"],
                 "killed_run_state": _api(env, f"/flow_runs/{killed_id}")["state"]["type"],

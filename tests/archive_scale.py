@@ -285,6 +285,13 @@ def kill_mid_run(env: dict, worker: subprocess.Popen, run_id: str, out: Path, af
     return {slide: (folder / "summary.json").stat().st_mtime_ns for slide, folder in done_folders(out).items()}
 
 
+def interrupted(archive: Archive, out: Path) -> list[Path]:
+    """Good slides with an output folder but no summary yet (their writers were killed)."""
+    started = {p.name.rsplit("-", 1)[0] for p in Path(out).iterdir() if p.is_dir() and not p.name.startswith(".")}
+    done = {Path(s).stem for s in done_folders(out)}
+    return [s for s in archive.good if s.stem in started - done]
+
+
 # --------------------------------------------------------------------------- checks
 
 
