@@ -75,18 +75,22 @@ def count(env: dict, what: str, flow_run_ids: list[str]) -> int:
 
 
 def profile(sampler: Sampler, t0: float, t1: float) -> dict:
-    """Per process: peak, and the median of the first and last tenth of [t0, t1]."""
+    """Per process: peak, the median over the run's second tenth (the flow process has
+    started and imported everything by then) and over its last tenth, and a series of
+    (seconds, value) points every ~5 % of the run."""
     out: dict = {}
     span = max(t1 - t0, 1e-9)
     for key in ("flow_rss_mib", "flow_fds", "flow_threads", "worker_rss_mib", "worker_fds"):
         pts = [(s["t"], s[key]) for s in sampler.samples if key in s and t0 <= s["t"] <= t1]
         if not pts:
             continue
-        first = [v for t, v in pts if t <= t0 + span / 10] or [pts[0][1]]
+        early = [v for t, v in pts if t0 + span / 10 <= t <= t0 + span / 5] or [pts[0][1]]
         last = [v for t, v in pts if t >= t1 - span / 10] or [pts[-1][1]]
+        every = max(1, len(pts) // 20)
         out[key] = {"samples": len(pts), "peak": round(max(v for _, v in pts), 1),
-                    "first_tenth_median": round(statistics.median(first), 1),
-                    "last_tenth_median": round(statistics.median(last), 1)}
+                    "second_tenth_median": round(statistics.median(early), 1),
+                    "last_tenth_median": round(statistics.median(last), 1),
+                    "series": [(round(t - t0), round(v, 1)) for t, v in pts[::every]]}
     return out
 
 
