@@ -260,7 +260,7 @@ def kill_mid_run(env: dict, worker: subprocess.Popen, run_id: str, out: Path, af
     import psutil
 
     deadline = time.monotonic() + timeout
-    flow = []
+    flow: list = []
     while time.monotonic() < deadline:
         flow = flow or flow_processes(worker.pid)
         if len(list(out.glob("*/summary.json"))) >= after_done and flow:
@@ -378,8 +378,8 @@ def compare_outputs(reference: Path, got: Path, slides: list[Path]) -> list[str]
         for key in ("decision", "n_patches", "slide_score"):
             if a.get(key) != b.get(key):
                 problems.append(f"{Path(slide).name}: {key} {a.get(key)} != {b.get(key)}")
-        pa = store.open_store(ref[slide] / "patches.zarr")["probabilities"][:]
-        pb = store.open_store(new[slide] / "patches.zarr")["probabilities"][:]
+        pa = np.asarray(store.array(store.open_store(ref[slide] / "patches.zarr"), "probabilities")[:])
+        pb = np.asarray(store.array(store.open_store(new[slide] / "patches.zarr"), "probabilities")[:])
         if pa.shape != pb.shape or not np.allclose(pa, pb, atol=1e-6, equal_nan=True):
             problems.append(f"{Path(slide).name}: probabilities differ")
     return problems
