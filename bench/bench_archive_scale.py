@@ -94,6 +94,20 @@ def profile(sampler: Sampler, t0: float, t1: float) -> dict:
     return out
 
 
+def sample_process(proc: subprocess.Popen, every: float = 1.0) -> list[tuple[int, float, int]]:
+    """(seconds, RSS MiB, open descriptors) of ``proc`` every ``every`` s until it exits; ~25 points."""
+    import psutil
+
+    handle, t0, series = psutil.Process(proc.pid), time.monotonic(), []
+    while proc.poll() is None:
+        try:
+            series.append((round(time.monotonic() - t0), round(handle.memory_info().rss / 2**20, 1), handle.num_fds()))
+        except psutil.Error:
+            break
+        time.sleep(every)
+    return series[:: max(1, len(series) // 25)]
+
+
 def chromium_report(page: Path, tmp: Path) -> dict:
     """Load the archive report in headless Chromium; time load, sort and filter in the page."""
     js = """
@@ -218,8 +232,10 @@ def main() -> None:
         sub_id, sub_run, sub_deploy_s = deploy(manifest, work / "out-subset-deploy")
         say(f"subset: wsipipe run ({sub_deploy_s} s for the deployment run)")
         t0 = time.perf_counter()
-        subprocess.run([str(BIN / "wsipipe"), "run", *map(str, subset), "--model", str(model), "-c", str(config),
-                        "--out", str(work / "out-subset-run")], env=env, cwd=ROOT, capture_output=True)
+        cli = subprocess.Popen([str(BIN / "wsipipe"), "run", *map(str, subset), "--model", str(model), "-c",
+                                str(config), "--out", str(work / "out-subset-run")], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cli_memory = sample_process(cli)
         sub_run_s = round(time.perf_counter() - t0, 2)
         result["subset"] = {
             "slides": len(subset), "deployment_run_s": sub_deploy_s, "flow_run_server_s": run_seconds(sub_run),
@@ -230,6 +246,7 @@ def main() -> None:
             # per slide inside the flow (its tasks, states, logs, artifact vs `wsipipe run`).
             "start_latency_s": round(sub_deploy_s - run_seconds(sub_run), 2),
             "in_flow_overhead_per_slide_s": round((run_seconds(sub_run) - sub_run_s) / len(subset), 3),
+            "wsipipe_run_rss_mib_fds": cli_memory,
         }
         say("subset", json.dumps(result["subset"]))
 
