@@ -45,7 +45,10 @@ def slide_task(slide: str, out: str, cfg: PipelineConfig, net, info) -> dict:
     except Exception as exc:  # one slide's failure, whatever it is, must not stop the archive
         row = SlideResult.make(slide, "failed", error=archive_error(exc), seconds=time.perf_counter() - t0)
         log.error("slide=%s stage=failed: %s", Path(slide).name, row.error)
-    publish_slide(row)
+    if row.status != "skipped":
+        # A skipped slide's artifact would only repeat the last one: a nightly run over an
+        # archive of thousands would add thousands of artifact versions with nothing new.
+        publish_slide(row)
     return row.as_dict()
 
 

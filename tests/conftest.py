@@ -14,7 +14,7 @@ SLIDES = SHARED / "slides"
 # stitching, readers and the CLI's argument handling. These modules tile whole slides, train
 # models, or start servers, clusters, browsers and subprocess pipelines; `make test` runs them.
 SLOW_MODULES = {
-    "test_archive", "test_augment", "test_bench_peers", "test_cli", "test_cluster", "test_concurrency", "test_fast_read",
+    "test_archive", "test_archive_scale", "test_augment", "test_bench_peers", "test_cli", "test_cluster", "test_concurrency", "test_fast_read",
     "test_faults", "test_flows", "test_fused", "test_model", "test_patch_codec", "test_pipeline", "test_pretrain", "test_report",
     "test_retrain", "test_run_overlap", "test_runners", "test_synth", "test_tiling", "test_train", "test_training_cli",
     "test_training_commands",
