@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import pickle
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,20 +24,11 @@ from torch import nn
 
 from wsipipe.errors import ModelLoadError, ParameterError
 from wsipipe.files import write_atomic
+from wsipipe.models.identity import ModelInfo
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMAT = "wsipipe-classifier-1"  # safetensors metadata "format" of files we write
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a model is: the provenance every output of inference records."""
-
-    arch: str
-    num_classes: int
-    sha256: str  # of the weights file: the model's identity in every output
-    path: Path | None
 
 
 def available_architectures() -> list[str]:

@@ -123,7 +123,7 @@ def done_outputs(
     every output file must be there with summary.json naming the same stitch identity.
     Raises the slide's own error (e.g. SlideOpenError) when it cannot be opened."""
     from wsipipe.tiles import store
-    from wsipipe.models.inference import infer_identity
+    from wsipipe.models.identity import infer_identity
     from wsipipe.slides.slide import open_slide
     from wsipipe.outputs.report import REPORT_NAME
     from wsipipe.outputs.stitch import existing_outputs
