@@ -27,6 +27,14 @@ class ModelInfo:
     path: Path | None
 
 
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def weights_identity(path: str | Path, arch: str | None = None, num_classes: int | None = None) -> ModelInfo | None:
     """The :class:`ModelInfo` that loading ``path`` with ``arch``/``num_classes`` would give, or
     None when that needs torch (a torch state dict without ``num_classes``, or a file that is

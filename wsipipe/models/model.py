@@ -24,7 +24,7 @@ from torch import nn
 
 from wsipipe.errors import ModelLoadError, ParameterError
 from wsipipe.files import write_atomic
-from wsipipe.models.identity import ModelInfo
+from wsipipe.models.identity import ModelInfo, file_sha256  # noqa: F401  (file_sha256: callers import it from here)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -101,14 +101,6 @@ def _head_key(model: nn.Module) -> str:
     layer = getattr(parent, name)
     qualified = next(n for n, m in model.named_modules() if m is layer)
     return f"{qualified}.weight"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_weights(
