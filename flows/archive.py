@@ -105,8 +105,8 @@ def process_archive(
         from wsipipe.models.model import load_model
 
         net, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
-    log.info("archive %s: %d slides, %d to process, model %s, %d in flight", archive, len(slides), len(todo),
-             info.sha256[:12] if info else weights.name, cfg.orchestration.slides_in_flight)
+    log.info("archive %s: %d slides, model %s, %d to process, %d in flight", archive, len(slides),
+             info.sha256[:12] if info else weights.name, len(todo), cfg.orchestration.slides_in_flight)
     Path(out).mkdir(parents=True, exist_ok=True)
     for row in decided:
         if row is not None:

@@ -163,3 +163,37 @@ def test_done_outputs_follows_slide_config_and_model_on_disk(tmp_path, slides_di
         archive.done_outputs(tmp_path / "corrupt.svs", out, cfg, info)
     assert not archive.any_to_compute([tmp_path / "corrupt.svs"], out, cfg, info)  # fails before tiling
     assert archive.any_to_compute([tmp_path / "corrupt.svs", slide], out, cfg, info)  # heatmap.png is gone
+
+
+def test_unreadable_slide_leaves_no_output_folder_through_the_cli(tmp_path, slides_dir):
+    """A slide OpenSlide opens but whose tiles do not decode fails as one line naming it, before
+    any folder, lock or store of its own exists: through `wsipipe run` and `wsipipe archive`
+    (which decides it without starting Prefect or loading the model)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    wsipipe = Path(sys.executable).parent / "wsipipe"
+    slide = tmp_path / "slides" / "unreadable.svs"
+    slide.parent.mkdir()
+    shutil.copy(slides_dir / "openslide-fixtures" / "unreadable.svs", slide)
+    torch.manual_seed(0)
+    weights = save_weights(build_model("resnet18", 1), tmp_path / "m.safetensors", "resnet18", 1).path
+
+    run_out = tmp_path / "run-out"
+    done = subprocess.run([str(wsipipe), "run", str(slide), "--out", str(run_out), "--model", str(weights)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "SlideReadError" not in done.stderr and "unreadable.svs" in done.stderr and "unexpected" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not run_out.exists()
+
+    out = tmp_path / "archive-out"
+    done = subprocess.run([str(wsipipe), "archive", str(slide.parent), "--out", str(out), "--model", str(weights)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "1 slides: 0 ok, 0 skipped, 1 failed" in done.stdout and "SlideReadError" in done.stdout
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["archive-report.html", archive.RESULTS_FILE]
+    assert not list(out.glob("unreadable*"))
+    (row,) = archive.read_results(out)
+    assert row["status"] == "failed" and "unreadable.svs" in row["error"] and row["out_dir"] is None
