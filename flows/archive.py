@@ -12,6 +12,7 @@ process; only those slides become ``slide`` tasks.
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -67,6 +68,21 @@ class ArchiveFailed(Exception):
 
     def __reduce__(self):  # picklable with its rows (a persisted result)
         return (type(self), (str(self), self.rows))
+
+
+class _NoTracebackForArchiveFailed(logging.Filter):
+    """Drops the records that log an :class:`ArchiveFailed` with its traceback. In a deployment
+    run Prefect's engine asks the final state for its result, which raises the state's data, and
+    logs that as an "unexpected exception" with a traceback (on the worker's output and, through
+    the API, in `prefect deployment run --watch`). A failed slide is the run's expected ending,
+    already told by the state's message, the rows and the artifacts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ArchiveFailed))
+
+
+for _name in ("prefect.flow_runs", "prefect.engine"):  # run_flow's error_logger; the engine's own
+    logging.getLogger(_name).addFilter(_NoTracebackForArchiveFailed())
 
 
 def _bounded(submit, items: list, limit: int) -> list:
