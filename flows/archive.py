@@ -60,7 +60,8 @@ class ArchiveFailed(Exception):
     """The data of a failed archive run's state: ``str()`` is the state's message, ``rows`` this
     run's rows. Prefect turns a Failed state's data into the exception it raises when the
     state's result is asked for (the flow's own process does, at its end): data that is not an
-    exception ends that process with a TypeError and a traceback; an exception ends it quietly."""
+    exception (the rows themselves) ends that process with a TypeError dumping them. This one is
+    raised instead, and :class:`_NoTracebackForArchiveFailed` keeps its traceback out of the logs."""
 
     def __init__(self, message: str, rows: list[dict]):
         super().__init__(message)
