@@ -124,7 +124,7 @@ def start_server(home: Path) -> tuple[subprocess.Popen, dict]:
     log = home / "server.log"
     server = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
     try:
-        _wait_until(lambda: _healthy(env), 90, "the Prefect server", log)
+        _wait_until(lambda: _healthy(env), 180, "the Prefect server", log)  # minutes on 2 busy cores
     except BaseException:
         _stop(server)
         raise
