@@ -238,15 +238,14 @@ def test_deployment_run_processes_good_slides_and_reports_the_corrupt_one(deploy
 
 def test_failed_archive_runs_end_with_their_message_and_no_traceback(deployed_runs):
     """What the worker (and the flow processes it starts) and `prefect deployment run --watch`
-    print for the two Failed archive runs and the Completed slide run: the runs' messages, no
-    traceback, no exception dumping the rows."""
+    print for the two Failed archive runs and the Completed slide run: the final states, the
+    runs' messages (the worker shows their logs), no traceback, no exception dumping the rows."""
     watched = deployed_runs["watched"]
     worker = deployed_runs["worker_log"].read_text(errors="replace")
     assert len(watched) == 3
     for text in (worker, *watched):
         assert "Traceback" not in text and "TypeError" not in text and "Unexpected result" not in text, text[-4000:]
-    assert "3 slides: 2 ok, 0 skipped, 1 failed" in watched[0] and "Failed" in watched[0]
-    assert "3 slides: 0 ok, 2 skipped, 1 failed" in watched[1] and "Failed" in watched[1]
+    assert "finished in state 'Failed'" in watched[0] and "finished in state 'Failed'" in watched[1]
     assert "Completed" in watched[2]
     for message in ("3 slides: 2 ok, 0 skipped, 1 failed", "3 slides: 0 ok, 2 skipped, 1 failed"):
         assert message in worker, worker[-4000:]
@@ -360,10 +359,10 @@ def test_archive_cli_logs_warnings_only_unless_verbose_and_skips_prefect_when_no
     deployed_runs, archive_dir, tmp_path
 ):
     """`wsipipe archive` against the server, on a copy of the deployment's outputs with a new
-    stitch threshold (stitch reruns on a LocalCluster; tile and infer are reused): the default
-    prints warnings and errors only; --verbose brings back the INFO lines of wsipipe, Prefect and
-    distributed, whose HTTP servers listen on the loopback. A rerun with nothing new starts no
-    Prefect run and prints the same rows."""
+    stitch threshold (a flow run: stitch reruns on a LocalCluster; tile and infer are reused, so
+    the rows say skipped): the default prints warnings and errors only; --verbose brings back the
+    INFO lines of wsipipe, Prefect and distributed, whose HTTP servers listen on the loopback. A
+    rerun with nothing new starts no Prefect run and prints the same rows."""
     env = deployed_runs["env"]
     out = tmp_path / "out"
     shutil.copytree(deployed_runs["out"], out)
@@ -376,15 +375,17 @@ def test_archive_cli_logs_warnings_only_unless_verbose_and_skips_prefect_when_no
         assert done.returncode == 2, done.stdout + done.stderr  # the corrupt slide
         return done
 
+    before = _flow_run_ids(env)
     quiet = archive(threshold=0.3)
-    assert "3 slides: 2 ok, 0 skipped, 1 failed" in quiet.stdout
+    assert "3 slides: 0 ok, 2 skipped, 1 failed" in quiet.stdout
+    assert len(_flow_run_ids(env) - before) == 1  # it ran the flow
     lines = quiet.stderr.splitlines()
     assert not [ln for ln in lines if "distributed." in ln or ln.startswith("INFO")], quiet.stderr
     assert "Traceback" not in quiet.stderr and "worker thread" not in quiet.stderr
     assert any("corrupt.svs" in ln for ln in lines) and len(lines) <= 6, quiet.stderr
 
     verbose = archive("--verbose", threshold=0.4)
-    assert "3 slides: 2 ok, 0 skipped, 1 failed" in verbose.stdout
+    assert "3 slides: 0 ok, 2 skipped, 1 failed" in verbose.stdout
     assert "INFO distributed." in verbose.stderr and "stage=stitch" in verbose.stderr
     served = [ln for ln in verbose.stderr.splitlines() if "dashboard at" in ln]
     assert served and all("127.0.0.1" in ln for ln in served), served
