@@ -4,10 +4,15 @@ A slide whose outputs already exist for the same slide identity, config hash and
 is skipped (decided from disk, see wsipipe.run.archive.done_outputs). A failing slide becomes a
 "failed" row with its error; the others go on. The run ends Failed, with a message giving the
 counts, when any slide failed, and publishes a table artifact of all slides either way.
+
+Before any work, each slide is decided from disk (wsipipe.run.plan): up to date, unreadable, or
+to process. The model is loaded and the Dask cluster started only when some slide is to
+process; only those slides become ``slide`` tasks.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,13 +26,16 @@ from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.slide import load_run_inputs, publish_slide, run_slide_job
-from wsipipe.config import PipelineConfig
+from flows.slide import publish_slide, run_slide_job
+from wsipipe.config import PipelineConfig, load_config
+from wsipipe.models.identity import weights_identity
 from wsipipe.run.archive import (
-    any_to_compute, archive_error, archive_message, archive_settings, archive_table, scan_archive, slide_config,
+    archive_error, archive_message, archive_settings, archive_table, parse_overrides, scan_archive, slide_config,
     status_counts, write_archive_files,
 )
 from wsipipe.run.cluster import dask_scheduler
+from wsipipe.run.names import run_model
+from wsipipe.run.plan import decide
 from wsipipe.run.rows import SlideResult
 from wsipipe.outputs.report import archive_markdown
 
@@ -52,6 +60,36 @@ def slide_task(slide: str, out: str, cfg: PipelineConfig, net, info) -> dict:
     return row.as_dict()
 
 
+class ArchiveFailed(Exception):
+    """The data of a failed archive run's state: ``str()`` is the state's message, ``rows`` this
+    run's rows. Prefect turns a Failed state's data into the exception it raises when the
+    state's result is asked for (the flow's own process does, at its end): data that is not an
+    exception (the rows themselves) ends that process with a TypeError dumping them. This one is
+    raised instead, and :class:`_NoTracebackForArchiveFailed` keeps its traceback out of the logs."""
+
+    def __init__(self, message: str, rows: list[dict]):
+        super().__init__(message)
+        self.rows = rows
+
+    def __reduce__(self):  # picklable with its rows (a persisted result)
+        return (type(self), (str(self), self.rows))
+
+
+class _NoTracebackForArchiveFailed(logging.Filter):
+    """Drops the records that log an :class:`ArchiveFailed` with its traceback. In a deployment
+    run Prefect's engine asks the final state for its result, which raises the state's data, and
+    logs that as an "unexpected exception" with a traceback (on the worker's output and, through
+    the API, in `prefect deployment run --watch`). A failed slide is the run's expected ending,
+    already told by the state's message, the rows and the artifacts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ArchiveFailed))
+
+
+for _name in ("prefect.flow_runs", "prefect.engine"):  # run_flow's error_logger; the engine's own
+    logging.getLogger(_name).addFilter(_NoTracebackForArchiveFailed())
+
+
 def _bounded(submit, items: list, limit: int) -> list:
     """Submit ``items`` with at most ``limit`` in flight; results in the items' order."""
     futures: list = []
@@ -74,28 +112,49 @@ def process_archive(
     """Process what is new or changed in ``archive`` (folder, glob or .csv manifest) into ``out``.
 
     Returns the result rows (wsipipe.run.archive; also written to ``out/archive-results.json``);
-    a Failed state naming the counts when any slide failed."""
+    when any slide failed, a Failed state naming the counts whose data is an
+    :class:`ArchiveFailed` carrying the rows."""
     log = get_run_logger()
-    cfg, net, info = load_run_inputs(model, config, overrides)
+    cfg = load_config(config, parse_overrides(overrides))
     slides = scan_archive(archive)
     settings = archive_settings(archive)  # per-slide manifest columns, e.g. mpp
-    log.info("archive %s: %d slides, model %s, %d in flight", archive, len(slides), info.sha256[:12],
-             cfg.orchestration.slides_in_flight)
+    weights, cfg = run_model(model, cfg)  # with the model card's decision threshold
+    info = weights_identity(weights, cfg.model.arch, cfg.model.num_classes)
+    decided = decide(slides, out, cfg, info, settings)
+    todo = [slide for slide, row in zip(slides, decided, strict=True) if row is None]
+    net = None
+    if todo:  # a run with nothing to process loads no model (no torch) and starts no cluster
+        from wsipipe.models.model import load_model
+
+        net, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
+    log.info("archive %s: %d slides, model %s, %d to process, %d in flight", archive, len(slides),
+             info.sha256[:12] if info else weights.name, len(todo), cfg.orchestration.slides_in_flight)
     Path(out).mkdir(parents=True, exist_ok=True)
-    # A run with nothing new starts no cluster.
-    cluster = dask_scheduler(cfg) if any_to_compute(slides, out, cfg, info, settings) else nullcontext(cfg)
+    for row in decided:
+        if row is not None:
+            _log_decided(log, row)
+            publish_slide(row)
+    cluster = dask_scheduler(cfg) if todo else nullcontext(cfg)
     with cluster as cfg:
-        rows = _bounded(
-            lambda s: slide_task.submit(str(s), out, slide_config(cfg, settings.get(s)), net, info), slides,
-            cfg.orchestration.slides_in_flight,
-        )
+        computed = iter(_bounded(
+            lambda s: slide_task.submit(str(s), out, slide_config(cfg, settings.get(s)), net, info), todo, cfg.orchestration.slides_in_flight
+        ))
+    rows = [row.as_dict() if row is not None else next(computed) for row in decided]
     message = archive_message(rows)
     report = write_archive_files(rows, out)
     create_table_artifact(archive_table(rows), key="wsipipe-archive", description=f"wsipipe {archive}: {message}")
     create_markdown_artifact(archive_markdown(rows, report), key="wsipipe-archive-report", description=str(report))
     log.info("%s", message)
     if status_counts(rows)["failed"]:
-        # The rows ride along: a caller reads this run's rows from the state, not from
-        # archive-results.json, which a concurrent run over the same folder may have rewritten.
-        return Failed(message=message, data=rows)
+        # The rows ride along in the exception: a caller reads this run's rows from the state,
+        # not from archive-results.json, which a concurrent run may have rewritten.
+        return Failed(message=message, data=ArchiveFailed(message, rows))
     return rows
+
+
+def _log_decided(log, row: SlideResult) -> None:
+    label = row.name or Path(row.slide).name
+    if row.status == "failed":
+        log.error("slide=%s stage=failed: %s", label, row.error)
+    else:
+        log.info("slide=%s stage=check: outputs up to date, skipped", label)

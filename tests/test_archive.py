@@ -24,6 +24,7 @@ from wsipipe.errors import ConfigError, MissingMppError, SlideOpenError
 from wsipipe.models.model import build_model, load_model, save_weights
 from wsipipe.run.names import weights_path
 from wsipipe.run.pipeline import run_slide
+from wsipipe.run.plan import decide
 from wsipipe.slides.synth import write_synthetic_slide
 
 TINY = {"tile.mpp": 2.0, "tile.patch_size": 64, "dask.num_workers": 1}
@@ -151,7 +152,7 @@ def test_done_outputs_follows_slide_config_and_model_on_disk(tmp_path, slides_di
     result = run_slide(slide, out, cfg, weights)
     done = archive.done_outputs(slide, out, cfg, info)
     assert done is not None and done[0] == result.out_dir and done[1] == result.summary
-    assert not archive.any_to_compute([slide], out, cfg, info)
+    assert [r.status if r else None for r in decide([slide], out, cfg, info)] == ["skipped"]
 
     # A fresh load of everything from disk (new process state) agrees.
     assert archive.done_outputs(slide, out, load_config(None, TINY), load_model(weights)[1]) is not None
@@ -172,8 +173,10 @@ def test_done_outputs_follows_slide_config_and_model_on_disk(tmp_path, slides_di
     shutil.copy(slides_dir / "broken.svs", tmp_path / "corrupt.svs")
     with pytest.raises(SlideOpenError, match="corrupt.svs"):
         archive.done_outputs(tmp_path / "corrupt.svs", out, cfg, info)
-    assert not archive.any_to_compute([tmp_path / "corrupt.svs"], out, cfg, info)  # fails before tiling
-    assert archive.any_to_compute([tmp_path / "corrupt.svs", slide], out, cfg, info)  # heatmap.png is gone
+    # Decided before any work: the corrupt slide fails, the slide missing heatmap.png is to process.
+    failed, todo = decide([tmp_path / "corrupt.svs", slide], out, cfg, info)
+    assert failed is not None and failed.status == "failed" and "corrupt.svs" in (failed.error or "")
+    assert todo is None
 
 
 # --------------------------------------------------------------------------- per-slide manifest columns
@@ -378,3 +381,37 @@ def test_archive_per_slide_mpp_hint_and_index_through_the_cli(slides_dir, tmp_pa
         "earlier.svs": "ok", "given.svs": "ok", "nompp.svs": "failed", "broken.svs": "failed"}
     assert index["given.svs"]["out_dir"] == rows["given.svs"]["out_dir"] and index["given.svs"]["current"]
     assert index["earlier.svs"]["out_dir"] == str(out / "earlier")
+
+
+def test_unreadable_slide_leaves_no_output_folder_through_the_cli(tmp_path, slides_dir):
+    """A slide OpenSlide opens but whose tiles do not decode fails as one line naming it, before
+    any folder, lock or store of its own exists: through `wsipipe run` and `wsipipe archive`
+    (which decides it without starting Prefect or loading the model)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    wsipipe = Path(sys.executable).parent / "wsipipe"
+    slide = tmp_path / "slides" / "unreadable.svs"
+    slide.parent.mkdir()
+    shutil.copy(slides_dir / "openslide-fixtures" / "unreadable.svs", slide)
+    torch.manual_seed(0)
+    weights = save_weights(build_model("resnet18", 1), tmp_path / "m.safetensors", "resnet18", 1).path
+
+    run_out = tmp_path / "run-out"
+    done = subprocess.run([str(wsipipe), "run", str(slide), "--out", str(run_out), "--model", str(weights)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "SlideReadError" not in done.stderr and "unreadable.svs" in done.stderr and "unexpected" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not run_out.exists()
+
+    out = tmp_path / "archive-out"
+    done = subprocess.run([str(wsipipe), "archive", str(slide.parent), "--out", str(out), "--model", str(weights)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "1 slides: 0 ok, 0 skipped, 1 failed" in done.stdout and "SlideReadError" in done.stdout
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["archive-report.html", archive.RESULTS_FILE]
+    assert not list(out.glob("unreadable*"))
+    (row,) = archive.read_results(out)
+    assert row["status"] == "failed" and "unreadable.svs" in row["error"] and row["out_dir"] is None

@@ -144,3 +144,22 @@ def test_cli_run_with_scheduler_reports_skipped_rerun_and_failures(cluster, inpu
 def test_unreachable_scheduler_is_a_config_error():
     with pytest.raises(ConfigError, match="cannot reach the scheduler"), connect(f"tcp://127.0.0.1:{_free_port()}", timeout="2s"):
         pass
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_local_cluster_serves_http_on_the_loopback_only(processes):
+    """dask.dashboard_address (default 127.0.0.1:0): the scheduler's and the workers' HTTP
+    servers (dashboard, /health) listen on the loopback, not on the host's network address."""
+    import urllib.request
+
+    from distributed import Client
+
+    from wsipipe.run.cluster import local_cluster
+
+    with local_cluster(DaskConfig(num_workers=1), processes=processes) as cluster, Client(cluster) as client:
+        bound = [sock.getsockname() for sock in cluster.scheduler.http_server._sockets.values()]
+        assert bound and {host for host, _ in bound} == {"127.0.0.1"}, bound
+        with urllib.request.urlopen(f"http://127.0.0.1:{bound[0][1]}/health", timeout=10) as resp:
+            assert resp.read() == b"ok"
+        hosts = client.run(lambda dask_worker: sorted({s.getsockname()[0] for s in dask_worker.http_server._sockets.values()}))
+        assert hosts and all(h == ["127.0.0.1"] for h in hosts.values()), hosts

@@ -156,8 +156,8 @@ def test_two_archive_runs_at_once_compute_each_slide_once(archive, tmp_path):
     cfg = load_config(None, TINY)
     reference = {s: run_slide(s, tmp_path / "single", cfg, archive["weights"]).out_dir for s in archive["slides"]}
     env = {**ENV, "PREFECT_HOME": str(tmp_path / "prefect-home")}  # both runs share it, as two cron jobs would
-    cmd = [str(BIN / "wsipipe"), "archive", str(archive["dir"]), "--out", str(out), "--model", str(archive["weights"]),
-           *[f"--set={k}={v}" for k, v in TINY.items()]]
+    cmd = [str(BIN / "wsipipe"), "--verbose", "archive", str(archive["dir"]), "--out", str(out),  # INFO: the flows' logs
+           "--model", str(archive["weights"]), *[f"--set={k}={v}" for k, v in TINY.items()]]
     logs = [tmp_path / f"run{i}.log" for i in range(2)]
     first_dir = slide_output_dir(archive["slides"][0], out, cfg)
     procs = []

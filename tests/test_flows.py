@@ -124,7 +124,7 @@ def start_server(home: Path) -> tuple[subprocess.Popen, dict]:
     log = home / "server.log"
     server = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
     try:
-        _wait_until(lambda: _healthy(env), 90, "the Prefect server", log)
+        _wait_until(lambda: _healthy(env), 180, "the Prefect server", log)  # minutes on 2 busy cores
     except BaseException:
         _stop(server)
         raise
@@ -149,10 +149,13 @@ def prefect_server(tmp_path_factory):
         _stop(server)
 
 
-def run_deployment(env: dict, params: dict, name: str = "process-archive/nightly") -> str:
+def run_deployment(env: dict, params: dict, name: str = "process-archive/nightly", watched: list | None = None) -> str:
+    """The flow run's id; ``watched`` gets what `--watch` printed."""
     out = _prefect(env, "deployment", "run", name, "--params", json.dumps(params),
                    "--watch", "--watch-interval", "1", "--watch-timeout", "240", timeout=300,
                    check=False)  # exits non-zero when the run ends Failed; the state is checked below
+    if watched is not None:
+        watched.append(out)
     match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
     assert match, out[-2000:]
     return match.group(1)
@@ -171,18 +174,19 @@ def deployed_runs(prefect_server, archive_dir):
     out = archive_dir["base"] / "out-local"
     params = {"archive": str(archive_dir["slides"]), "out": str(out), "model": str(archive_dir["model"]),
               "overrides": TINY}
+    watched: list[str] = []
     try:
-        first = run_deployment(env, params)
+        first = run_deployment(env, params, watched=watched)
         first_rows = json.loads((out / RESULTS_FILE).read_text())
         stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*") if p.name in ("summary.json", "patches.zarr")}
         stamps.update({p: p.stat().st_mtime_ns for p in out.glob("*/patches.zarr/*/zarr.json")})
-        second = run_deployment(env, params)
+        second = run_deployment(env, params, watched=watched)
         second_rows = json.loads((out / RESULTS_FILE).read_text())
         slide_params = {**params, "slide": str(archive_dir["slides"] / "generated.svs")}
         del slide_params["archive"]
-        one = run_deployment(env, slide_params, "process-slide/on-demand")
+        one = run_deployment(env, slide_params, "process-slide/on-demand", watched=watched)
         yield {"env": env, "out": out, "runs": (first, second), "rows": (first_rows, second_rows),
-               "stamps": stamps, "slide_run": one}
+               "stamps": stamps, "slide_run": one, "watched": watched, "worker_log": home / "worker.log"}
     finally:
         _stop(worker)
 
@@ -232,6 +236,21 @@ def test_deployment_run_processes_good_slides_and_reports_the_corrupt_one(deploy
     assert any(f"slide={gen} stage=infer" in entry["message"] for entry in logs)
 
 
+def test_failed_archive_runs_end_with_their_message_and_no_traceback(deployed_runs):
+    """What the worker (and the flow processes it starts) and `prefect deployment run --watch`
+    print for the two Failed archive runs and the Completed slide run: the final states, the
+    runs' messages (the worker shows their logs), no traceback, no exception dumping the rows."""
+    watched = deployed_runs["watched"]
+    worker = deployed_runs["worker_log"].read_text(errors="replace")
+    assert len(watched) == 3
+    for text in (worker, *watched):
+        assert "Traceback" not in text and "TypeError" not in text and "Unexpected result" not in text, text[-4000:]
+    assert "finished in state 'Failed'" in watched[0] and "finished in state 'Failed'" in watched[1]
+    assert "Completed" in watched[2]
+    for message in ("3 slides: 2 ok, 0 skipped, 1 failed", "3 slides: 0 ok, 2 skipped, 1 failed"):
+        assert message in worker, worker[-4000:]
+
+
 def test_second_deployment_run_processes_nothing_new(deployed_runs):
     env = deployed_runs["env"]
     second_id = deployed_runs["runs"][1]
@@ -244,9 +263,16 @@ def test_second_deployment_run_processes_nothing_new(deployed_runs):
     assert deployed_runs["stamps"] and all(p.stat().st_mtime_ns == t for p, t in deployed_runs["stamps"].items())
     table = json.loads(_flow_run_artifacts(env, second_id)["wsipipe-archive"]["data"])
     assert sorted(r["status"] for r in table) == ["failed", "skipped", "skipped"]
-    # No stage task ran in the second run.
-    tasks = _api(env, "/task_runs/filter", {"flow_runs": {"id": {"any_": [second_id]}}, "limit": 50})
-    assert tasks and not [t["name"] for t in tasks if t["name"].split()[0] in ("tile", "infer", "stitch", "report")]
+    # No task ran in the second run: every slide was decided from disk before any work (the
+    # same query finds the first run's stage tasks).
+    def stages(run_id: str) -> list[str]:
+        tasks = _api(env, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}, "limit": 50})
+        return [t["name"].split()[0] for t in tasks]
+
+    assert {"tile", "infer", "stitch", "report"} <= set(stages(deployed_runs["runs"][0]))
+    assert stages(second_id) == []
+    logs = _api(env, "/logs/filter", {"logs": {"flow_run_id": {"any_": [second_id]}}, "limit": 200})
+    assert sum("outputs up to date, skipped" in entry["message"] for entry in logs) == 2
 
 
 def test_slide_deployment_reuses_complete_stages(deployed_runs):
@@ -323,3 +349,52 @@ def test_stage_retries_only_transient_io_errors():
     assert decided(OSError(5, "Input/output error")) and decided(ConnectionResetError())
     assert not decided(SlideReadError("/s.svs", "corrupt tile")) and not decided(SlideOpenError("/s.svs", "not a slide"))
     assert not decided(TimeoutError("stage timed out")) and not decided(ValueError("bug"))
+
+
+def _flow_run_ids(env: dict) -> set[str]:
+    return {r["id"] for r in _api(env, "/flow_runs/filter", {"limit": 200})}
+
+
+def test_archive_cli_logs_warnings_only_unless_verbose_and_skips_prefect_when_nothing_is_new(
+    deployed_runs, archive_dir, tmp_path
+):
+    """`wsipipe archive` against the server, on a copy of the deployment's outputs with a new
+    stitch threshold (a flow run: stitch reruns on a LocalCluster; tile and infer are reused, so
+    the rows say skipped): the default prints warnings and errors only; --verbose brings back the
+    INFO lines of wsipipe, Prefect and distributed, whose HTTP servers listen on the loopback. A
+    rerun with nothing new starts no Prefect run and prints the same rows."""
+    env = deployed_runs["env"]
+    out = tmp_path / "out"
+    shutil.copytree(deployed_runs["out"], out)
+
+    def archive(*flags: str, threshold: float) -> subprocess.CompletedProcess:
+        cmd = [str(BIN / "wsipipe"), *flags, "archive", str(archive_dir["slides"]), "--out", str(out),
+               "--model", str(archive_dir["model"]), *[f"--set={k}={v}" for k, v in TINY.items()],
+               f"--set=stitch.threshold={threshold}"]
+        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stdout + done.stderr  # the corrupt slide
+        return done
+
+    before = _flow_run_ids(env)
+    quiet = archive(threshold=0.3)
+    assert "3 slides: 0 ok, 2 skipped, 1 failed" in quiet.stdout
+    assert len(_flow_run_ids(env) - before) == 1  # it ran the flow
+    lines = quiet.stderr.splitlines()
+    assert not [ln for ln in lines if "distributed." in ln or ln.startswith("INFO")], quiet.stderr
+    assert "Traceback" not in quiet.stderr and "worker thread" not in quiet.stderr
+    assert any("corrupt.svs" in ln for ln in lines) and len(lines) <= 6, quiet.stderr
+
+    verbose = archive("--verbose", threshold=0.4)
+    assert "3 slides: 0 ok, 2 skipped, 1 failed" in verbose.stdout
+    assert "INFO distributed." in verbose.stderr and "stage=stitch" in verbose.stderr
+    # distributed prints the thread cluster's inproc host in these lines, not where its HTTP
+    # servers listen (the loopback: tests/test_cluster.py); the old default was port 8787.
+    served = [ln for ln in verbose.stderr.splitlines() if "dashboard at" in ln]
+    assert served and not [ln for ln in served if ":8787" in ln], served
+    assert "worker thread" not in verbose.stderr and "Traceback" not in verbose.stderr
+
+    runs = _flow_run_ids(env)
+    again = archive(threshold=0.4)
+    assert "3 slides: 0 ok, 2 skipped, 1 failed" in again.stdout and again.stderr == ""
+    assert _flow_run_ids(env) == runs  # decided before Prefect: no flow run
+    assert {r["status"] for r in json.loads((out / RESULTS_FILE).read_text())} == {"skipped", "failed"}

@@ -150,6 +150,11 @@ class StitchConfig(_Section):
 class DaskConfig(_Section):
     scheduler_address: str | None = Field(None, description="Existing dask.distributed scheduler; None = local.")
     num_workers: int | None = Field(None, ge=1, description="Local threads; None = number of cores.")
+    dashboard_address: str = Field(
+        "127.0.0.1:0", min_length=1,
+        description="Where a LocalCluster's scheduler and workers serve HTTP (dashboard, /health, /metrics): the "
+        "loopback on a free port by default; '127.0.0.1:8787' for a fixed port, ':8787' for every interface.",
+    )
 
 
 class OrchestrationConfig(_Section):

@@ -22,7 +22,9 @@ import typer
 from typer.core import TyperGroup
 
 from wsipipe.cli import learn, pipeline
-from wsipipe.cli.console import EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NO_TISSUE, Flags, err, error_line, help_when_bare
+from wsipipe.cli.console import (
+    EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NO_TISSUE, Flags, configure_logging, err, error_line, help_when_bare,
+)
 from wsipipe.errors import NoTissueError, WsipipeError
 
 __all__ = ["app", "main", "versions"]
@@ -97,15 +99,15 @@ def _print_versions(value: bool) -> None:
 def _main(
     ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show INFO logs (wsipipe, Prefect, Dask); default: warnings and errors."),
     version: bool = typer.Option(
         False, "--version", callback=_print_versions, is_eager=True, expose_value=True,
         help="Show the versions of wsipipe, OpenSlide, torch, zarr, Dask and Prefect, then exit.",
     ),
 ) -> None:
-    import logging
-
     Flags.debug = debug
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    Flags.verbose = verbose or debug
+    configure_logging()
     help_when_bare(ctx)
 
 

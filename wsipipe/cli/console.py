@@ -1,5 +1,5 @@
 """What every command shares: the two consoles, progress bars, config loading, the printing of
-paths and summaries, the exit codes and the ``--debug`` flag.
+paths and summaries, the exit codes, the ``--debug`` and ``--verbose`` flags and the logging they set.
 
 Light on import: rich's progress bars and the pydantic config load when a command first uses them,
 so ``wsipipe --help`` does not pay for them.
@@ -32,6 +32,26 @@ class Flags:
     """Process-wide switches set by the top-level options."""
 
     debug: bool = False
+    verbose: bool = False
+
+
+def configure_logging() -> None:
+    """Log records on stderr from WARNING up; INFO too with ``--verbose``, DEBUG with ``--debug``.
+
+    The level is the root handler's, not only the root logger's: Prefect and distributed give
+    their loggers levels of their own (INFO) that would otherwise pass everything up. Records
+    still reach the loggers' own handlers at their levels (a Prefect server keeps a run's INFO
+    logs). Dask worker processes read their level from the environment. Safe to call again
+    after a library has configured logging."""
+    import logging
+    import os
+
+    level = logging.DEBUG if Flags.debug else logging.INFO if Flags.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
+    if level > logging.INFO:
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config overriding the defaults (see configs/).")

@@ -19,6 +19,7 @@ from wsipipe.cli.console import (
     EXIT_ERROR,
     ConfigOpt,
     Flags,
+    configure_logging,
     console,
     err,
     error_line,
@@ -234,39 +235,58 @@ def archive(
     """The process-archive Prefect flow: only new or changed slides; failures listed, others go on.
 
     Runs with Prefect's ephemeral server when PREFECT_API_URL is unset (no server needed, offline),
-    else it reports to that server."""
-    from wsipipe.run.archive import archive_message, archive_settings, parse_overrides
+    else it reports to that server. When every slide is up to date or unreadable, it says so
+    without starting Prefect, torch or Dask."""
+    from wsipipe.models.identity import weights_identity
+    from wsipipe.run.archive import archive_settings, parse_overrides, scan_archive, write_archive_files
+    from wsipipe.run.names import run_model
+    from wsipipe.run.plan import decide
 
     values = parse_overrides(overrides)
     if scheduler:
         values["dask.scheduler_address"] = scheduler
     # A bad field, a missing archive or weights file fails here, before Prefect starts.
-    load_config(config, **values)
+    cfg = load_config(config, **values)
     if not glob.has_magic(source) and not Path(source).exists():
         raise ConfigError(Path(source), "archive not found (expected a folder, a glob pattern, a .csv manifest or a slide file)")
     if model is not None and not model.exists():
         raise ModelLoadError(model, "weights file not found")
-    archive_settings(source)  # a bad per-slide value in a manifest: fail before any work
+    settings = archive_settings(source)  # a bad per-slide value in a manifest fails here, before any work
+    weights, cfg = run_model(model, cfg)  # with the model card's decision threshold
+    decided = decide(scan_archive(source), out, cfg, weights_identity(weights, cfg.model.arch, cfg.model.num_classes), settings)
+    if all(row is not None for row in decided):  # nothing to process: no Prefect run
+        done: list[Any] = [row.as_dict() for row in decided if row is not None]
+        write_archive_files(done, out)
+        _print_archive_rows(done)
+        return
     import flows  # noqa: F401  (offline-safe Prefect settings first)
-    from flows.archive import process_archive
+    from flows.archive import ArchiveFailed, process_archive
 
+    configure_logging()  # again: importing Prefect set up its logging
     state: Any = process_archive(
         source, str(out), model=str(model) if model else None, config=str(config) if config else None,
         overrides=values, return_state=True,
     )
-    # This run's own rows (the state carries them even when Failed); archive-results.json may
-    # already hold a concurrent run's.
-    rows = state.result(raise_on_failure=False) if state.is_completed() or state.is_failed() else None
-    if isinstance(rows, list):
-        for row in rows:
-            style = {"ok": "green", "skipped": "cyan", "failed": "red"}[row["status"]]
-            console.print(Text.assemble((f"{row['status']:>7} ", style), f"{row['slide']}  {row['error'] or row['out_dir']}"))
-        console.print(archive_message(rows), highlight=False)
-        if state.is_completed():
-            return
-    else:
+    # This run's own rows (the state carries them, in an ArchiveFailed when a slide failed);
+    # archive-results.json may already hold a concurrent run's.
+    result = state.result(raise_on_failure=False) if state.is_completed() or state.is_failed() else None
+    rows = result.rows if isinstance(result, ArchiveFailed) else result
+    if not isinstance(rows, list):
         error_line("archive run failed: ", state.message or state.type)
-    raise typer.Exit(EXIT_ERROR)
+        raise typer.Exit(EXIT_ERROR)
+    _print_archive_rows(rows)
+
+
+def _print_archive_rows(rows: list[Any]) -> None:
+    """One line per slide and the counts on stdout; exit 2 when a slide failed."""
+    from wsipipe.run.archive import archive_message, status_counts
+
+    for row in rows:
+        style = {"ok": "green", "skipped": "cyan", "failed": "red"}[row["status"]]
+        console.print(Text.assemble((f"{row['status']:>7} ", style), f"{row['slide']}  {row['error'] or row['out_dir']}"))
+    console.print(archive_message(rows), highlight=False)
+    if status_counts(rows)["failed"]:
+        raise typer.Exit(EXIT_ERROR)
 
 
 def report(

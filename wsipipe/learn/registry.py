@@ -21,7 +21,7 @@ from pathlib import Path
 
 from wsipipe.errors import RegistryError
 from wsipipe.files import write_atomic
-from wsipipe.models.model import file_sha256
+from wsipipe.models.identity import file_sha256
 
 _VERSION = re.compile(r"^v(\d{4,})$")
 

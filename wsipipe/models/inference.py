@@ -39,6 +39,7 @@ from wsipipe.tiles import store
 from wsipipe.config import InferenceConfig
 from wsipipe.errors import ConfigError, StoreError
 from wsipipe.models import fused
+from wsipipe.models.identity import infer_identity
 from wsipipe.models.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 from wsipipe.tiles.tiling import reads_from_slide, slide_source
 
@@ -193,14 +194,6 @@ def forward_with_backoff(net: Callable[[torch.Tensor], torch.Tensor], x: torch.T
         if x.device.type == "cuda":
             torch.cuda.empty_cache()  # give back what the failed forward pass had cached
     return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-def infer_identity(group: zarr.Group, info: ModelInfo) -> dict[str, Any]:
-    """What the probabilities depend on: the tiled patches and the model."""
-    tile = store.stage_entry(group, store.STAGE_TILE) or {}
-    return {
-        "tile": tile.get("identity"), "model_sha256": info.sha256, "num_classes": info.num_classes, "arch": info.arch,
-    }
 
 
 class _Unit(NamedTuple):

@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import pickle
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,20 +24,11 @@ from torch import nn
 
 from wsipipe.errors import ModelLoadError, ParameterError
 from wsipipe.files import write_atomic
+from wsipipe.models.identity import ModelInfo, file_sha256  # noqa: F401  (file_sha256: callers import it from here)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMAT = "wsipipe-classifier-1"  # safetensors metadata "format" of files we write
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a model is: the provenance every output of inference records."""
-
-    arch: str
-    num_classes: int
-    sha256: str  # of the weights file: the model's identity in every output
-    path: Path | None
 
 
 def available_architectures() -> list[str]:
@@ -111,14 +101,6 @@ def _head_key(model: nn.Module) -> str:
     layer = getattr(parent, name)
     qualified = next(n for n, m in model.named_modules() if m is layer)
     return f"{qualified}.weight"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_weights(

@@ -213,7 +213,7 @@ def done_outputs(
     every output file must be there with summary.json naming the same stitch identity.
     Raises the slide's own error (e.g. SlideOpenError) when it cannot be opened."""
     from wsipipe.tiles import store
-    from wsipipe.models.inference import infer_identity
+    from wsipipe.models.identity import infer_identity
     from wsipipe.slides.slide import open_slide
     from wsipipe.outputs.report import REPORT_NAME
     from wsipipe.outputs.stitch import existing_outputs
@@ -235,22 +235,6 @@ def done_outputs(
     if summary is None or not (slide_dir / REPORT_NAME).is_file():  # the report is written last
         return None
     return slide_dir, summary
-
-
-def any_to_compute(
-    slides: list[Path], out_root: str | Path, cfg: PipelineConfig, model_info,
-    settings: dict[Path, dict[str, Any]] | None = None,
-) -> bool:
-    """Whether some slide has work to do (so a Dask cluster is worth starting). A slide that
-    cannot even be opened has none: it fails before tiling. ``settings``: per-slide config
-    fields (:func:`archive_settings`)."""
-    for slide in slides:
-        try:
-            if done_outputs(slide, out_root, slide_config(cfg, (settings or {}).get(slide)), model_info) is None:
-                return True
-        except Exception:  # its own error is reported by the run itself
-            continue
-    return False
 
 
 # --------------------------------------------------------------------------- result rows

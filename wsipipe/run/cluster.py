@@ -51,12 +51,21 @@ def dask_client(cfg: DaskConfig) -> Iterator:
 @contextlib.contextmanager
 def local_cluster(cfg: DaskConfig, processes: bool) -> Iterator:
     """A LocalCluster of ``dask.num_workers`` single-threaded workers (default one per core):
-    threads in this process, or processes listening on the loopback only."""
+    threads in this process, or processes listening on the loopback only.
+
+    The scheduler and every worker serve HTTP at ``dask.dashboard_address`` (default the
+    loopback on a free port). distributed starts these servers even with the dashboard off
+    (``dashboard_address=None`` means port 8787 on the host's network address), so the
+    address is always given."""
     from distributed import LocalCluster
 
     n = cfg.num_workers or os.cpu_count() or 1
     where = {"host": "127.0.0.1"} if processes else {}  # threads talk in-process (inproc://)
-    with LocalCluster(n_workers=n, threads_per_worker=1, processes=processes, dashboard_address=None, **where) as cluster:
+    http = cfg.dashboard_address
+    with LocalCluster(
+        n_workers=n, threads_per_worker=1, processes=processes, dashboard_address=http, worker_dashboard_address=http,
+        **where,
+    ) as cluster:
         yield cluster
 
 

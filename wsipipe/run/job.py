@@ -157,10 +157,27 @@ def direct(stage: Stage, job: SlideJob) -> StageOutcome:
 
 
 def output_dir(slide: str | Path, out_root: str | Path, cfg: PipelineConfig) -> Path:
-    """The slide's output folder (opens the slide: its identity is in the name)."""
+    """The slide's output folder (opens the slide: its identity is in the name). Nothing is
+    created: a slide that cannot be opened or whose tiles do not decode raises its
+    SlideOpenError / SlideReadError here, before any folder, lock or store exists."""
     slide = Path(slide)
     with open_slide(slide, cfg.mpp_override) as opened:
+        check_decodes(opened, cfg)
         return Path(out_root) / slide_output_name(slide, opened.identity)
+
+
+def check_decodes(opened, cfg: PipelineConfig) -> None:
+    """Decode one pixel of the first and last tile of the coarsest level (the thumbnail tissue
+    detection reads) and, unless ``tile.on_corrupt_tile`` is skip, of level 0: a file OpenSlide
+    opens but whose tile data is corrupt or cut short fails in milliseconds, as a
+    SlideReadError naming the file."""
+    levels = [opened.level_count - 1]
+    if cfg.tile.on_corrupt_tile == "fail" and levels[0] != 0:
+        levels.append(0)
+    for level in levels:
+        width, height = opened.level_dimensions[level]
+        for x, y in ((0, 0), (width - 1, height - 1)):
+            opened.read_level(level, x, y, 1, 1)
 
 
 def run_job(job: SlideJob, runner: Runner = direct, skip_done: bool = False, logger: Any = None) -> SlideResult:

@@ -20,9 +20,11 @@ def slide_output_name(slide_path: Path, identity: str) -> str:
 def weights_path(model: str | Path | None, cfg: PipelineConfig) -> Path:
     """The weights a run uses: the explicit file, else ``model.weights``, else the model
     registry's production version (``train.registry``, see ``wsipipe models promote``)."""
-    from wsipipe.learn.registry import production_weights
+    weights = model or cfg.model.weights
+    if not weights:
+        from wsipipe.learn.registry import production_weights
 
-    weights = model or cfg.model.weights or production_weights(cfg.train.registry)
+        weights = production_weights(cfg.train.registry)
     if not weights:
         raise ConfigError(
             None, "model.weights: no model weights given (pass --model WEIGHTS, set model.weights, "

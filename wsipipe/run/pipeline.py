@@ -55,15 +55,16 @@ def run_slide(
     (the slide job of wsipipe.run.job, every stage in this process).
 
     Each stage is skipped when its outputs exist for the same inputs, so a rerun is cheap."""
+    slide_path = Path(slide_path)
+    weights, cfg = run_model(model_path, cfg)
+    slide_dir = output_dir(slide_path, out_dir, cfg)  # an unreadable slide fails here, before torch loads
     from wsipipe.models.inference import resolve_device, resolve_precision
     from wsipipe.models.model import load_model
 
-    slide_path = Path(slide_path)
-    weights, cfg = run_model(model_path, cfg)
     # Fail fast on bad weights or architecture, before any tiling work.
     net, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
     resolve_precision(cfg.inference.precision, resolve_device(cfg.inference.device))
-    job = SlideJob(slide_path, output_dir(slide_path, out_dir, cfg), cfg, weights, net, info, client=client, progress=progress)
+    job = SlideJob(slide_path, slide_dir, cfg, weights, net, info, client=client, progress=progress)
     row = run_job(job, direct)
     log.info("%s: done in %.1f s -> %s", slide_path.name, row.seconds, job.slide_dir)
     return SlideOutputs(out_dir=job.slide_dir, store=job.store, summary=row.summary or {})
