@@ -411,7 +411,9 @@ def test_unreadable_slide_leaves_no_output_folder_through_the_cli(tmp_path, slid
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "1 slides: 0 ok, 0 skipped, 1 failed" in done.stdout and "SlideReadError" in done.stdout
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["archive-report.html", archive.RESULTS_FILE]
+    # The run's report and rows and the folder's index: no slide folder, no store, no lock file.
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        ["archive-report.html", archive.RESULTS_FILE, "archive-index.html", archive.INDEX_FILE])
     assert not list(out.glob("unreadable*"))
     (row,) = archive.read_results(out)
     assert row["status"] == "failed" and "unreadable.svs" in row["error"] and row["out_dir"] is None
