@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 # The whole suite, as CI runs it: the lint gates first, then every test.
 test: lint chromium
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 # Pure and unit tests only (no slide pipelines, servers, clusters or browsers): the edit loop.
 test-fast: $(STAMP)

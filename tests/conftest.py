@@ -36,6 +36,22 @@ def slides_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One real Prefect server on 127.0.0.1 for the session (private PREFECT_HOME, SQLite in a
+    temporary folder), stopped by PID at the end: the flow tests and the archive-at-scale test
+    each deploy and start their own worker on it, so the server's start is paid once."""
+    from archive_scale import start_server_retrying
+    from test_flows import _stop
+
+    home = tmp_path_factory.mktemp("prefect")
+    server, env = start_server_retrying(home)
+    try:
+        yield {"env": env, "dir": home}
+    finally:
+        _stop(server)
+
+
+@pytest.fixture(scope="session")
 def labelled_slides(tmp_path_factory):
     """Three small generated slides (own layouts and tumors), tiled into 64-px patches at
     1 µm/px and labelled Normal/Tumor from their ground-truth GeoJSON: shared by the

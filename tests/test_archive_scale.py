@@ -1,4 +1,4 @@
-"""The nightly deployment over an archive of 24 small slides (some corrupt), for real: a
+"""The nightly deployment over an archive of 14 small slides (some corrupt), for real: a
 Prefect server on 127.0.0.1, a process work pool and worker, `prefect deployment run`,
 SIGKILL of the worker and the flow-run process mid-run, a new worker, a rerun. Every good
 slide ends done exactly once and equal to an uninterrupted run, every corrupt slide failed
@@ -13,26 +13,24 @@ import pytest
 
 from archive_scale import (
     CORRUPT_KINDS, check_exactly_once, compare_outputs, interrupted, kill_mid_run, make_archive, start_worker,
-    start_server_retrying, submit_deployment, tiny_model, wait_flow_run,
+    submit_deployment, tiny_model, wait_flow_run,
 )
 from test_flows import _api, _stop, deploy_and_start_worker, run_deployment
 from wsipipe.run.archive import RESULTS_FILE, archive_message
 
 pytestmark = pytest.mark.slow
 
-N = 24
+N = 14  # 8 good slides and one of each corrupt kind
 OVERRIDES = {"tile.mpp": 1.0, "tile.patch_size": 64, "dask.num_workers": 1, "orchestration.slides_in_flight": 2}
 
 
 @pytest.fixture(scope="module")
-def scale_run(tmp_path_factory):
+def scale_run(tmp_path_factory, prefect_server):
     base = tmp_path_factory.mktemp("archive-scale")
     archive = make_archive(base / "slides", N, 2048, 1536, processes=2)
     model = tiny_model(base / "tiny-resnet18.safetensors")
 
-    home = base / "prefect"
-    home.mkdir()
-    server, env = start_server_retrying(home)
+    env, home = prefect_server["env"], base / "prefect"  # the session's server; this module's worker logs
     worker = None
     out = base / "out"
     params = {"archive": str(archive.folder), "out": str(out), "model": str(model), "overrides": OVERRIDES}
@@ -60,7 +58,6 @@ def scale_run(tmp_path_factory):
                "worker_log": (home / "worker.log").read_text(errors="replace")}
     finally:
         _stop(worker)
-        _stop(server)
 
 
 def test_the_archive_has_each_kind_of_corrupt_slide(scale_run):

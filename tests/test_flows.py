@@ -133,20 +133,11 @@ def start_server(home: Path) -> tuple[subprocess.Popen, dict]:
 
 def deploy_and_start_worker(env: dict, home: Path) -> subprocess.Popen:
     """Process pool, `prefect deploy --all` from prefect.yaml, and a worker on the pool."""
-    _prefect(env, "work-pool", "create", "wsipipe", "--type", "process")
+    _prefect(env, "work-pool", "create", "wsipipe", "--type", "process", "--overwrite")  # the session's server may have it
     deployed = _prefect(env, "--no-prompt", "deploy", "--all")
     assert "process-archive/nightly" in deployed and "process-slide/on-demand" in deployed
+    home.mkdir(parents=True, exist_ok=True)
     return _start([str(BIN / "prefect"), "worker", "start", "--pool", "wsipipe"], env, home / "worker.log")
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect")
-    server, env = start_server(home)
-    try:
-        yield {"env": env, "dir": home}
-    finally:
-        _stop(server)
 
 
 def run_deployment(env: dict, params: dict, name: str = "process-archive/nightly", watched: list | None = None) -> str:
@@ -169,7 +160,7 @@ def _flow_run_artifacts(env: dict, flow_run_id: str) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def deployed_runs(prefect_server, archive_dir):
     """Pool + deploy --all + worker, then the nightly deployment run twice over the archive."""
-    env, home = prefect_server["env"], prefect_server["dir"]
+    env, home = prefect_server["env"], prefect_server["dir"] / "flows"  # this module's worker log
     worker = deploy_and_start_worker(env, home)
     out = archive_dir["base"] / "out-local"
     params = {"archive": str(archive_dir["slides"]), "out": str(out), "model": str(archive_dir["model"]),
