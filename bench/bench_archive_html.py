@@ -12,12 +12,9 @@ by three columns, and one text filter.
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import random
-import re
 import shutil
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -26,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchutil import probe_in_chromium  # noqa: E402
 from wsipipe.run.archive import INDEX_FILE, RESULTS_FILE, result_row, write_archive_files  # noqa: E402
 
 PROBE = """
@@ -74,23 +72,10 @@ def rows(n: int, out: Path) -> list[dict]:
 
 
 def measure(page: Path, work: Path) -> dict:
-    exe = shutil.which("chromium")
-    if exe is None:
-        raise SystemExit("chromium not installed (make chromium)")
-    script = ('<script>window.addEventListener("load", function () { var out = (function () {' + PROBE + "})();"
-              'var pre = document.createElement("pre"); pre.id = "probe-result"; pre.textContent = JSON.stringify(out);'
-              "document.body.appendChild(pre); });</script>")
-    copy = page.with_name(page.stem + ".probe.html")
-    copy.write_text(page.read_text().replace("</body>", script + "</body>"))
-    t0 = time.perf_counter()
-    res = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={work / 'profile'}",
-                          "--dump-dom", copy.as_uri()], capture_output=True, text=True, timeout=300)
-    wall = time.perf_counter() - t0
-    copy.unlink()
-    found = re.search(r'<pre id="probe-result">(.*?)</pre>', res.stdout, re.S)
-    if not found:
-        raise SystemExit(f"no probe result from {page}: {res.stderr[-2000:]}")
-    return {"chromium_process_s": round(wall, 2), **json.loads(html.unescape(found.group(1)))}
+    try:
+        return probe_in_chromium(page, PROBE, work / "profile")
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def main() -> None:

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import html
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -42,6 +40,7 @@ from archive_scale import (  # noqa: E402
 )
 from test_flows import BIN, _api, _stop, deploy_and_start_worker  # noqa: E402
 from test_report import CHROMIUM_FLAGS  # noqa: E402
+from benchutil import probe_in_chromium, write_results  # noqa: E402
 
 
 def say(*args) -> None:
@@ -134,23 +133,11 @@ def chromium_report(page: Path, tmp: Path) -> dict:
     r.filter_text_ms = timed(function () { text.value = "slide-0001"; text.dispatchEvent(new Event("input")); });
     return r;
     """
-    script = ('<script>window.addEventListener("load", function () { var out = (function () {' + js + "})();"
-              'var pre = document.createElement("pre"); pre.id = "probe-result"; pre.textContent = JSON.stringify(out);'
-              "document.body.appendChild(pre); });</script>")
-    copy = page.with_name(page.stem + ".probe.html")
-    copy.write_text(page.read_text().replace("</body>", script + "</body>"))
-    t0 = time.perf_counter()
-    done = subprocess.run([shutil.which("chromium") or "chromium", *CHROMIUM_FLAGS,
-                           f"--user-data-dir={tmp / 'chromium-profile'}", "--dump-dom", copy.as_uri()],
-                          capture_output=True, text=True, timeout=300)
-    wall = time.perf_counter() - t0
-    copy.unlink()
-    found = re.search(r'<pre id="probe-result">(.*?)</pre>', done.stdout, re.S)
-    if not found:
-        return {"error": done.stderr[-1000:]}
-    result = json.loads(html.unescape(found.group(1)))
+    try:
+        result = probe_in_chromium(page, js, tmp / "chromium-profile", tuple(CHROMIUM_FLAGS))
+    except RuntimeError as exc:
+        return {"error": str(exc)[-1000:]}
     result = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}
-    result["chromium_process_s"] = round(wall, 2)
     result["html_bytes"] = page.stat().st_size
     return result
 
@@ -328,8 +315,7 @@ def main() -> None:
     result["targets"] = {"overhead_per_slide_s": overhead, "overhead_vs_100k_slide_pct": round(100 * overhead / 633, 2),
                          "load_average": os.getloadavg()}
     print(json.dumps(result, indent=2))
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "archive_scale.json").write_text(json.dumps(result, indent=2))
+    write_results("archive_scale", result)
 
 
 if __name__ == "__main__":

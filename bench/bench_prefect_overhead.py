@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the real-server helpers the tests use
 
 from test_flows import BIN, _stop, deploy_and_start_worker, run_deployment, start_server  # noqa: E402
+from benchutil import write_results  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -89,8 +90,7 @@ def main() -> None:
               "ratio_vs_wsipipe_run": {k: round(v / base, 2) for k, v in seconds.items() if not k.startswith("setup")},
               "load_average": os.getloadavg()}
     print(json.dumps(result, indent=2))
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "prefect_overhead.json").write_text(json.dumps(result, indent=2))
+    write_results("prefect_overhead", result)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,37 @@ def write_results(name: str, results: dict) -> Path:
     return path
 
 
+def probe_in_chromium(page: Path, js: str, profile: Path, flags: tuple[str, ...] = ()) -> dict:
+    """Run ``js`` (a function body returning a JSON-able object) in headless Chromium once
+    ``page`` has loaded, on a copy of the page that carries the script; its result and the
+    Chromium process's wall seconds (``chromium_process_s``). RuntimeError with Chromium's
+    stderr when no result came back."""
+    import html
+    import re
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium")
+    if exe is None:
+        raise RuntimeError("chromium not installed (make chromium)")
+    script = ('<script>window.addEventListener("load", function () { var out = (function () {' + js + "})();"
+              'var pre = document.createElement("pre"); pre.id = "probe-result"; pre.textContent = JSON.stringify(out);'
+              "document.body.appendChild(pre); });</script>")
+    copy = page.with_name(page.stem + ".probe.html")
+    copy.write_text(page.read_text().replace("</body>", script + "</body>"))
+    t0 = time.perf_counter()
+    try:
+        res = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", *flags, f"--user-data-dir={profile}",
+                              "--dump-dom", copy.as_uri()], capture_output=True, text=True, timeout=300)
+    finally:
+        copy.unlink()
+    wall = time.perf_counter() - t0
+    found = re.search(r'<pre id="probe-result">(.*?)</pre>', res.stdout, re.S)
+    if not found:
+        raise RuntimeError(f"no probe result from {page}: {res.stderr[-2000:]}")
+    return {"chromium_process_s": round(wall, 2), **json.loads(html.unescape(found.group(1)))}
+
+
 def needed_tiles(spec: GridSpec, coords: np.ndarray, tile: int) -> np.ndarray:
     """Row-major indices of the level tiles that the patches touch."""
     ds = spec.level_downsample
