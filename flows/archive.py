@@ -133,7 +133,8 @@ def process_archive(
     for row in decided:
         if row is not None:
             _log_decided(log, row)
-            publish_slide(row)
+            if row.status == "failed":  # an up-to-date slide's artifact would only repeat the last one
+                publish_slide(row)
     cluster = dask_scheduler(cfg) if todo else nullcontext(cfg)
     with cluster as cfg:
         computed = iter(_bounded(
