@@ -263,7 +263,21 @@ class QCConfig(_Section):
     max_saturation: float = Field(0.75, gt=0.0, le=1.0, description="Mean tissue saturation above this is a colour outlier.")
     max_colour_outlier_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Flag the slide above this fraction of colour outliers.")
     min_tissue_area_mm2: float = Field(1.0, ge=0.0, description="Flag slides with less tissue than this, mm².")
-    mpp_range: tuple[float, float] = Field((0.1, 2.0), description="Level-0 µm/px outside this range is suspicious.")
+    mpp_range: tuple[float, float] = Field(
+        (0.1, 2.0),
+        description="Level-0 µm/px of brightfield scanners: a value the user gives outside it is flagged; one the file "
+        "gives outside it is no resolution (the slide stops unless mpp_default or mpp_override gives one).",
+    )
+    min_slide_extent_mm: float = Field(
+        2.0, ge=0.0,
+        description="A slide whose resolution the file does not state (override, default, objective power) and whose "
+        "image is shorter than this on its long side, mm, gets mpp_suspicious: glass scans are larger.",
+    )
+    max_upsample: float = Field(
+        1.25, ge=1.0,
+        description="Patches enlarged from a coarser slide by more than this factor get the review flag upsampled "
+        "(info up to it); from 2x the focus check is left to that flag (upsampling blurs every patch).",
+    )
     review_margin: float = Field(0.1, ge=0.0, le=0.5, description="Slide scores this close to the threshold need review.")
     report_patches: int = Field(12, ge=0, le=200, description="Patches per gallery in the slide report.")
 
@@ -291,6 +305,7 @@ class PipelineConfig(_Section):
     qc: QCConfig = Field(default_factory=QCConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     mpp_override: float | None = Field(None, gt=0.01, le=1000.0, description="Force the slide's level-0 mpp.")
+    mpp_default: float | None = Field(None, gt=0.01, le=1000.0, description="Level-0 mpp for slides whose file states none (never replaces a resolution the file states).")
 
     def section_hash(self, *sections: str) -> str:
         """Stable short hash of the named sections: the identity a stage's outputs depend on."""

@@ -38,14 +38,24 @@ class MissingMppError(WsipipeError):
 
     ``reason`` says what is missing, ``hint`` how to give the resolution; the hint depends on
     the command at hand (``--mpp-override`` for ``wsipipe run``/``tile``, an ``mpp`` manifest
-    column for an archive), so a caller that knows better swaps it with :meth:`with_hint`."""
+    column for an archive), so a caller that knows better swaps it with :meth:`with_hint`.
+    :data:`FIND` (how to find the value) follows either: the decision can flip with a wrong guess."""
 
-    HINT = "give it explicitly with --mpp-override (or the config field mpp_override)"
+    HINT = (
+        "give it with --mpp-override <µm/px> (this slide's resolution, replaces any the file states) or "
+        "--mpp-default <µm/px> (used only for slides whose file states none, or an implausible one)"
+    )
+    FIND = (
+        "to find it: the objective power in the scanner's records (20x ≈ 0.5 µm/px, 40x ≈ 0.25), the scanner "
+        "model's specification, or the mpp another slide from the same scanner states "
+        "(python -c \"import openslide, sys; print(openslide.OpenSlide(sys.argv[1]).properties.get('openslide.mpp-x'))\" "
+        "OTHER.svs); a wrong guess scales every patch and can flip the decision"
+    )
 
     def __init__(self, path: str | Path | None, reason: str, hint: str | None = None):
         self.reason = reason
         self.hint = hint or self.HINT
-        super().__init__(path, f"{reason}; {self.hint}")
+        super().__init__(path, f"{reason}; {self.hint}; {self.FIND}")
 
     def with_hint(self, hint: str) -> MissingMppError:
         """The same error with another way to give the resolution."""
@@ -53,6 +63,11 @@ class MissingMppError(WsipipeError):
 
     def __reduce__(self):
         return type(self), (self.path, self.reason, self.hint)
+
+
+class ImplausibleMppError(MissingMppError):
+    """The file states a resolution no brightfield scanner has (outside ``qc.mpp_range``): as
+    good as none, so the run stops the same way and asks for it."""
 
 
 class NoTissueError(WsipipeError):

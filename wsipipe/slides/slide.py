@@ -17,14 +17,18 @@ import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 from collections.abc import Mapping
 
 import numpy as np
 import openslide
 from PIL import Image
 
-from wsipipe.errors import MissingMppError, SlideOpenError, SlideReadError
+from wsipipe.errors import ImplausibleMppError, MissingMppError, SlideOpenError, SlideReadError
 from wsipipe.slides.resample import area_reduce
+
+if TYPE_CHECKING:
+    from wsipipe.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,8 @@ class Slide:
     path: Path
     handle: openslide.OpenSlide = field(repr=False, compare=False)
     mpp: float
-    mpp_source: str  # "override" | "openslide" | "tiff-resolution" | "objective-power"
+    mpp_source: str  # "override" | "openslide" | "tiff-resolution" | "objective-power" | "default"
+    mpp_file: float | None = None  # what the file's mpp or TIFF resolution tags state, whatever was used
     _fast: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -106,6 +111,7 @@ class Slide:
             "level_downsamples": list(self.level_downsamples),
             "mpp": self.mpp,
             "mpp_source": self.mpp_source,
+            "mpp_file": self.mpp_file,
             "mpp_plausible": self.mpp_plausible,
             "objective_power": self.objective_power,
         }
@@ -285,13 +291,9 @@ def _float_or_none(value: str | None) -> float | None:
     return out if out is not None and math.isfinite(out) and out > 0 else None
 
 
-def resolve_mpp(path: Path, properties: Mapping[str, str], override: float | None = None) -> tuple[float, str]:
-    """Level-0 µm/px and where it came from; raises MissingMppError when nothing says.
-
-    Order: explicit override > openslide.mpp-x/y > TIFF resolution tags > objective power
-    (10 µm / magnification, the usual scanner convention, with a warning)."""
-    if override is not None:
-        return float(override), "override"
+def stated_mpp(path: Path, properties: Mapping[str, str]) -> tuple[float, str] | None:
+    """The level-0 µm/px the file states (openslide.mpp-x/y, else TIFF resolution tags) and
+    which of them said it; None when it states none."""
     mx = _float_or_none(properties.get(openslide.PROPERTY_NAME_MPP_X))
     my = _float_or_none(properties.get(openslide.PROPERTY_NAME_MPP_Y))
     if mx and my:
@@ -302,11 +304,48 @@ def resolve_mpp(path: Path, properties: Mapping[str, str], override: float | Non
     unit = (properties.get("tiff.ResolutionUnit") or "").lower()
     if xres and unit in _UM_PER_UNIT:
         return _UM_PER_UNIT[unit] / xres, "tiff-resolution"
+    return None
+
+
+def resolve_mpp(
+    path: Path, properties: Mapping[str, str], override: float | None = None, default: float | None = None,
+    valid: tuple[float, float] | None = None,
+) -> tuple[float, str]:
+    """Level-0 µm/px and where it came from; raises MissingMppError when nothing says.
+
+    Order: explicit ``override`` > openslide.mpp-x/y > TIFF resolution tags > objective power
+    (10 µm / magnification, the usual scanner convention, with a warning) > ``default``. The
+    objective power is the file's word about this very scan, the default a guess for a whole
+    batch, so the power wins. With ``valid`` = (low, high), a value the file gives outside it
+    is no resolution at all (72 dpi, an image editor's default, is 352.8 µm/px): the next
+    source is tried, and when none is left the error is an ImplausibleMppError naming it."""
+    if override is not None:
+        return float(override), "override"
+
+    def usable(mpp: float) -> bool:
+        return valid is None or valid[0] <= mpp <= valid[1]
+
+    rejected: list[str] = []
+    stated = stated_mpp(path, properties)
+    if stated:
+        if usable(stated[0]):
+            return stated
+        what = "TIFF resolution tags" if "tiff.XResolution" in properties else "openslide.mpp-x/y"
+        rejected.append(f"its {what} say {stated[0]:.4g} µm/px")
     power = _float_or_none(properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
     if power:
         mpp = 10.0 / power
-        log.warning("%s: no mpp in the file; estimating %.3f µm/px from objective power %gx", path, mpp, power)
-        return mpp, "objective-power"
+        if usable(mpp):
+            log.warning("%s: no usable mpp in the file; estimating %.3f µm/px from objective power %gx", path, mpp, power)
+            return mpp, "objective-power"
+        rejected.append(f"its objective power {power:g}x gives {mpp:.4g} µm/px")
+    if default is not None:
+        return float(default), "default"
+    if rejected and valid is not None:
+        raise ImplausibleMppError(
+            path, f"implausible resolution in the file: {' and '.join(rejected)}, outside the "
+            f"{valid[0]:g}–{valid[1]:g} µm/px of brightfield scanners (qc.mpp_range)",
+        )
     raise MissingMppError(path, "no resolution in the file (no openslide.mpp-x/y, TIFF resolution tags or objective power)")
 
 
@@ -324,8 +363,72 @@ def slide_identity(path: Path, properties: Mapping[str, str]) -> str:
     return h.hexdigest()[:16]
 
 
-def open_slide(path: str | Path, mpp_override: float | None = None) -> Slide:
-    """Open any format OpenSlide reads. Errors name the file and the problem."""
+# What OpenSlide reads, and the conversion that makes an image one of them (libvips; --xres and
+# --yres are pixels per mm, i.e. 1000 / µm per pixel: 2000 for 0.5 µm/px).
+SUPPORTED_FORMATS = (
+    "wsipipe reads what OpenSlide reads: Aperio SVS, Hamamatsu, Leica, MIRAX, Philips, Sakura, Trestle, "
+    "Ventana, generic tiled TIFF and DICOM WSI"
+)
+VIPS_CONVERT = (
+    "vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg --Q 90 --tile-width 256 --tile-height 256 "
+    "--xres X --yres X (X = 1000 / µm per pixel, e.g. 2000 for 0.5 µm/px, so the file states its resolution)"
+)
+_DICOM_WSI_SOP_CLASS = b"1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+
+
+def not_a_slide(path: Path, openslide_says: str | None) -> str:
+    """Why OpenSlide refused ``path``, for a person: what the file is when we can tell (an untiled
+    TIFF, a DICOM file), what is supported and how to convert it; else OpenSlide's own words."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError as exc:
+        return f"cannot read file: {exc}"
+    said = f" (OpenSlide: {openslide_says})" if openslide_says else ""
+    if head[128:132] == b"DICM":
+        if _DICOM_WSI_SOP_CLASS not in head:
+            return (f"a DICOM file that is not a whole-slide image (its SOP class is not VL Whole Slide Microscopy "
+                    f"Image Storage){said}; {SUPPORTED_FORMATS}")
+        # Explicit-VR ImageType (0008,0008) "CS": OpenSlide tells levels from label/overview images by it.
+        missing = "" if b"\x08\x00\x08\x00CS" in head else ", and it has no ImageType (0008,0008), which OpenSlide needs"
+        return (f"a DICOM whole-slide image OpenSlide cannot read{said}{missing}; {SUPPORTED_FORMATS}; export it to TIFF "
+                f"with a tool that reads it (e.g. Bio-Formats bfconvert), then make a tiled pyramid: {VIPS_CONVERT}")
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        what = _untiled_tiff(path)
+        if what:
+            return f"{what}, not a tiled pyramidal whole-slide image{said}; {SUPPORTED_FORMATS}; convert it with {VIPS_CONVERT}"
+    if openslide_says:
+        return f"OpenSlide cannot open it: {openslide_says}"
+    return f"not a slide format OpenSlide can read (unsupported or not a slide); {SUPPORTED_FORMATS}"
+
+
+def _untiled_tiff(path: Path) -> str | None:
+    """"an untiled TIFF (...)" when the file is a TIFF whose first image is stored in strips, else None."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = list(tif.pages)
+            first = pages[0]
+            if first.is_tiled:
+                return None
+            height, width = first.shape[:2]
+            compression = getattr(first.compression, "name", str(first.compression)).lower()
+            compression = "uncompressed" if compression == "none" else f"{compression} compression"
+    except Exception:  # not a TIFF tifffile parses either: OpenSlide's words stand
+        return None
+    more = f", {len(pages)} images in all" if len(pages) > 1 else ""
+    return f"an untiled TIFF (a single {width}x{height} image in strips, {compression}{more})"
+
+
+def open_slide(
+    path: str | Path, mpp_override: float | None = None, mpp_default: float | None = None,
+    mpp_range: tuple[float, float] | None = None,
+) -> Slide:
+    """Open any format OpenSlide reads. Errors name the file and the problem.
+
+    The resolution is resolved by :func:`resolve_mpp` (``mpp_range`` = its ``valid``: None
+    accepts any value the file gives, with a warning when implausible)."""
     path = Path(path)
     if not path.exists():
         raise SlideOpenError(path, "file not found")
@@ -336,20 +439,27 @@ def open_slide(path: str | Path, mpp_override: float | None = None) -> Slide:
     try:
         handle = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
-        raise SlideOpenError(path, "not a slide format OpenSlide can read (unsupported or not a slide)") from None
+        raise SlideOpenError(path, not_a_slide(path, None)) from None
     except openslide.OpenSlideError as exc:
-        raise SlideOpenError(path, f"OpenSlide cannot open it: {exc}") from None
+        raise SlideOpenError(path, not_a_slide(path, str(exc))) from None
     except OSError as exc:
         raise SlideOpenError(path, f"cannot read file: {exc}") from None
     try:
-        mpp, source = resolve_mpp(path, handle.properties, mpp_override)
+        mpp, source = resolve_mpp(path, handle.properties, mpp_override, mpp_default, mpp_range)
+        stated = stated_mpp(path, handle.properties)
     except MissingMppError:
         handle.close()
         raise
-    slide = Slide(path=path, handle=handle, mpp=mpp, mpp_source=source)
+    slide = Slide(path=path, handle=handle, mpp=mpp, mpp_source=source, mpp_file=stated[0] if stated else None)
     if not slide.mpp_plausible:
         log.warning("%s: implausible resolution %.4g µm/px (expected %g-%g)", path, mpp, *PLAUSIBLE_MPP)
     return slide
+
+
+def open_slide_for(path: str | Path, cfg: PipelineConfig) -> Slide:
+    """:func:`open_slide` with a run's resolution settings: ``mpp_override``, ``mpp_default``,
+    and ``qc.mpp_range`` (a file's implausible value stops the slide: see :func:`resolve_mpp`)."""
+    return open_slide(path, cfg.mpp_override, cfg.mpp_default, cfg.qc.mpp_range)
 
 
 _cache_lock = threading.Lock()

@@ -200,13 +200,16 @@ def slide_flags(
     score: float | None,
     threshold: float,
     cfg: QCConfig,
+    tile: dict | None = None,
 ) -> list[dict[str, Any]]:
-    """Per-slide QC flags from the slide and tissue attrs, the per-patch measures and the score.
+    """Per-slide QC flags from the slide, tissue and tile attrs, the per-patch measures and the score.
 
-    ``slide`` = the store's ``slide`` attrs (mpp, mpp_source, mpp_plausible); ``tissue`` =
-    its ``tissue`` attrs (found, area_mm2). Returns a list of ``{code, severity, message, ...}``;
-    empty when nothing needs a look."""
+    ``slide`` = the store's ``slide`` attrs (mpp, mpp_source, mpp_file, width, height); ``tissue`` =
+    its ``tissue`` attrs (found, area_mm2); ``tile`` = its ``tile`` attrs (mpp, upsample,
+    mpp_tolerance; None for a caller without a store). Returns a list of ``{code, severity,
+    message, ...}``; empty when nothing needs a look."""
     flags: list[dict[str, Any]] = []
+    tile = tile or {}
     n = 0 if measures is None else len(measures["focus"])
     area = float(tissue.get("area_mm2") or 0.0)
     if not tissue.get("found", n > 0) or (measures is not None and n == 0):
@@ -217,23 +220,8 @@ def slide_flags(
             value=round(area, 6),
         ))
 
-    mpp, source = slide.get("mpp"), slide.get("mpp_source")
-    lo, hi = cfg.mpp_range
-    if not mpp:
-        flags.append(_flag("mpp_missing", FAIL, "the slide has no resolution (mpp)"))
-    elif not (lo <= float(mpp) <= hi) or slide.get("mpp_plausible") is False:
-        flags.append(_flag(
-            "mpp_suspicious", REVIEW,
-            f"resolution {float(mpp):.4g} µm/px is outside the range of brightfield scanners ({lo:g}–{hi:g})",
-            value=float(mpp),
-        ))
-    if source == "objective-power":
-        flags.append(_flag(
-            "mpp_estimated", REVIEW, "resolution estimated from the objective power only (no mpp in the file)",
-        ))
-    elif source == "override":
-        flags.append(_flag("mpp_override", INFO, "resolution set by the user (mpp_override), not read from the file"))
-
+    flags += resolution_flags(slide, tile, cfg)
+    upsample = _upsample(tile)
     if measures is not None and n:
         pf = patch_flags(measures, cfg)
         tissue_patches = max(1, int(np.count_nonzero(measures["background_fraction"] <= 0.5)))
@@ -243,6 +231,8 @@ def slide_flags(
              f"have unusual colour saturation (> {cfg.max_saturation:g})"),
         )
         for code, reason, limit, what in shares:
+            if code == "out_of_focus" and upsample >= BLUR_UPSAMPLE:
+                continue  # the upsampled flag says why every patch is soft; the scanner is not to blame
             count = int(pf[reason].sum())
             share = count / tissue_patches
             if share > limit:
@@ -259,6 +249,81 @@ def slide_flags(
             "near_threshold", REVIEW,
             f"slide score {float(score):.3f} is within {cfg.review_margin:g} of the decision threshold {threshold:g}",
             value=round(float(score), 6),
+        ))
+    return flags
+
+
+# From this factor the Laplacian of the 2x2-binned patch measures the interpolation, not the scan:
+# out_of_focus is left to the upsampled flag (on the TCGA slide, 4x blurs 100 % of patches by it).
+BLUR_UPSAMPLE = 2.0
+# Resolution sources the file itself states (its mpp or TIFF resolution tags).
+FILE_SOURCES = ("openslide", "tiff-resolution")
+
+
+def _upsample(tile: dict) -> float:
+    """The tile attrs' upsampling factor (older stores: from the grid's scale)."""
+    if tile.get("upsample") is not None:
+        return float(tile["upsample"])
+    scale = float(tile.get("scale") or 1.0)
+    return 1.0 / scale if 0 < scale < 1.0 else 1.0
+
+
+def resolution_flags(slide: dict, tile: dict, cfg: QCConfig) -> list[dict[str, Any]]:
+    """Flags about the slide's level-0 resolution and what tiling did with it (pure)."""
+    flags: list[dict[str, Any]] = []
+    mpp, source, stated = slide.get("mpp"), slide.get("mpp_source"), slide.get("mpp_file")
+    lo, hi = cfg.mpp_range
+    if not mpp:
+        return [_flag("mpp_missing", FAIL, "the slide has no resolution (mpp)")]
+    mpp = float(mpp)
+    width, height = slide.get("width"), slide.get("height")
+    extent_mm = max(float(width), float(height)) * mpp / 1000.0 if width and height else None
+    if not (lo <= mpp <= hi) or slide.get("mpp_plausible") is False:
+        flags.append(_flag(
+            "mpp_suspicious", REVIEW,
+            f"resolution {mpp:.4g} µm/px is outside the range of brightfield scanners ({lo:g}–{hi:g})",
+            value=mpp,
+        ))
+    elif source not in FILE_SOURCES and extent_mm is not None and extent_mm < cfg.min_slide_extent_mm:
+        # A file-stated resolution is the scanner's own record, so a small image is a crop and is
+        # left alone; a resolution given or estimated is doubted when glass cannot be that small.
+        flags.append(_flag(
+            "mpp_suspicious", REVIEW,
+            f"at {mpp:.4g} µm/px ({source}) the {width}x{height} px image is only "
+            f"{width * mpp / 1000:.2g} x {height * mpp / 1000:.2g} mm, less than the {cfg.min_slide_extent_mm:g} mm "
+            "of a glass scan: the resolution is probably too fine",
+            value=mpp, extent_mm=round(extent_mm, 3),
+        ))
+    tolerance = float(tile.get("mpp_tolerance", 0.05))
+    if source == "objective-power":
+        flags.append(_flag(
+            "mpp_estimated", REVIEW, "resolution estimated from the objective power only (no mpp in the file)",
+        ))
+    elif source == "override" and stated and abs(mpp - float(stated)) / float(stated) > tolerance:
+        flags.append(_flag(
+            "mpp_override_contradicts", REVIEW,
+            f"mpp_override {mpp:.4g} µm/px contradicts the {float(stated):.4g} µm/px the file states "
+            f"({abs(mpp / float(stated) - 1):.0%} apart, tolerance {tolerance:.0%}): patches are "
+            f"{max(mpp / float(stated), float(stated) / mpp):.2g}x off in scale if the file is right",
+            value=mpp, file_value=float(stated),
+        ))
+    elif source == "override":
+        agrees = f", agrees with the file's {float(stated):.4g}" if stated else ""
+        flags.append(_flag("mpp_override", INFO, f"resolution set by the user (mpp_override {mpp:.4g} µm/px){agrees}, "
+                           "not read from the file", value=mpp))
+    elif source == "default":
+        why = f"the file's {float(stated):.4g} µm/px is implausible" if stated else "the file states none"
+        flags.append(_flag("mpp_default", INFO, f"resolution {mpp:.4g} µm/px from mpp_default: {why}", value=mpp))
+    upsample = _upsample(tile)
+    if upsample > 1.0:
+        target = tile.get("mpp")
+        severity = REVIEW if upsample > cfg.max_upsample else INFO
+        flags.append(_flag(
+            "upsampled", severity,
+            f"patches are enlarged {upsample:.3g}x from the slide's {mpp:.4g} µm/px to the target "
+            f"{float(target) if target else mpp * upsample:.4g} µm/px: patches are blurred by upsampling; the classifier "
+            "sees less detail than it was trained on",
+            value=round(upsample, 4),
         ))
     return flags
 
@@ -283,7 +348,10 @@ def flagged_patches(measures: dict[str, np.ndarray], cfg: QCConfig, limit: int) 
 def slide_qc(group: zarr.Group, meta: dict, score: float | None, threshold: float, cfg: QCConfig) -> dict[str, Any]:
     """The ``summary.json["qc"]`` section: flags, patch counts per reason, thresholds used."""
     measures = read_measures(group)
-    flags = slide_flags(meta.get(store.META_SLIDE) or {}, meta.get(store.META_TISSUE) or {}, measures, score, threshold, cfg)
+    flags = slide_flags(
+        meta.get(store.META_SLIDE) or {}, meta.get(store.META_TISSUE) or {}, measures, score, threshold, cfg,
+        tile=meta.get(store.META_TILE) or {},
+    )
     counts: dict[str, int] = {}
     if measures is not None and len(measures["focus"]):
         counts = {k: int(v.sum()) for k, v in patch_flags(measures, cfg).items()}

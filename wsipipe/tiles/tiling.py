@@ -39,7 +39,7 @@ from wsipipe.config import PipelineConfig, TileConfig
 from wsipipe.errors import NoTissueError, SlideOpenError, SlideReadError, StoreError
 from wsipipe.locks import remove_stale_temps
 from wsipipe.slides.resample import integer_factor
-from wsipipe.slides.slide import Slide, cached_slide, forget_cached_slide, open_slide
+from wsipipe.slides.slide import Slide, cached_slide, forget_cached_slide, open_slide, open_slide_for
 from wsipipe.slides.tissue import detect_tissue, patch_tissue_fraction
 from wsipipe.tiles.zarrjpeg import JpegPatchCodec
 
@@ -74,6 +74,12 @@ class GridSpec:
         return self.stride * self.scale
 
     @property
+    def upsample(self) -> float:
+        """How many times the patches are enlarged from the slide's pixels (1.0: not at all).
+        Above 1 the slide is coarser than the target mpp and the patches are blurred by it."""
+        return 1.0 / self.scale if self.scale < 1.0 else 1.0
+
+    @property
     def needs_resize(self) -> bool:
         return self.scale != self.level_downsample
 
@@ -88,6 +94,7 @@ class GridSpec:
             patch_size_l0=self.patch_size_l0,
             stride_l0=self.stride_l0,
             grid_shape=[self.rows, self.cols],
+            upsample=round(self.upsample, 4),
             origin_l0=[0, 0],
         )
         return d
@@ -244,12 +251,12 @@ def area_factor(spec: GridSpec) -> int | None:
 
 
 def _tile_chunk(
-    slide_path: str, mpp_override: float | None, spec: GridSpec, store_path: str, store_token: str, index: int,
+    slide_path: str, slide_mpp: float | None, spec: GridSpec, store_path: str, store_token: str, index: int,
     sl: slice, grid_ij: np.ndarray, fast: bool,
 ) -> int:
     """Dask task: read one chunk of patches and write it. Runs on any worker."""
     arrays = _chunk_arrays(store_path, store_token)
-    patches, corrupt = read_chunk(slide_path, mpp_override, spec, grid_ij, fast, out=_chunk_buffer(len(grid_ij), spec.patch_size))
+    patches, corrupt = read_chunk(slide_path, slide_mpp, spec, grid_ij, fast, out=_chunk_buffer(len(grid_ij), spec.patch_size))
     if corrupt is not None:
         arrays.corrupt[sl] = corrupt
     # The patch write (compression and file I/O, on zarr's threads) runs while this thread
@@ -265,19 +272,23 @@ def _tile_chunk(
 
 
 def read_chunk(
-    slide_path: str | Path, mpp_override: float | None, spec: GridSpec, grid_ij: np.ndarray, fast: bool,
+    slide_path: str | Path, slide_mpp: float | None, spec: GridSpec, grid_ij: np.ndarray, fast: bool,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One chunk's patches (N, P, P, 3) uint8 from the slide, through this process's shared handle,
     and the mask of patches whose tile data did not decode (None when every patch read). Both the
-    tiler and the fused inference path (``tile.store_patches: false``) read chunks with this."""
-    slide = cached_slide(slide_path, mpp_override)
+    tiler and the fused inference path (``tile.store_patches: false``) read chunks with this.
+
+    ``slide_mpp``: the level-0 mpp the grid was planned at (``spec.slide_mpp``). Read handles open
+    with it as their resolution: pixels never depend on it, and a slide whose resolution came
+    from ``mpp_default`` (or none at all) still opens for reading."""
+    slide = cached_slide(slide_path, slide_mpp)
     try:
         return read_patches(slide, spec, grid_ij, fast, out=out), None
     except (SlideReadError, OpenSlideError):  # the latter: a handle another task's error left unusable
         # Some tile in this chunk does not decode: read patch by patch and keep what reads.
-        forget_cached_slide(slide_path, mpp_override)  # an OpenSlide error leaves the handle unusable
-        return read_patches_salvaging(str(slide_path), mpp_override, spec, grid_ij, fast, out=out)
+        forget_cached_slide(slide_path, slide_mpp)  # an OpenSlide error leaves the handle unusable
+        return read_patches_salvaging(str(slide_path), slide_mpp, spec, grid_ij, fast, out=out)
 
 
 _writer_pool: ThreadPoolExecutor | None = None
@@ -349,7 +360,7 @@ STAGE = store.STAGE_TILE
 
 
 def read_patches_salvaging(
-    slide_path: str, mpp_override: float | None, spec: GridSpec, grid_ij: np.ndarray, fast: bool,
+    slide_path: str, slide_mpp: float | None, spec: GridSpec, grid_ij: np.ndarray, fast: bool,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One read per patch after a failed run read: (patches, corrupt mask). Unreadable patches
@@ -358,7 +369,7 @@ def read_patches_salvaging(
     if out is None:
         out = np.empty((len(grid_ij), spec.patch_size, spec.patch_size, 3), dtype=np.uint8)
     corrupt = np.zeros(len(grid_ij), dtype=bool)
-    slide = open_slide(slide_path, mpp_override)
+    slide = open_slide(slide_path, slide_mpp)
     background = slide.background  # read now: an errored handle fails even on properties
     try:
         for k in range(len(grid_ij)):
@@ -368,7 +379,7 @@ def read_patches_salvaging(
                 corrupt[k] = True
                 out[k] = background
                 slide.close()
-                slide = open_slide(slide_path, mpp_override)
+                slide = open_slide(slide_path, slide_mpp)
     finally:
         slide.close()
     return out, corrupt
@@ -394,7 +405,8 @@ def corrupt_report(group: zarr.Group, limit: int = 20) -> dict | None:
 def source_attrs(cfg: PipelineConfig) -> dict[str, Any]:
     """The tile attrs that reading a store's patches from its slide needs besides the grid."""
     return {
-        "store_patches": cfg.tile.store_patches, "mpp_override": cfg.mpp_override, "fast_read": cfg.tile.reader == "auto",
+        "store_patches": cfg.tile.store_patches, "mpp_override": cfg.mpp_override, "mpp_default": cfg.mpp_default,
+        "mpp_tolerance": cfg.tile.mpp_tolerance, "fast_read": cfg.tile.reader == "auto",
         "on_corrupt_tile": cfg.tile.on_corrupt_tile, "decode": cfg.tile.decode,
     }
 
@@ -405,7 +417,7 @@ class SlideSource:
     read settings tiling planned them with."""
 
     path: Path
-    mpp_override: float | None
+    mpp_override: float | None  # the resolution its read handles open with: the grid's slide_mpp (see read_chunk)
     spec: GridSpec
     fast: bool
     on_corrupt_tile: str
@@ -434,11 +446,11 @@ def slide_source(group: zarr.Group, store_path: str | Path, slide_path: str | Pa
     why = f"the store {store_path} has no stored patches (tiled with tile.store_patches: false) and reads them from this slide"
     if not str(path) or not path.exists():
         raise SlideOpenError(path, f"slide not found: {why}; give the slide's path")
-    mpp_override = tile.get("mpp_override")
-    opened = cached_slide(path, mpp_override)
+    spec = stored_grid(group)
+    opened = cached_slide(path, spec.slide_mpp)  # read at the grid's resolution, whatever the file states
     if slide.get("identity") and opened.identity != slide["identity"]:
         raise SlideReadError(path, f"not the slide that was tiled (its identity differs: replaced or re-scanned?); {why}")
-    return SlideSource(path, mpp_override, stored_grid(group), bool(tile.get("fast_read", True)),
+    return SlideSource(path, spec.slide_mpp, spec, bool(tile.get("fast_read", True)),
                        str(tile.get("on_corrupt_tile", "fail")), str(tile.get("decode", "cpu")))
 
 
@@ -498,7 +510,13 @@ class _DaskProgress(Callback):
 
 
 def tile_identity(slide: Slide, cfg: PipelineConfig) -> dict:
-    return {"slide": slide.identity, "config": cfg.section_hash("tissue", "tile", "mpp_override")}
+    """What a store's patches depend on: the slide, the tissue and tile settings, the override,
+    and the mpp_default only where it was used (a slide whose file states its resolution is
+    tiled the same with or without one)."""
+    identity = {"slide": slide.identity, "config": cfg.section_hash("tissue", "tile", "mpp_override")}
+    if slide.mpp_source == "default":
+        identity["mpp_default"] = slide.mpp
+    return identity
 
 
 def tile_slide(
@@ -518,7 +536,7 @@ def tile_slide(
     t0 = time.perf_counter()
     slide_path, store_path = Path(slide_path), Path(store_path)
     # Closed on the way out: an unclosed handle is one open file per call in a long-lived process.
-    with open_slide(slide_path, cfg.mpp_override) as slide:
+    with open_slide_for(slide_path, cfg) as slide:
         identity = tile_identity(slide, cfg)
         group = store.open_store(store_path, mode="a")
         entry = store.stage_entry(group, STAGE)
@@ -529,7 +547,7 @@ def tile_slide(
     tasks = _run_chunks(plan, slide_path, store_path, cfg, identity, client, progress) if cfg.tile.store_patches else []
     local = client is None
     # Tasks ran in this process: free the shared handle's decoded tiles now, not after inference.
-    decoded = forget_cached_slide(slide_path, cfg.mpp_override) if local and tasks else None
+    decoded = forget_cached_slide(slide_path, plan.spec.slide_mpp) if local and tasks else None
     _finish(plan, slide_path, store_path, cfg, identity, bool(tasks), time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
     return {"skipped": False, "n_patches": plan.n, "seconds": seconds, "resumed": plan.resume, "tiles_decoded": decoded}
@@ -587,7 +605,7 @@ def _run_chunks(
     grid_ij = np.asarray(store.array(group, store.GRID_IJ)[:]) if todo else np.zeros((0, 2), np.int32)
     tasks = [
         dask.delayed(_tile_chunk)(
-            str(slide_path), cfg.mpp_override, spec, str(store_path), run_token, i, slices[i], grid_ij[slices[i]],
+            str(slide_path), spec.slide_mpp, spec, str(store_path), run_token, i, slices[i], grid_ij[slices[i]],
             cfg.tile.reader == "auto",
             # Ordered names: Dask runs independent tasks in key order, so chunks go top to bottom
             # and each tile row is still in the reader's cache when the next patch row needs it.
