@@ -709,6 +709,7 @@ def summarise(
         slide=SummarySlide(
             name=slide.get("name"), path=slide.get("path"), identity=slide.get("identity"),
             width=slide.get("width"), height=slide.get("height"), mpp=inputs.slide_mpp,
+            mpp_source=slide.get("mpp_source"), mpp_file=slide.get("mpp_file"),
         ),
         store=str(inputs.store_path),
         provenance=Provenance(

@@ -35,6 +35,8 @@ class SummarySlide(BaseModel):
     width: Number | None = None
     height: Number | None = None
     mpp: Number
+    mpp_source: str | None = None  # where mpp came from: openslide, tiff-resolution, objective-power, override, default
+    mpp_file: Number | None = None  # the resolution the file states (None: it states none)
 
 
 class ModelRef(BaseModel):

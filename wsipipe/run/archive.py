@@ -195,10 +195,10 @@ def _dedupe_dicom(paths: list[Path]) -> list[Path]:
 
 def slide_output_dir(slide_path: str | Path, out_root: str | Path, cfg: PipelineConfig) -> Path:
     """The slide's output folder in ``out_root`` (opens the slide: its identity is in the name)."""
-    from wsipipe.slides.slide import open_slide
+    from wsipipe.slides.slide import open_slide_for
 
     slide_path = Path(slide_path)
-    with open_slide(slide_path, cfg.mpp_override) as slide:
+    with open_slide_for(slide_path, cfg) as slide:
         return Path(out_root) / slide_output_name(slide_path, slide.identity)
 
 
@@ -214,13 +214,13 @@ def done_outputs(
     Raises the slide's own error (e.g. SlideOpenError) when it cannot be opened."""
     from wsipipe.tiles import store
     from wsipipe.models.identity import infer_identity
-    from wsipipe.slides.slide import open_slide
+    from wsipipe.slides.slide import open_slide_for
     from wsipipe.outputs.report import REPORT_NAME
     from wsipipe.outputs.stitch import existing_outputs
     from wsipipe.tiles.tiling import tile_identity
 
     slide_path = Path(slide_path)
-    with open_slide(slide_path, cfg.mpp_override) as slide:
+    with open_slide_for(slide_path, cfg) as slide:
         slide_dir = Path(out_root) / slide_output_name(slide_path, slide.identity)
         expected_tile = tile_identity(slide, cfg)
     try:

@@ -26,7 +26,7 @@ from wsipipe.locks import clear_leftovers, folder_lock
 from wsipipe.run.client import scheduler_client
 from wsipipe.run.names import slide_output_name
 from wsipipe.run.rows import SlideResult
-from wsipipe.slides.slide import open_slide
+from wsipipe.slides.slide import open_slide_for
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def output_dir(slide: str | Path, out_root: str | Path, cfg: PipelineConfig) -> 
     created: a slide that cannot be opened or whose tiles do not decode raises its
     SlideOpenError / SlideReadError here, before any folder, lock or store exists."""
     slide = Path(slide)
-    with open_slide(slide, cfg.mpp_override) as opened:
+    with open_slide_for(slide, cfg) as opened:
         check_decodes(opened, cfg)
         return Path(out_root) / slide_output_name(slide, opened.identity)
 
