@@ -129,6 +129,12 @@ def test_implausible_mpp_of_a_real_file_is_flagged(slides_dir):
     [
         ({"mpp": 0.25, "mpp_source": "objective-power"}, 0.9, ["mpp_estimated"]),
         ({"mpp": 0.5, "mpp_source": "override"}, 0.02, ["mpp_override"]),
+        ({"mpp": 0.5, "mpp_source": "override", "mpp_file": 0.499}, 0.02, ["mpp_override"]),
+        ({"mpp": 0.25, "mpp_source": "override", "mpp_file": 0.499}, 0.02, ["mpp_override_contradicts"]),
+        ({"mpp": 0.5, "mpp_source": "default", "mpp_file": None}, 0.02, ["mpp_default"]),
+        # Only 1.1 mm at the given 0.25 µm/px (TCGA's size); the same size as the file states it is a crop.
+        ({"mpp": 0.25, "mpp_source": "override", "width": 4443, "height": 3567}, 0.02, ["mpp_suspicious", "mpp_override"]),
+        ({"mpp": 0.5, "mpp_source": "openslide", "mpp_file": 0.5, "width": 2220, "height": 2967}, 0.02, []),
         ({"mpp": None, "mpp_source": None}, 0.9, ["mpp_missing"]),
         ({"mpp": 0.5, "mpp_source": "openslide"}, 0.45, ["near_threshold"]),
         ({"mpp": 0.5, "mpp_source": "openslide"}, 0.61, []),

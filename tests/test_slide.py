@@ -9,7 +9,7 @@ import numpy as np
 import openslide
 import pytest
 
-from wsipipe.errors import MissingMppError, SlideOpenError, SlideReadError
+from wsipipe.errors import ImplausibleMppError, MissingMppError, SlideOpenError, SlideReadError
 from wsipipe.slides.slide import composite_rgba, open_slide, resolve_mpp
 
 
@@ -67,6 +67,26 @@ def test_resolve_mpp_order(tmp_path, caplog):
         resolve_mpp(p, {"openslide.objective-power": "garbage", "tiff.ResolutionUnit": "inch"})
 
 
+
+def test_resolve_mpp_default_and_plausible_range(tmp_path):
+    """mpp_default only where the file states nothing usable: the file's mpp and its objective power
+    (this scan's own record) win over it; a value the file gives outside the range is none at all."""
+    p, valid = tmp_path / "x.tiff", (0.1, 2.0)
+    stated = {"openslide.mpp-x": "0.499", "openslide.mpp-y": "0.499"}
+    assert resolve_mpp(p, stated, default=0.25, valid=valid) == (0.499, "openslide")
+    assert resolve_mpp(p, {"openslide.objective-power": "20"}, default=0.25, valid=valid) == (0.5, "objective-power")
+    assert resolve_mpp(p, {}, default=0.25, valid=valid) == (0.25, "default")
+    dpi72 = {"tiff.XResolution": "72", "tiff.ResolutionUnit": "inch"}  # an image editor's default
+    assert resolve_mpp(p, dpi72) == (pytest.approx(352.78, rel=1e-4), "tiff-resolution")  # no range: read as is
+    assert resolve_mpp(p, dpi72, default=0.5, valid=valid) == (0.5, "default")
+    assert resolve_mpp(p, {**dpi72, "openslide.objective-power": "40"}, valid=valid) == (0.25, "objective-power")
+    with pytest.raises(ImplausibleMppError, match=r"TIFF resolution tags say 352.8 µm/px, outside the 0.1–2 µm/px"):
+        resolve_mpp(p, dpi72, valid=valid)
+    with pytest.raises(ImplausibleMppError, match=r"objective power 1x gives 10 µm/px"):
+        resolve_mpp(p, {"openslide.objective-power": "1"}, valid=valid)
+    assert resolve_mpp(p, dpi72, override=5.0, valid=valid) == (5.0, "override")  # the user's word stands
+
+
 def test_two_file_dicom_opens(slides_dir):
     with open_slide(slides_dir / "openslide-fixtures" / "boxes_0.dcm") as s:
         assert s.vendor == "dicom"
@@ -119,22 +139,31 @@ def test_coarser_mpp_matches_reference_resize(slides_dir):
             assert np.abs(got.astype(int) - ref).mean() < 0.5
 
 
+CONVERT = "vips tiffsave IN OUT.tif --tile --pyramid"
+SUPPORTED = "Aperio SVS, Hamamatsu, Leica, MIRAX, Philips, Sakura, Trestle, Ventana, generic tiled TIFF and DICOM WSI"
 BAD_FILES = [
-    ("broken.svs", "not a slide format"),
-    ("openslide-fixtures/unopenable.tiff", "Unsupported TIFF compression"),
-    ("pathml-small_dicom.dcm", "image flavor"),
-    ("pathml-smalltif.tif", "not a slide format"),
-    ("kidney-48-5.tif", "not a slide format"),
+    ("broken.svs", ["not a slide format", SUPPORTED]),
+    ("openslide-fixtures/unopenable.tiff", ["Unsupported TIFF compression"]),
+    # A DICOM WSI without ImageType: what it is, OpenSlide's words, what is supported, how to convert.
+    ("pathml-small_dicom.dcm", ["a DICOM whole-slide image OpenSlide cannot read", "image flavor",
+                                "no ImageType (0008,0008)", SUPPORTED, "bfconvert", CONVERT]),
+    ("pathml-smalltif.tif", ["an untiled TIFF (a single 640x480 image in strips, lzw compression, 2 images in all), "
+                             "not a tiled pyramidal whole-slide image", SUPPORTED, CONVERT, "--xres X --yres X"]),
+    ("kidney-48-5.tif", ["an untiled TIFF (a single 1493x901 image in strips, uncompressed), not a tiled pyramidal "
+                         "whole-slide image", SUPPORTED, CONVERT]),
 ]
 
 
-@pytest.mark.parametrize("name,problem", BAD_FILES)
-def test_unopenable_files_name_file_and_problem(slides_dir, name, problem):
+@pytest.mark.parametrize("name,problems", BAD_FILES)
+def test_unopenable_files_name_file_and_problem(slides_dir, name, problems):
+    """One line naming the file; for an image that is not a WSI, what it is, what is read and how to convert."""
     path = slides_dir / name
     with pytest.raises(SlideOpenError) as info:
         open_slide(path)
-    assert str(path) in str(info.value)
-    assert problem in str(info.value)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    for problem in problems:
+        assert problem in message, message
 
 
 def test_missing_empty_and_directory(tmp_path):

@@ -409,7 +409,7 @@ def _untiled_tiff(path: Path) -> str | None:
     try:
         with tifffile.TiffFile(path) as tif:
             pages = list(tif.pages)
-            first = pages[0]
+            first = tif.pages.first
             if first.is_tiled:
                 return None
             height, width = first.shape[:2]

@@ -271,20 +271,23 @@ def _upsample(tile: dict) -> float:
 def resolution_flags(slide: dict, tile: dict, cfg: QCConfig) -> list[dict[str, Any]]:
     """Flags about the slide's level-0 resolution and what tiling did with it (pure)."""
     flags: list[dict[str, Any]] = []
-    mpp, source, stated = slide.get("mpp"), slide.get("mpp_source"), slide.get("mpp_file")
+    source = slide.get("mpp_source")
     lo, hi = cfg.mpp_range
-    if not mpp:
+    if not slide.get("mpp"):
         return [_flag("mpp_missing", FAIL, "the slide has no resolution (mpp)")]
-    mpp = float(mpp)
-    width, height = slide.get("width"), slide.get("height")
-    extent_mm = max(float(width), float(height)) * mpp / 1000.0 if width and height else None
+    mpp = float(slide["mpp"])
+    stated = float(slide["mpp_file"]) if slide.get("mpp_file") else None
+    tolerance = float(tile.get("mpp_tolerance", 0.05))
+    confirmed = stated is not None and abs(mpp - stated) / stated <= tolerance  # the file says the same
+    width, height = int(slide.get("width") or 0), int(slide.get("height") or 0)
+    extent_mm = max(width, height) * mpp / 1000.0 if width and height else None
     if not (lo <= mpp <= hi) or slide.get("mpp_plausible") is False:
         flags.append(_flag(
             "mpp_suspicious", REVIEW,
             f"resolution {mpp:.4g} µm/px is outside the range of brightfield scanners ({lo:g}–{hi:g})",
             value=mpp,
         ))
-    elif source not in FILE_SOURCES and extent_mm is not None and extent_mm < cfg.min_slide_extent_mm:
+    elif source not in FILE_SOURCES and not confirmed and extent_mm is not None and extent_mm < cfg.min_slide_extent_mm:
         # A file-stated resolution is the scanner's own record, so a small image is a crop and is
         # left alone; a resolution given or estimated is doubted when glass cannot be that small.
         flags.append(_flag(
@@ -294,25 +297,24 @@ def resolution_flags(slide: dict, tile: dict, cfg: QCConfig) -> list[dict[str, A
             "of a glass scan: the resolution is probably too fine",
             value=mpp, extent_mm=round(extent_mm, 3),
         ))
-    tolerance = float(tile.get("mpp_tolerance", 0.05))
     if source == "objective-power":
         flags.append(_flag(
             "mpp_estimated", REVIEW, "resolution estimated from the objective power only (no mpp in the file)",
         ))
-    elif source == "override" and stated and abs(mpp - float(stated)) / float(stated) > tolerance:
+    elif source == "override" and stated is not None and not confirmed:
         flags.append(_flag(
             "mpp_override_contradicts", REVIEW,
-            f"mpp_override {mpp:.4g} µm/px contradicts the {float(stated):.4g} µm/px the file states "
-            f"({abs(mpp / float(stated) - 1):.0%} apart, tolerance {tolerance:.0%}): patches are "
-            f"{max(mpp / float(stated), float(stated) / mpp):.2g}x off in scale if the file is right",
-            value=mpp, file_value=float(stated),
+            f"mpp_override {mpp:.4g} µm/px contradicts the {stated:.4g} µm/px the file states "
+            f"({abs(mpp / stated - 1):.0%} apart, tolerance {tolerance:.0%}): patches are "
+            f"{max(mpp / stated, stated / mpp):.2g}x off in scale if the file is right",
+            value=mpp, file_value=stated,
         ))
     elif source == "override":
-        agrees = f", agrees with the file's {float(stated):.4g}" if stated else ""
+        agrees = f", agrees with the file's {stated:.4g}" if stated is not None else ""
         flags.append(_flag("mpp_override", INFO, f"resolution set by the user (mpp_override {mpp:.4g} µm/px){agrees}, "
                            "not read from the file", value=mpp))
     elif source == "default":
-        why = f"the file's {float(stated):.4g} µm/px is implausible" if stated else "the file states none"
+        why = f"the file's {stated:.4g} µm/px is implausible" if stated is not None else "the file states none"
         flags.append(_flag("mpp_default", INFO, f"resolution {mpp:.4g} µm/px from mpp_default: {why}", value=mpp))
     upsample = _upsample(tile)
     if upsample > 1.0:

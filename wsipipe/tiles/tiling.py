@@ -513,7 +513,7 @@ def tile_identity(slide: Slide, cfg: PipelineConfig) -> dict:
     """What a store's patches depend on: the slide, the tissue and tile settings, the override,
     and the mpp_default only where it was used (a slide whose file states its resolution is
     tiled the same with or without one)."""
-    identity = {"slide": slide.identity, "config": cfg.section_hash("tissue", "tile", "mpp_override")}
+    identity: dict[str, Any] = {"slide": slide.identity, "config": cfg.section_hash("tissue", "tile", "mpp_override")}
     if slide.mpp_source == "default":
         identity["mpp_default"] = slide.mpp
     return identity
