@@ -179,8 +179,8 @@ def test_resolution_errors_are_one_line_that_says_how_to_find_and_give_it(slides
 
 
 @pytest.mark.parametrize("name,what", [
-    ("kidney-48-5.tif", "an untiled TIFF (a single 1493x901 image in strips, uncompressed), not a tiled pyramidal "
-                        "whole-slide image"),
+    ("kidney-48-5.tif", "not a slide format OpenSlide can read: an untiled TIFF (a single 1493x901 image in strips, "
+                        "uncompressed), not a tiled pyramidal whole-slide image"),
     ("pathml-small_dicom.dcm", "a DICOM whole-slide image OpenSlide cannot read"),
 ])
 def test_images_that_are_not_whole_slide_images_say_what_to_do_through_the_cli(slides_dir, tmp_path, name, what):

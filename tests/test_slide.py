@@ -191,3 +191,15 @@ def test_truncated_slide_fails_clearly(slides_dir, tmp_path):
     with pytest.raises((SlideOpenError, SlideReadError)) as info, open_slide(cut) as s:
         s.thumbnail(8.0)
     assert str(cut) in str(info.value)
+
+
+def test_a_dicom_file_that_is_not_a_slide_says_so(tmp_path):
+    """A DICOM file of another kind (here a bare preamble and a CT SOP class): not a whole-slide image."""
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x02\x00UI\x1a\x001.2.840.10008.5.1.4.1.1.2\0" + b"\0" * 64)
+    with pytest.raises(SlideOpenError) as info:
+        open_slide(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a slide format OpenSlide can read: a DICOM file that is not a whole-slide "
+                              "image (its SOP class is not VL Whole Slide Microscopy Image Storage)")
+    assert "DICOM WSI" in message

@@ -384,11 +384,13 @@ def not_a_slide(path: Path, openslide_says: str | None) -> str:
             head = fh.read(1 << 16)
     except OSError as exc:
         return f"cannot read file: {exc}"
+    if openslide_says:  # the file is named once, at the start of the line
+        openslide_says = openslide_says.replace(f"Reading {path}: ", "")
     said = f" (OpenSlide: {openslide_says})" if openslide_says else ""
     if head[128:132] == b"DICM":
         if _DICOM_WSI_SOP_CLASS not in head:
-            return (f"a DICOM file that is not a whole-slide image (its SOP class is not VL Whole Slide Microscopy "
-                    f"Image Storage){said}; {SUPPORTED_FORMATS}")
+            return (f"not a slide format OpenSlide can read: a DICOM file that is not a whole-slide image (its SOP "
+                    f"class is not VL Whole Slide Microscopy Image Storage){said}; {SUPPORTED_FORMATS}")
         # Explicit-VR ImageType (0008,0008) "CS": OpenSlide tells levels from label/overview images by it.
         missing = "" if b"\x08\x00\x08\x00CS" in head else ", and it has no ImageType (0008,0008), which OpenSlide needs"
         return (f"a DICOM whole-slide image OpenSlide cannot read{said}{missing}; {SUPPORTED_FORMATS}; export it to TIFF "
@@ -396,7 +398,8 @@ def not_a_slide(path: Path, openslide_says: str | None) -> str:
     if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         what = _untiled_tiff(path)
         if what:
-            return f"{what}, not a tiled pyramidal whole-slide image{said}; {SUPPORTED_FORMATS}; convert it with {VIPS_CONVERT}"
+            return (f"not a slide format OpenSlide can read: {what}, not a tiled pyramidal whole-slide image{said}; "
+                    f"{SUPPORTED_FORMATS}; convert it with {VIPS_CONVERT}")
     if openslide_says:
         return f"OpenSlide cannot open it: {openslide_says}"
     return f"not a slide format OpenSlide can read (unsupported or not a slide); {SUPPORTED_FORMATS}"
@@ -406,6 +409,9 @@ def _untiled_tiff(path: Path) -> str | None:
     """"an untiled TIFF (...)" when the file is a TIFF whose first image is stored in strips, else None."""
     import tifffile
 
+    quiet = logging.getLogger("tifffile")
+    was = quiet.disabled
+    quiet.disabled = True  # its warnings about a damaged file would be a second line under the error
     try:
         with tifffile.TiffFile(path) as tif:
             pages = list(tif.pages)
@@ -417,6 +423,8 @@ def _untiled_tiff(path: Path) -> str | None:
             compression = "uncompressed" if compression == "none" else f"{compression} compression"
     except Exception:  # not a TIFF tifffile parses either: OpenSlide's words stand
         return None
+    finally:
+        quiet.disabled = was
     more = f", {len(pages)} images in all" if len(pages) > 1 else ""
     return f"an untiled TIFF (a single {width}x{height} image in strips, {compression}{more})"
 
