@@ -323,8 +323,9 @@ def resolution_flags(slide: dict, tile: dict, cfg: QCConfig) -> list[dict[str, A
         flags.append(_flag(
             "upsampled", severity,
             f"patches are enlarged {upsample:.3g}x from the slide's {mpp:.4g} µm/px to the target "
-            f"{float(target) if target else mpp * upsample:.4g} µm/px: patches are blurred by upsampling; the classifier "
-            "sees less detail than it was trained on",
+            f"{float(target) if target else mpp * upsample:.4g} µm/px, so they are blurred by upsampling; the classifier "
+            "sees less detail than it was trained on"
+            + (" (focus is not judged at this factor: the blur is the upsampling's)" if upsample >= BLUR_UPSAMPLE else ""),
             value=round(upsample, 4),
         ))
     return flags
