@@ -218,7 +218,7 @@ def test_missing_mpp_hint_follows_the_command():
     assert "--mpp-override" in str(error)  # wsipipe run / tile
     hinted = archive.archive_error(error)
     assert isinstance(hinted, MissingMppError) and str(hinted).startswith("/s/x.svs: no resolution in the file; ")
-    assert "mpp column" in str(hinted) and "--set mpp_override=" in str(hinted) and "--mpp-override" not in str(hinted)
+    assert "mpp column" in str(hinted) and "--mpp-default" in str(hinted)
     assert str(pickle.loads(pickle.dumps(hinted))) == str(hinted)  # crosses Dask/Prefect boundaries whole
     other = SlideOpenError("/s/y.svs", "not a slide")
     assert archive.archive_error(other) is other
