@@ -46,11 +46,17 @@ def test_scan_folder_recursive_filters_and_dedupes_dicom(tmp_path):
     assert archive.scan_archive(tmp_path) == sorted([a, c, d1])
 
 
-def test_scan_glob_and_single_file(tmp_path):
+def test_scan_glob_and_single_file(tmp_path, monkeypatch):
     a = _touch(tmp_path / "x" / "a.svs")
     _touch(tmp_path / "x" / "b.tiff")
     assert archive.scan_archive(str(tmp_path / "**" / "*.svs")) == [a]
     assert archive.scan_archive(a) == [a]
+    # Given relative, slides are still named absolutely (rows read the same from any folder).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.csv").write_text("slide\nx/a.svs\n")
+    for source in ("x/*.svs", "x/a.svs", "m.csv", "./x/../x/a.svs"):
+        assert archive.scan_archive(source) == [a], source
+    assert archive.scan_archive("x") == [a, tmp_path / "x" / "b.tiff"]
     with pytest.raises(ConfigError, match="archive not found"):
         archive.scan_archive(tmp_path / "missing")
 
@@ -63,7 +69,7 @@ def test_manifest_relative_paths_comments_and_missing_files(tmp_path):
         "case,Slide,stain\n# comment line\nc1,../s/one.svs,HE\n\nc2," + str(absolute) + ",HE\nc1,../s/one.svs,HE\n"
     )
     # Missing files are kept: they become failed rows naming the file, never a silent gap.
-    assert archive.scan_archive(manifest) == [manifest.parent / "../s/one.svs", absolute]
+    assert archive.scan_archive(manifest) == [tmp_path / "s" / "one.svs", absolute]
     bad = tmp_path / "bad.csv"
     bad.write_text("case,stain\nc1,HE\n")
     with pytest.raises(ConfigError, match=r"bad\.csv.*no slide column"):

@@ -123,6 +123,8 @@ def progress() -> Iterator[Callable[[str, int, int], None]]:
 
     def update(stage: str, done: int, total: int) -> None:
         if stage not in tasks:
+            if not total:  # nothing to do (no tissue): no empty bar before the error line
+                return
             tasks[stage] = bars.add_task(stage, total=total)
         bars.update(tasks[stage], completed=done, total=total)
 

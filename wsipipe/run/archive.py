@@ -138,7 +138,7 @@ def _manifest_rows(path: Path, log_ignored: bool = True) -> dict[Path, dict[str,
         if not value:
             continue
         p = Path(value).expanduser()
-        slide = p if p.is_absolute() else path.parent / p
+        slide = _absolute(p if p.is_absolute() else path.parent / p)
         settings = {
             SETTING_COLUMNS[name]: _setting_value(path, reader.line_num, name, cells[i].strip())
             for i, name in setting_cols.items()
