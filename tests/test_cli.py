@@ -213,6 +213,17 @@ def test_other_resolution_is_refused_without_force_and_dry_run_says_why(json_run
     assert verdicts("--mpp-override", "0.499")[0].startswith("would process (")  # the file's own mpp: not refused
     assert verdicts("--mpp", "4")[0].startswith("would process (changed: ")
     assert _tree(out) == before
+    # The real process: a dry run decides without torch, Prefect or Dask's distributed.
+    code = (
+        "import json, sys\nfrom wsipipe.cli import main\n"
+        f"sys.argv = ['wsipipe', 'run', {str(good)!r}, '--model', {str(weights)!r}, '--out', {str(out)!r}, '--dry-run', "
+        f"'--mpp', '2', {', '.join(map(repr, RUN_SETS))}]\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print(json.dumps([m for m in ('torch', 'prefect', 'distributed') if m in sys.modules]))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0].startswith("would skip (up to date)") and res.stdout.splitlines()[-1] == "[]", res.stdout
 
 
 def test_tile_into_a_store_of_another_resolution_needs_force(slides_dir, tmp_path):
