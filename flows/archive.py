@@ -107,9 +107,11 @@ def _bounded(submit, items: list, limit: int) -> list:
 @flow(name="process-archive", task_runner=ThreadPoolTaskRunner(max_workers=256))  # type: ignore[arg-type]  # prefect stub generics
 def process_archive(
     archive: str, out: str, model: str | None = None, config: str | None = None,
-    overrides: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None, force: bool = False,
 ):
     """Process what is new or changed in ``archive`` (folder, glob or .csv manifest) into ``out``.
+    A slide whose folder holds a result made with another level-0 resolution fails (naming both)
+    unless ``force``.
 
     Returns the result rows (wsipipe.run.archive; also written to ``out/archive-results.json``);
     when any slide failed, a Failed state naming the counts whose data is an
@@ -120,7 +122,7 @@ def process_archive(
     settings = archive_settings(archive)  # per-slide manifest columns, e.g. mpp
     weights, cfg = run_model(model, cfg)  # with the model card's decision threshold
     info = weights_identity(weights, cfg.model.arch, cfg.model.num_classes)
-    decided = decide(slides, out, cfg, info, settings)
+    decided = decide(slides, out, cfg, info, settings, force)
     todo = [slide for slide, row in zip(slides, decided, strict=True) if row is None]
     net = None
     if todo:  # a run with nothing to process loads no model (no torch) and starts no cluster

@@ -46,11 +46,17 @@ def test_scan_folder_recursive_filters_and_dedupes_dicom(tmp_path):
     assert archive.scan_archive(tmp_path) == sorted([a, c, d1])
 
 
-def test_scan_glob_and_single_file(tmp_path):
+def test_scan_glob_and_single_file(tmp_path, monkeypatch):
     a = _touch(tmp_path / "x" / "a.svs")
     _touch(tmp_path / "x" / "b.tiff")
     assert archive.scan_archive(str(tmp_path / "**" / "*.svs")) == [a]
     assert archive.scan_archive(a) == [a]
+    # Given relative, slides are still named absolutely (rows read the same from any folder).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.csv").write_text("slide\nx/a.svs\n")
+    for source in ("x/*.svs", "x/a.svs", "m.csv", "./x/../x/a.svs"):
+        assert archive.scan_archive(source) == [a], source
+    assert archive.scan_archive("x") == [a, tmp_path / "x" / "b.tiff"]
     with pytest.raises(ConfigError, match="archive not found"):
         archive.scan_archive(tmp_path / "missing")
 
@@ -63,7 +69,7 @@ def test_manifest_relative_paths_comments_and_missing_files(tmp_path):
         "case,Slide,stain\n# comment line\nc1,../s/one.svs,HE\n\nc2," + str(absolute) + ",HE\nc1,../s/one.svs,HE\n"
     )
     # Missing files are kept: they become failed rows naming the file, never a silent gap.
-    assert archive.scan_archive(manifest) == [manifest.parent / "../s/one.svs", absolute]
+    assert archive.scan_archive(manifest) == [tmp_path / "s" / "one.svs", absolute]
     bad = tmp_path / "bad.csv"
     bad.write_text("case,stain\nc1,HE\n")
     with pytest.raises(ConfigError, match=r"bad\.csv.*no slide column"):
@@ -218,7 +224,7 @@ def test_missing_mpp_hint_follows_the_command():
     assert "--mpp-override" in str(error)  # wsipipe run / tile
     hinted = archive.archive_error(error)
     assert isinstance(hinted, MissingMppError) and str(hinted).startswith("/s/x.svs: no resolution in the file; ")
-    assert "mpp column" in str(hinted) and "--set mpp_override=" in str(hinted) and "--mpp-override" not in str(hinted)
+    assert "mpp column" in str(hinted) and "--mpp-default" in str(hinted)
     assert str(pickle.loads(pickle.dumps(hinted))) == str(hinted)  # crosses Dask/Prefect boundaries whole
     other = SlideOpenError("/s/y.svs", "not a slide")
     assert archive.archive_error(other) is other
@@ -349,10 +355,11 @@ def test_archive_bad_manifest_value_fails_before_any_work(tmp_path, tiny_weights
     assert f"{manifest}: row 3, column 'mpp': 'fast'" in line and "unexpected" not in line
 
 
-def test_archive_per_slide_mpp_hint_and_index_through_the_cli(slides_dir, tmp_path, tiny_weights):
+def test_archive_per_slide_mpp_hint_and_index_through_the_cli(slides_dir, tmp_path, tiny_weights, monkeypatch):
     """One `wsipipe archive` over a manifest: the slide given an mpp cell is processed at that
     mpp, the same slide without one fails with the archive's hint (not run's --mpp-override),
-    and the folder's index adds this run's slides to an earlier run's."""
+    and the folder's index adds this run's slides to an earlier run's. Then --dry-run, and the
+    slide at another mpp: refused unless --force."""
     slides = tmp_path / "slides"
     slides.mkdir()
     shutil.copy(slides_dir / "tcga-cr-7395-01a-01-ts1.svs", slides / "given.svs")
@@ -381,6 +388,38 @@ def test_archive_per_slide_mpp_hint_and_index_through_the_cli(slides_dir, tmp_pa
         "earlier.svs": "ok", "given.svs": "ok", "nompp.svs": "failed", "broken.svs": "failed"}
     assert index["given.svs"]["out_dir"] == rows["given.svs"]["out_dir"] and index["given.svs"]["current"]
     assert index["earlier.svs"]["out_dir"] == str(out / "earlier")
+
+    # In-process from here (each decided before any Prefect run): --dry-run says what a rerun
+    # would do and writes nothing; the same slide at another mpp is refused unless --force.
+    from typer.testing import CliRunner
+
+    from wsipipe.cli import app
+
+    def invoke(*args):
+        sets = [f"--set={k}={v}" for k, v in TINY.items()]
+        return CliRunner().invoke(app, ["archive", *map(str, args), "--out", str(out), "--model", str(tiny_weights), *sets],
+                                  env={"COLUMNS": "250"})
+
+    before = {str(p): p.stat().st_mtime_ns for p in out.rglob("*")}
+    res = invoke(slides / "batch.csv", "--dry-run")
+    assert res.exit_code == 0, res.output
+    verdicts = {Path(line.split("  ")[-1]).name: line.split("  ")[0] for line in res.stdout.splitlines()}
+    assert verdicts["given.svs"] == "would skip (up to date)", verdicts
+    assert verdicts["nompp.svs"].startswith("would fail (MissingMppError: ") and "add an mpp column" in verdicts["nompp.svs"]
+    assert verdicts["broken.svs"].startswith("would fail (SlideOpenError: ")
+    assert {str(p): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+    (slides / "other.csv").write_text("slide,mpp\ngiven.svs,0.3\nbroken.svs,\n")
+    monkeypatch.chdir(slides)  # a relative manifest: the rows still name slides absolutely
+    res = invoke("other.csv")
+    assert res.exit_code == 2, res.output
+    rows = {Path(r["slide"]).name: r for r in archive.read_results(out)}
+    assert rows["given.svs"]["slide"] == str(slides / "given.svs") and rows["given.svs"]["status"] == "failed"
+    error = rows["given.svs"]["error"]
+    assert error.startswith("ResolutionConflict: ") and "mpp 0.25 (override)" in error and "mpp 0.3 (override)" in error
+    assert json.loads((Path(index["given.svs"]["out_dir"]) / "summary.json").read_text())["slide"]["mpp"] == 0.25
+    res = invoke("other.csv", "--dry-run", "--force")
+    assert res.stdout.splitlines()[0].startswith("would process (changed: "), res.output
 
 
 def test_unreadable_slide_leaves_no_output_folder_through_the_cli(tmp_path, slides_dir):

@@ -334,20 +334,21 @@ def _format_validation_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Defaults ← YAML file ← overrides (nested dicts, or dotted keys like ``"tile.mpp"``)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(path, "config file not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(path, f"not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(path, "top level must be a mapping of sections")
-        data = loaded or {}
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(path, "config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, f"not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(path, "top level must be a mapping of sections")
+    return loaded or {}
+
+
+def _nested(overrides: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each non-None override (dotted key like ``"tile.mpp"``, or a nested dict) as a nested dict."""
+    out = []
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -357,8 +358,85 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for p in parents:
             cursor = cursor.setdefault(p, {})
         cursor[leaf] = value
-        data = _deep_merge(data, nested)
+        out.append(nested)
+    return out
+
+
+def _validate(data: dict[str, Any], path: Path | None) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(path, f"invalid configuration: {_format_validation_error(err)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Defaults ← YAML file ← overrides (nested dicts, or dotted keys like ``"tile.mpp"``)."""
+    return load_config_sources(path, overrides)[0]
+
+
+def _leaves(data: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the leaves of nested mappings (a section's whole value counts as set)."""
+    if isinstance(data, dict) and data:
+        return [leaf for key, value in data.items() for leaf in _leaves(value, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")]
+
+
+def load_config_sources(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, override_label: str = "--set",
+) -> tuple[PipelineConfig, dict[str, str]]:
+    """:func:`load_config`, and where each field that is not a default came from: dotted field
+    -> ``"from <file name>"`` or ``"from <override_label>"`` (the last one to set it)."""
+    data: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    path = Path(path) if path is not None else None
+    if path is not None:
+        data = _read_yaml(path)
+        sources.update({leaf: f"from {path.name}" for leaf in _leaves(data)})
+    for nested in _nested(overrides):
+        data = _deep_merge(data, nested)
+        sources.update({leaf: f"from {override_label}" for leaf in _leaves(nested)})
+    return _validate(data, path), sources
+
+
+def value_source(dotted: str, sources: dict[str, str]) -> str:
+    """Where a field's value came from, from :func:`load_config_sources`' sources: a value set for
+    its whole section (or a whole list) covers it; ``default`` when nothing set it."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in sources:
+            return sources[".".join(parts[:n])]
+    return "default"
+
+
+def show_config(cfg: PipelineConfig, sources: dict[str, str]) -> str:
+    """The effective configuration as YAML, each field followed by a comment saying where its
+    value came from (``# default``, ``# from X.yaml``, ``# from --set``); loads back as the same config."""
+    lines: list[str] = []
+
+    def walk(data: dict[str, Any], prefix: str, indent: str) -> None:
+        for key, value in data.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict):
+                lines.append(f"{indent}{key}:")
+                walk(value, f"{dotted}.", indent + "  ")
+            else:
+                text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+                lines.append(f"{indent}{key}: {text}  # {value_source(dotted, sources)}")
+
+    walk(cfg.model_dump(mode="json"), "", "")
+    return "\n".join(lines) + "\n"
+
+
+def config_fields(cfg: PipelineConfig) -> dict[str, Any]:
+    """Every field of ``cfg`` by its dotted name, JSON values."""
+    flat: dict[str, Any] = {}
+
+    def walk(data: dict[str, Any], prefix: str) -> None:
+        for key, value in data.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(cfg.model_dump(mode="json"), "")
+    return flat

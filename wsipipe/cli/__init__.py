@@ -1,5 +1,5 @@
-"""Command line: ``wsipipe synth | tile | infer | stitch | run | demo | archive | report`` (slides to
-outputs, :mod:`wsipipe.cli.pipeline`) and ``patches | augment | pretrain | train | models`` (building
+"""Command line: ``wsipipe synth | tile | infer | stitch | run | demo | archive | report | config show``
+(slides to outputs, :mod:`wsipipe.cli.pipeline`) and ``patches | augment | pretrain | train | models`` (building
 models, :mod:`wsipipe.cli.learn`); shared helpers in :mod:`wsipipe.cli.console`.
 
 What a user sees when something goes wrong (:class:`WsipipeGroup`):
@@ -7,7 +7,7 @@ What a user sees when something goes wrong (:class:`WsipipeGroup`):
 - a usage error (missing argument, unknown or misspelt option or command): click's own message,
   with its "did you mean" hint, and exit 2;
 - a :class:`~wsipipe.errors.WsipipeError` (a bad input, config or output volume): one line on
-  stderr naming the file and the problem, exit 2 (3 when a slide has no tissue);
+  stderr, ``wsipipe error: `` then the file and the problem, exit 2 (3 when a slide has no tissue);
 - anything else is a bug: one "unexpected" line, exit 1; ``--debug`` shows the traceback.
 
 ``wsipipe`` alone prints the help and exits 0; ``wsipipe --version`` lists the versions that matter
@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from wsipipe.cli import learn, pipeline
 from wsipipe.cli.console import (
-    EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NO_TISSUE, Flags, configure_logging, err, error_line, help_when_bare,
+    ERROR_PREFIX, EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NO_TISSUE, Flags, configure_logging, err, error_line, help_when_bare,
 )
 from wsipipe.errors import NoTissueError, WsipipeError
 
@@ -42,14 +42,11 @@ class WsipipeGroup(TyperGroup):
             return super().invoke(ctx)
         except (typer.TyperException, typer.Exit):  # click's usage errors and exits: click shows them
             raise
-        except NoTissueError as exc:
-            error_line("wsipipe: ", exc, "yellow")
-            raise typer.Exit(EXIT_NO_TISSUE) from None
         except WsipipeError as exc:
-            if Flags.debug:
+            if Flags.debug and not isinstance(exc, NoTissueError):
                 raise
-            error_line("wsipipe error: ", exc)
-            raise typer.Exit(EXIT_ERROR) from None
+            error_line(ERROR_PREFIX, exc)
+            raise typer.Exit(EXIT_NO_TISSUE if isinstance(exc, NoTissueError) else EXIT_ERROR) from None
         except (typer.Abort, KeyboardInterrupt):
             err.print("wsipipe: interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -114,6 +111,7 @@ def _main(
 for _command in (*pipeline.COMMANDS, *learn.COMMANDS):
     app.command()(_command)
 app.add_typer(learn.models_app, name="models")
+app.add_typer(pipeline.config_app, name="config")
 
 
 def main() -> None:

@@ -19,8 +19,19 @@ from rich.text import Text
 if TYPE_CHECKING:
     from wsipipe.config import PipelineConfig
 
-err = Console(stderr=True)
-console = Console()
+class _Console(Console):
+    """A console that wraps lines only on a terminal: piped or redirected, each line stays whole
+    (a summary never breaks in the middle of a number for a script reading it)."""
+
+    def print(self, *objects: Any, soft_wrap: bool | None = None, **kwargs: Any) -> None:
+        if soft_wrap is None and not self.is_terminal:
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+
+
+err = _Console(stderr=True)
+console = _Console()
+ERROR_PREFIX = "wsipipe error: "  # every WsipipeError, whatever the command
 
 EXIT_ERROR = 2  # a WsipipeError (bad input, config, output volume); click's usage errors exit 2 too
 EXIT_NO_TISSUE = 3
@@ -54,14 +65,40 @@ def configure_logging() -> None:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
+# The options several commands share, defined once: each maps onto a config field (see load_config).
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config overriding the defaults (see configs/).")
+SetOpt = typer.Option([], "--set", help="Config field override, e.g. --set tile.mpp=1.0 (repeatable; value read as YAML).")
+MppOpt = typer.Option(None, "--mpp", help="Target resolution of patches, µm/px (tile.mpp; default 0.5).")
+MppOverrideOpt = typer.Option(None, "--mpp-override", help="Use this level-0 µm/px instead of the file's (mpp_override).")
+MppDefaultOpt = typer.Option(
+    None, "--mpp-default", help="Level-0 µm/px for slides whose file states none; never replaces a stated one (mpp_default).",
+)
+ThresholdOpt = typer.Option(
+    None, "--threshold", help="Tumor probability threshold (stitch.threshold; unset: the model card's where the command knows the "
+    "model, else stitch.default_threshold).",
+)
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (inference.device; default auto).")
+SchedulerOpt = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler (dask.scheduler_address).")
+ForceOpt = typer.Option(
+    False, "--force",
+    help="Replace a slide's earlier result made with another level-0 resolution (mpp) instead of refusing.",
+)
+DryRunOpt = typer.Option(False, "--dry-run", help="Print what would be processed or skipped and why; write nothing.")
 
 
-def load_config(config: Path | None, **overrides: Any) -> PipelineConfig:
-    """The config file (or the defaults) with the command's options on top; ``None`` options are left out."""
+def load_config(config: Path | None, sets: list[str] | None = None, /, **overrides: Any) -> PipelineConfig:
+    """The config file (or the defaults), then the ``--set`` overrides, then the command's own
+    options on top; ``None`` options are left out."""
     from wsipipe.config import load_config as load
 
-    return load(config, overrides)
+    return load(config, {**parse_sets(sets), **overrides})
+
+
+def parse_sets(sets: list[str] | None) -> dict[str, Any]:
+    """``--set FIELD=VALUE`` items as dotted overrides (values read as YAML)."""
+    from wsipipe.run.archive import parse_overrides
+
+    return parse_overrides(sets or [])
 
 
 def help_when_bare(ctx: typer.Context) -> None:
@@ -86,11 +123,23 @@ def progress() -> Iterator[Callable[[str, int, int], None]]:
 
     def update(stage: str, done: int, total: int) -> None:
         if stage not in tasks:
+            if not total:  # nothing to do (no tissue): no empty bar before the error line
+                return
             tasks[stage] = bars.add_task(stage, total=total)
         bars.update(tasks[stage], completed=done, total=total)
 
-    with bars:
+    bars.start()
+    try:
         yield update
+    finally:
+        # Off a terminal rich prints the bars' last state when they stop, then a line end
+        # (Progress.stop). With no bar drawn that line end is an empty line before an error
+        # line on stderr: stop only the (now transient) live display, which prints nothing.
+        if tasks:
+            bars.stop()
+        else:
+            bars.live.transient = True
+            bars.live.stop()
 
 
 def one(stage: str, update: Callable[[str, int, int], None]) -> Callable[[int, int], None]:
@@ -116,6 +165,22 @@ def loss_progress(label: str) -> Iterator[Callable[[int, int, float, float], Non
 def error_line(prefix: str, message: object, style: str = "red") -> None:
     """One line on stderr; the message is plain text (file names may contain brackets)."""
     err.print(Text.assemble((prefix, style), str(message)), soft_wrap=True, highlight=False)
+
+
+def result_json(slide: str | Path, status: str, out_dir: str | Path | None, summary: dict | None,
+                error: object = None) -> str:
+    """One slide's result as one JSON line (``run --json``)."""
+    import json
+
+    summary = summary or {}
+    qc = summary.get("qc") or {}
+    return json.dumps({
+        "slide": str(slide), "status": status, "out_dir": str(out_dir) if out_dir is not None else None,
+        "decision": summary.get("decision"), "slide_score": summary.get("slide_score"),
+        "tumor_area_mm2": summary.get("tumor_area_mm2"), "needs_review": qc.get("needs_review"),
+        "qc_flags": [f.get("code") for f in qc.get("flags") or []],
+        "error": None if error is None else str(error),
+    })
 
 
 def print_summary(summary: dict) -> None:

@@ -11,11 +11,12 @@ block is), tiled and deflate-compressed. Values: 255 = tumor, 0 = not.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import tifffile
+
+from wsipipe.files import temp_file_beside
 
 from wsipipe.outputs.omezarr import downsample_any, pyramid
 
@@ -38,7 +39,7 @@ def write_mask_ometiff(path: str | Path, mask: np.ndarray, pixel_size_um: float,
         "PhysicalSizeYUnit": "µm",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)  # the umask's mode, not mkstemp's 0600
     os.close(fd)
     try:
         with tifffile.TiffWriter(tmp, bigtiff=levels[0].size > 2**31, ome=True) as tif:

@@ -20,11 +20,12 @@ Everything except :func:`write_heatmap_omezarr` is pure.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import zarr
+
+from wsipipe.files import temp_dir_beside
 
 NGFF_VERSION = "0.5"
 AXES = [
@@ -125,7 +126,7 @@ def write_heatmap_omezarr(
     if heatmap.shape != mask.shape or heatmap.ndim != 2:
         raise ValueError(f"heatmap {heatmap.shape} and mask {mask.shape} must be the same 2-D grid")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = temp_dir_beside(path)  # the umask's mode, not mkdtemp's 0700
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         heat_levels = pyramid(heatmap, downsample_mean)

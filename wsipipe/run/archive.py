@@ -44,12 +44,13 @@ MANIFEST_COLUMNS = ("slide", "path", "file", "filename")
 
 def scan_archive(source: str | Path) -> list[Path]:
     """The slides named by ``source``: a folder (searched recursively), a glob pattern,
-    a CSV manifest (``.csv``), or one slide file. Sorted, without duplicates.
+    a CSV manifest (``.csv``), or one slide file. Sorted, without duplicates, as absolute paths
+    (symlinks kept), so result rows name a slide the same from any working folder.
 
     A manifest's rows name slides relative to the manifest's folder; missing files are
     kept (they become failed rows naming the file, not a silent gap)."""
     text = str(source)
-    path = Path(text).expanduser()
+    path = _absolute(Path(text).expanduser())
     if path.suffix.lower() == ".csv":
         return read_manifest(path)
     if path.is_dir():
@@ -59,6 +60,11 @@ def scan_archive(source: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     raise ConfigError(path, "archive not found (expected a folder, a glob pattern, a .csv manifest or a slide file)")
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` made absolute and normalised without resolving symlinks."""
+    return Path(os.path.normpath(os.path.abspath(path)))
 
 
 def read_manifest(path: str | Path) -> list[Path]:
@@ -101,6 +107,7 @@ def _manifest_rows(path: Path, log_ignored: bool = True) -> dict[Path, dict[str,
     spreadsheet shows them (the file's lines; the header is row 1)."""
     import io
 
+    path = _absolute(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -131,7 +138,7 @@ def _manifest_rows(path: Path, log_ignored: bool = True) -> dict[Path, dict[str,
         if not value:
             continue
         p = Path(value).expanduser()
-        slide = p if p.is_absolute() else path.parent / p
+        slide = _absolute(p if p.is_absolute() else path.parent / p)
         settings = {
             SETTING_COLUMNS[name]: _setting_value(path, reader.line_num, name, cells[i].strip())
             for i, name in setting_cols.items()
@@ -251,16 +258,16 @@ def result_row(
     ).as_dict()
 
 
-# How an archive run gives a slide its resolution: it has no --mpp-override option.
+# How an archive run gives a slide its resolution: per slide in a manifest, or one for all.
 ARCHIVE_MPP_HINT = (
     "add an mpp column (the slide's µm/px) to a CSV manifest of the archive, "
-    "or --set mpp_override=<µm/px> for every slide"
+    "or --mpp-default <µm/px> for every slide whose file states none"
 )
 
 
 def archive_error(exc: BaseException) -> BaseException:
     """A slide's error as an archive run reports it: a missing resolution says how an
-    archive gives one (a manifest's ``mpp`` column), not the ``--mpp-override`` of ``wsipipe run``."""
+    archive gives one (a manifest's ``mpp`` column, ``--mpp-default``)."""
     return exc.with_hint(ARCHIVE_MPP_HINT) if isinstance(exc, MissingMppError) else exc
 
 

@@ -24,7 +24,7 @@ from wsipipe.config import PipelineConfig
 from wsipipe.errors import writing_outputs
 from wsipipe.locks import clear_leftovers, folder_lock
 from wsipipe.run.client import scheduler_client
-from wsipipe.run.names import slide_output_name
+from wsipipe.run.names import check_resolution, slide_output_name
 from wsipipe.run.rows import SlideResult
 from wsipipe.slides.slide import open_slide_for
 
@@ -156,14 +156,20 @@ def direct(stage: Stage, job: SlideJob) -> StageOutcome:
 # ---------------------------------------------------------------------------- the job
 
 
-def output_dir(slide: str | Path, out_root: str | Path, cfg: PipelineConfig) -> Path:
+def output_dir(slide: str | Path, out_root: str | Path, cfg: PipelineConfig, guard: bool = False) -> Path:
     """The slide's output folder (opens the slide: its identity is in the name). Nothing is
     created: a slide that cannot be opened or whose tiles do not decode raises its
-    SlideOpenError / SlideReadError here, before any folder, lock or store exists."""
+    SlideOpenError / SlideReadError here, before any folder, lock or store exists.
+
+    ``guard``: a folder holding a result made with another level-0 resolution raises
+    :class:`~wsipipe.run.names.ResolutionConflict` (the callers' ``--force`` turns it off)."""
     slide = Path(slide)
     with open_slide_for(slide, cfg) as opened:
         check_decodes(opened, cfg)
-        return Path(out_root) / slide_output_name(slide, opened.identity)
+        slide_dir = Path(out_root) / slide_output_name(slide, opened.identity)
+        if guard:
+            check_resolution(slide_dir / "patches.zarr", opened, cfg.tile.mpp, slide_dir)
+        return slide_dir
 
 
 def check_decodes(opened, cfg: PipelineConfig) -> None:

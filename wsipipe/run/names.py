@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
+from typing import Any
 
 from wsipipe.config import PipelineConfig
 from wsipipe.errors import ConfigError
@@ -52,3 +54,46 @@ def run_model(model: str | Path | None, cfg: PipelineConfig) -> tuple[Path, Pipe
     (:func:`with_card_threshold`)."""
     weights = weights_path(model, cfg)
     return weights, with_card_threshold(cfg, weights)
+
+
+class ResolutionConflict(ConfigError):
+    """A slide's output folder (or store) holds a result made with another level-0 resolution."""
+
+
+# How a slide's mpp_source reads in a message.
+_SOURCE_WORDS = {"override": "override", "openslide": "file", "tiff-resolution": "file", "objective-power": "file's objective power"}
+
+
+def _mpp_words(mpp: float, source: str | None) -> str:
+    return f"mpp {mpp:g} ({_SOURCE_WORDS.get(source or '', source or 'unknown source')})"
+
+
+def check_resolution(store_path: Path, slide: Any, tile_mpp: float, where: Path | None = None) -> None:
+    """Raise :class:`ResolutionConflict` (naming both resolutions) when the store at ``store_path``
+    holds a result made from a level-0 mpp other than ``slide``'s (an open
+    :class:`~wsipipe.slides.slide.Slide`, opened with this run's mpp settings).
+
+    The folder name is the slide's identity, which a resolution setting does not change, so a
+    rerun with another ``mpp_override`` would otherwise replace that result without a word. A
+    change of model, threshold or tile settings is an ordinary rerun and passes. ``where``: the
+    path the message names (default the store)."""
+    from wsipipe.errors import StoreError
+    from wsipipe.tiles import store
+
+    try:
+        group = store.open_store(store_path)
+    except StoreError:
+        return  # nothing there yet (or not a store: the stage that writes it says so)
+    meta = store.meta(group)
+    held = meta.get("slide") or {}
+    old = held.get("mpp")
+    if not isinstance(old, int | float) or math.isclose(float(old), slide.mpp, rel_tol=1e-6):
+        return
+    made_at = (meta.get("tile") or {}).get("mpp")
+    at = f" at tile.mpp {made_at:.4g}" if isinstance(made_at, int | float) else ""
+    raise ResolutionConflict(
+        where or store_path,
+        f"holds a result made with {_mpp_words(float(old), held.get('mpp_source'))}{at}; this run asks "
+        f"{_mpp_words(slide.mpp, slide.mpp_source)} at tile.mpp {tile_mpp:g}; rerun with --force to replace it, "
+        "or choose another --out",
+    )

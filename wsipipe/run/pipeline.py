@@ -41,6 +41,7 @@ class SlideOutputs:
     out_dir: Path
     store: Path
     summary: dict
+    status: str = "ok"  # "skipped" when every stage found its work done
 
 
 def run_slide(
@@ -50,14 +51,17 @@ def run_slide(
     model_path: str | Path | None = None,
     client=None,
     progress: StageProgress | None = None,
+    force: bool = False,
 ) -> SlideOutputs:
     """Tile, classify and stitch one slide into ``out_dir/<name>-<id>/``, then write its report.html
     (the slide job of wsipipe.run.job, every stage in this process).
 
-    Each stage is skipped when its outputs exist for the same inputs, so a rerun is cheap."""
+    Each stage is skipped when its outputs exist for the same inputs, so a rerun is cheap. A
+    folder holding a result made with another level-0 resolution is refused
+    (:class:`~wsipipe.run.names.ResolutionConflict`) unless ``force``."""
     slide_path = Path(slide_path)
     weights, cfg = run_model(model_path, cfg)
-    slide_dir = output_dir(slide_path, out_dir, cfg)  # an unreadable slide fails here, before torch loads
+    slide_dir = output_dir(slide_path, out_dir, cfg, guard=not force)  # an unreadable slide fails here, before torch loads
     from wsipipe.models.inference import resolve_device, resolve_precision
     from wsipipe.models.model import load_model
 
@@ -67,7 +71,7 @@ def run_slide(
     job = SlideJob(slide_path, slide_dir, cfg, weights, net, info, client=client, progress=progress)
     row = run_job(job, direct)
     log.info("%s: done in %.1f s -> %s", slide_path.name, row.seconds, job.slide_dir)
-    return SlideOutputs(out_dir=job.slide_dir, store=job.store, summary=row.summary or {})
+    return SlideOutputs(out_dir=job.slide_dir, store=job.store, summary=row.summary or {}, status=row.status)
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ def run_slides(
     events: list[StageEvent] | None = None,
     on_done: SlideDone | None = None,
     runner: Runner = direct,
+    force: bool = False,
 ) -> list[SlideResult]:
     """Every slide's job in this process, up to ``cfg.orchestration.slides_in_flight`` at once
     through one :class:`GatedRunner` over ``runner``; one row per slide, in the order given.
@@ -158,7 +163,7 @@ def run_slides(
     with its one-line error; the others go on. ``on_done(row, error)`` is called in the calling
     thread, in the slides' order, as soon as a slide and every slide before it have finished
     (the CLI prints as it goes). ``progress(slide)``: the slide's stage callback (the CLI labels
-    its bars with the slide). ``events``: see :class:`GatedRunner`.
+    its bars with the slide). ``events``: see :class:`GatedRunner`. ``force``: see :func:`run_slide`.
 
     The slides run on daemon threads: an interrupt in the calling thread ends the process
     without waiting for the slides in flight, which resume from what they wrote (each under
@@ -177,7 +182,7 @@ def run_slides(
         t0 = time.perf_counter()
         slide_dir = None
         try:
-            slide_dir = output_dir(slide, out_dir, cfg)
+            slide_dir = output_dir(slide, out_dir, cfg, guard=not force)
             job = SlideJob(slide, slide_dir, cfg, weights, net, info, progress=progress(slide) if progress else None)
             row = run_job(job, gated)
             log.info("%s: done in %.1f s -> %s", slide.name, row.seconds, slide_dir)
