@@ -305,7 +305,10 @@ class PipelineConfig(_Section):
     qc: QCConfig = Field(default_factory=QCConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     mpp_override: float | None = Field(None, gt=0.01, le=1000.0, description="Force the slide's level-0 mpp.")
-    mpp_default: float | None = Field(None, gt=0.01, le=1000.0, description="Level-0 mpp for slides whose file states none (never replaces a resolution the file states).")
+    mpp_default: float | None = Field(
+        None, gt=0.01, le=1000.0,
+        description="Level-0 mpp for slides whose file states none (never replaces a resolution the file states).",
+    )
 
     def section_hash(self, *sections: str) -> str:
         """Stable short hash of the named sections: the identity a stage's outputs depend on."""

@@ -98,10 +98,10 @@ def _refuse_other_resolution(slide: Path, store_path: Path, cfg) -> None:
     """A store tiled from another level-0 mpp is not replaced without --force. A slide that does
     not open (or has no resolution) is left to the tiler, which reports it."""
     from wsipipe.run.names import check_resolution
-    from wsipipe.slides.slide import open_slide
+    from wsipipe.slides.slide import open_slide_for
 
     try:
-        opened = open_slide(slide, cfg.mpp_override)
+        opened = open_slide_for(slide, cfg)
     except WsipipeError:
         return
     with opened:

@@ -57,7 +57,7 @@ def work_reason(slide: str | Path, out_root: str | Path, cfg: PipelineConfig, in
     thresholds, exports or a missing output file)."""
     from wsipipe.errors import StoreError
     from wsipipe.models.identity import infer_identity
-    from wsipipe.slides.slide import open_slide
+    from wsipipe.slides.slide import open_slide_for
     from wsipipe.tiles import store
     from wsipipe.tiles.tiling import tile_identity
 
@@ -66,7 +66,7 @@ def work_reason(slide: str | Path, out_root: str | Path, cfg: PipelineConfig, in
         group = store.open_store(slide_dir / "patches.zarr")
     except StoreError:
         return "new"
-    with open_slide(slide, cfg.mpp_override) as opened:
+    with open_slide_for(slide, cfg) as opened:
         expected = tile_identity(opened, cfg)
     tile = store.stage_entry(group, store.STAGE_TILE) or {}
     if tile.get("identity") != expected:
