@@ -149,7 +149,7 @@ class StitchConfig(_Section):
         "it has a tumor region or when the top-k mean reaches the threshold; QC flags the slide when the two disagree.",
     )
     max_background: float = Field(
-        0.9, ge=0.0, le=1.0,
+        0.7, ge=0.0, le=1.0,
         description="Patches whose QC background (glass) fraction is above this are not analysed: left out of the "
         "heatmap, the slide score, the tumor regions and the counts (1 = analyse every patch; stores without QC "
         "measures analyse every patch).",
