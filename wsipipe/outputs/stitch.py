@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import shapely
 import zarr
-from shapely.geometry import MultiPolygon, box
+from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 from skimage import morphology
 
@@ -251,12 +251,23 @@ def tissue_region(outline: BaseGeometry, clefts: np.ndarray | None = None, downs
     return as_multipolygon(region)
 
 
-def clip_regions(polygons: MultiPolygon, region: BaseGeometry | None, min_area_px: float) -> MultiPolygon:
-    """Tumor polygons ∩ ``region`` (None = unclipped), made valid; pieces smaller than
-    ``min_area_px`` (level-0 px²) dropped, so the minimum tumor area holds after clipping."""
-    if region is not None and not polygons.is_empty:
-        polygons = as_multipolygon(shapely.make_valid(shapely.intersection(polygons, region)))
-    return MultiPolygon([p for p in polygons.geoms if p.area >= min_area_px and p.area > 0])
+def clip_regions(
+    polygons: MultiPolygon, region: BaseGeometry | None, min_area_px: float, sliver_px: float = 0.0
+) -> MultiPolygon:
+    """Each tumor polygon ∩ ``region`` (None = unclipped), made valid.
+
+    A polygon whose clipped area is below ``min_area_px`` (level-0 px²) is dropped, so the
+    minimum tumor area holds after clipping; the pieces of one that passes are all kept (a
+    cleft splitting a region leaves tumor on both sides of it), except slivers below
+    ``sliver_px``."""
+    kept: list[Polygon] = []
+    for poly in polygons.geoms:
+        pieces = as_multipolygon(shapely.make_valid(shapely.intersection(poly, region))) if region is not None \
+            else MultiPolygon([poly])
+        parts = [q for q in pieces.geoms if q.area > max(sliver_px, 0.0)]
+        if parts and sum(q.area for q in parts) >= min_area_px:
+            kept.extend(parts)
+    return MultiPolygon(kept)
 
 
 def top_k_count(n: int, top_k: int, fraction: float | None = None) -> int:
@@ -722,6 +733,12 @@ def _background_reader(group: zarr.Group) -> Callable[[slice], np.ndarray] | Non
     return None
 
 
+def cleft_min_um2(tissue_params: dict[str, Any]) -> float:
+    """Smallest glass cleft, and smallest piece of a tumor region cut off by clefts, µm²:
+    (2 x tissue.closing_um)², the area of the widest gap the tissue detector's closing bridges."""
+    return (2.0 * float(tissue_params.get("closing_um", 40.0))) ** 2
+
+
 def read_tissue_region(group: zarr.Group, thumb_downsample: float, slide_mpp: float) -> MultiPolygon | None:
     """The store's tissue outline less its glass clefts (:func:`glass_clefts`), level-0; None
     when the store records no outline.
@@ -739,7 +756,7 @@ def read_tissue_region(group: zarr.Group, thumb_downsample: float, slide_mpp: fl
     if params.get("detect") is False or threshold is None or store.TISSUE_MASK not in group:
         return tissue_region(outline)
     px_um2 = (float(thumb_downsample) * float(slide_mpp)) ** 2
-    min_px = math.ceil((2.0 * float(params.get("closing_um", 40.0))) ** 2 / px_um2)
+    min_px = math.ceil(cleft_min_um2(params) / px_um2)
     clefts = glass_clefts(
         np.asarray(store.array(group, store.THUMBNAIL)[...]), np.asarray(store.array(group, store.TISSUE_MASK)[...]),
         float(threshold), float(params.get("max_brightness", 0.94)), min_px,
@@ -820,10 +837,13 @@ def tumor_regions(inputs: StitchInputs, acc: Accumulated, cfg: StitchConfig) -> 
     # Holes below the same size are treated like specks: noise inside a tumor region.
     cells = tumor_mask(acc.heatmap, cfg.tumor_threshold, min_area_cells=min_cells, fill_holes_cells=min_cells)
     polygons = tumor_polygons(cells, inputs.stride_l0, inputs.origin, bounds=inputs.bounds)
-    # Below one thumbnail pixel a piece is an artefact of the outline's pixel grid, whatever the minimum area.
-    min_area_px = max(cfg.min_tumor_area_um2 / inputs.slide_mpp**2, inputs.thumb_downsample**2)
     if inputs.tissue is not None:
-        polygons = clip_regions(polygons, inputs.tissue, min_area_px)
+        # Pieces smaller than a cleft are debris in a cleft or slivers of the outline's pixel grid.
+        params = (inputs.meta.get(store.META_TISSUE) or {}).get("params") or {}
+        polygons = clip_regions(
+            polygons, inputs.tissue, cfg.min_tumor_area_um2 / inputs.slide_mpp**2,
+            max(cleft_min_um2(params) / inputs.slide_mpp**2, inputs.thumb_downsample**2),
+        )
     mask = rasterize(polygons, acc.heatmap.shape, scale=inputs.stride_l0, offset=inputs.origin)
     mm2 = inputs.slide_mpp**2 / 1e6
     areas = [poly.area * mm2 for poly in polygons.geoms]
