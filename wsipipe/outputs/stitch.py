@@ -721,7 +721,8 @@ def _background_reader(group: zarr.Group) -> Callable[[slice], np.ndarray] | Non
     """Rows of the stored QC background fraction, or None when the store has no QC measures."""
     arr = store.optional_array(group, store.QC_MEASURES)
     if arr is not None:
-        columns = [str(c) for c in (arr.attrs.get("measures") or [])]
+        names = arr.attrs.get("measures")
+        columns = [str(c) for c in names] if isinstance(names, list) else []
         if "background_fraction" not in columns:
             return None
         col = columns.index("background_fraction")
