@@ -508,3 +508,167 @@ def test_a_broken_summary_json_is_recomputed_not_returned(tmp_path):
     (out / "summary.json").write_text("{}")
     again = stitch_store(store_path, out, cfg)
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
+
+
+# --------------------------------------------------------------------------- tumor ∩ tissue, decision, glass, scales
+
+
+def test_top_k_scales_with_the_slide():
+    from wsipipe.outputs.stitch import top_k_count
+
+    assert [top_k_count(n, 10, 0.1) for n in (0, 1, 9, 14, 49, 100, 101, 10_000)] == [0, 1, 1, 2, 5, 10, 10, 10]
+    assert top_k_count(14, 10) == 10 and top_k_count(4, 10) == 4  # without a fraction: min(top_k, n)
+    p = np.array([0.994, 0.99] + [0.1] * 12, dtype=np.float32)  # 14 patches, two of them tumor
+    assert slide_score(p, 10)["top_k_mean"] < 0.5  # the top-10 mean drowns them
+    scaled = slide_score(p, 10, 0.1)
+    assert scaled["k"] == 2 and scaled["top_k_mean"] == pytest.approx(0.992)
+    acc = ScoreAccumulator(10, 0.1)
+    for part in np.array_split(p, 5):
+        acc.add(part)
+    assert acc.result() == pytest.approx(scaled)
+
+
+def test_decision_follows_regions_or_score_and_says_when_they_disagree():
+    from wsipipe.outputs.stitch import decide
+
+    assert decide([0.15, 0.02], 0.994, 0.81, 2, 0.5, 0.05) == (
+        "tumor", "2 tumor regions (largest 0.15 mm², max p 0.994); top-2 mean 0.810 ≥ threshold 0.5", True)
+    assert decide([], None, 0.2, 10, 0.5, 0.05) == (
+        "normal", "no tumor region of at least 0.05 mm²; top-10 mean 0.200 < threshold 0.5", True)
+    assert decide([0.15], 0.994, 0.3, 10, 0.5, 0.05)[::2] == ("tumor", False)  # regions, low score
+    assert decide([], None, 0.7, 10, 0.5, 0.05)[::2] == ("tumor", False)  # score, specks only
+
+
+def test_clip_regions_keeps_tissue_and_the_minimum_area_after_clipping():
+    from wsipipe.outputs.stitch import clip_regions
+
+    tissue = box(0, 0, 100, 100).difference(box(40, 0, 60, 100))  # a cleft splits the tissue in two
+    region = MultiPolygon([box(20, 20, 80, 60)])  # 60 x 40 cells across the cleft
+    clipped = clip_regions(region, tissue, min_area_px=1000)
+    assert len(clipped.geoms) == 2 and clipped.area == pytest.approx(2 * 20 * 40)  # both sides, not the cleft
+    assert clip_regions(region, tissue, min_area_px=2000).is_empty  # 1600 px² of tissue left: below the minimum
+    assert clip_regions(region, None, min_area_px=2000).equals(region)
+    edge = clip_regions(MultiPolygon([box(90, 20, 130, 60)]), tissue, min_area_px=100, sliver_px=500)
+    assert edge.is_empty  # 10 x 40 left inside the tissue: under the sliver limit
+
+
+@pytest.fixture(scope="module")
+def cmu_1um(tmp_path_factory, slides_dir):
+    """cmu-1-small-region.svs tiled for real at 1 µm/px: 14 patches of 224 µm."""
+    from wsipipe.config import load_config
+    from wsipipe.tiles.tiling import tile_slide
+
+    path = tmp_path_factory.mktemp("cmu") / "cmu-1um.zarr"
+    tile_slide(slides_dir / "cmu-1-small-region.svs", path, load_config(None, {"tile.mpp": 1.0}))
+    return path
+
+
+def _planted_cmu(src, dst, tumor_xy: dict[tuple[int, int], float], low: float = 0.05):
+    """A copy of the tiled store with probabilities planted per level-0 patch corner."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    group = store.open_store(dst, mode="r+")
+    xy = group["coords"][:]
+    probs = np.array([tumor_xy.get((int(x), int(y)), low) for x, y in xy], dtype=np.float32)
+    group.create_array("probabilities", data=probs, chunks=(64,))
+    store.set_stage(group, "infer", {"tile": "t", "model": "m", "config": "c"}, True, seconds=1.0,
+                    model={"sha256": "m", "arch": "resnet18"})
+    return dst, group, xy
+
+
+def test_tumor_regions_on_a_real_slide_exclude_glass_and_agree_everywhere(cmu_1um, tmp_path):
+    """Four patches around the white cleft of CMU-1 planted as tumor: the regions, GeoJSON and
+    mask cover the tissue, not the cleft, and carry their scale."""
+    import shapely
+
+    from wsipipe.outputs.qupath import validate_qupath_geojson
+    from wsipipe.outputs.stitch import AREA_BASIS_TISSUE, PNG_DOWNSAMPLE_L0, PNG_ORIGIN_L0, PNG_UM_PER_PX
+
+    block = {(x, y): 0.99 for x in (898, 1347) for y in (898, 1347)}
+    path, group, xy = _planted_cmu(cmu_1um, tmp_path / "cmu.zarr", block)
+    out = tmp_path / "out"
+    summary = stitch_store(path, out, StitchConfig())
+    meta = store.meta(group)
+    s, mpp, ds = meta["tile"]["stride_l0"], meta["slide"]["mpp"], meta["tile"]["thumb_downsample"]
+    cells = shapely.union_all([box(x, y, x + s, y + s) for x, y in block])  # the 0.2 mm² the cells cover
+    polys = read_geojson(out / "tumor.geojson")["Tumor"]
+    validate_qupath_geojson(out / "tumor.geojson", expected={"Tumor": polys})
+
+    outline = shapely.from_wkt(meta["tissue"]["polygon_wkt"])
+    assert outline.buffer(1.0).contains(polys) and cells.buffer(1.0).contains(polys)
+    assert summary["tumor_area_mm2"] == pytest.approx(polys.area * mpp**2 / 1e6, abs=1e-6)
+    assert 0.1 < summary["tumor_area_mm2"] < 0.8 * cells.area * mpp**2 / 1e6  # the cleft's ~0.06 mm² are out
+    assert summary["tumor_area_basis"] == AREA_BASIS_TISSUE
+    # Independent of the tissue detector: the thumbnail's white (glass) pixels under the regions.
+    thumb = np.asarray(group["thumbnail"][...])
+    white = thumb.min(axis=2) >= 235
+    under_cells, under_regions = (rasterize(g, white.shape, scale=ds) for g in (cells, polys))
+    assert white[under_cells].mean() > 0.1 and white[under_regions].mean() < 0.02
+
+    with Image.open(out / "tumor_mask.png") as im:
+        mask_px, text, dpi = np.asarray(im) == 255, dict(im.text), im.info["dpi"]
+    assert np.array_equal(mask_px, under_regions)  # the mask is the regions, pixel for pixel
+    assert float(text[PNG_UM_PER_PX]) == pytest.approx(mpp * ds) and float(text[PNG_DOWNSAMPLE_L0]) == ds
+    assert text[PNG_ORIGIN_L0] == "0.0,0.0" and dpi[0] == pytest.approx(25_400 / (mpp * ds), rel=1e-3)
+    assert summary["file_scales"]["tumor_mask_png"] == {"um_per_px": pytest.approx(mpp * ds), "downsample_l0": ds,
+                                                        "origin_l0": [0.0, 0.0]}
+    assert summary["file_scales"]["heatmap"]["um_per_px"] == pytest.approx(224.0)  # one cell = one 224 µm patch
+    assert summary["file_scales"]["heatmap"]["downsample_l0"] == pytest.approx(s)
+    assert summary["decision"] == "tumor" and "decision_regions_disagree" not in [f["code"] for f in summary["qc"]["flags"]]
+
+
+def test_decision_on_a_14_patch_slide_matches_its_regions(cmu_1um, tmp_path):
+    """The top-10 mean of a 14-patch slide called two 0.994 patches 'normal' beside their
+    drawn region; k scales with the slide, and a region the score does not back is flagged."""
+    two = {(898, 1796): 0.994, (898, 2244): 0.99}  # two tissue patches, one above the other
+    path, _, _ = _planted_cmu(cmu_1um, tmp_path / "two.zarr", two, low=0.1)
+    summary = stitch_store(path, tmp_path / "two", StitchConfig())
+    assert summary["slide_score"]["n"] == 14 and summary["slide_score"]["k"] == 2
+    assert summary["n_tumor_regions"] == 1 and summary["decision"] == "tumor"
+    assert summary["decision_reason"].startswith("1 tumor region (largest ")
+    assert "top-2 mean 0.992 ≥ threshold 0.5" in summary["decision_reason"]
+    assert "decision_regions_disagree" not in [f["code"] for f in summary["qc"]["flags"]]
+
+    # One 0.6 patch: a region, but a top-2 mean of 0.35: called tumor and sent for review.
+    path, _, _ = _planted_cmu(cmu_1um, tmp_path / "one.zarr", {(898, 1796): 0.6}, low=0.1)
+    summary = stitch_store(path, tmp_path / "one", StitchConfig(min_tumor_area_um2=20_000))
+    flags = {f["code"]: f for f in summary["qc"]["flags"]}
+    assert summary["n_tumor_regions"] == 1 and summary["decision"] == "tumor"
+    assert flags["decision_regions_disagree"]["severity"] == "review" and summary["qc"]["needs_review"]
+    assert "top-2 mean 0.350 < threshold 0.5" in flags["decision_regions_disagree"]["message"]
+
+
+def test_mostly_glass_patches_are_not_analysed(cmu_1um, tmp_path):
+    """The QC background fraction decides: above stitch.max_background a patch is left out of
+    the heatmap, the score, the regions and the counts; changing the limit restitches."""
+    from wsipipe.tiles import qc
+
+    group = store.open_store(cmu_1um)
+    background = qc.read_measures(group)["background_fraction"]
+    glassy = int(np.argmax(background))  # the 224 µm patch at the top of the cleft, ~60 % glass
+    assert 0.5 < background[glassy] < 0.7
+    x, y = (int(v) for v in group["coords"][glassy])
+    path, _, _ = _planted_cmu(cmu_1um, tmp_path / "g.zarr", {(x, y): 0.95})
+    out = tmp_path / "out"
+    kept = stitch_store(path, out, StitchConfig())  # default limit 0.7: analysed
+    assert kept["excluded_patches"] == {"mostly_background": 0} and kept["n_tumor_patches"] == 1
+    dropped = stitch_store(path, out, StitchConfig(max_background=0.5))
+    assert dropped["excluded_patches"] == {"mostly_background": 1}
+    assert dropped["n_tumor_patches"] == 0 and dropped["slide_score"]["n"] == 13
+    assert dropped["slide_score"]["max"] == pytest.approx(0.05) and dropped["n_tumor_regions"] == 0
+    i, j = (int(v) for v in group["grid_ij"][glassy])
+    assert np.isnan(np.load(out / "heatmap.npy")[i, j]) and dropped["decision"] == "normal"
+
+
+def test_old_summary_json_without_the_newer_fields_still_loads(tmp_path):
+    from wsipipe.outputs.summary import load_summary
+
+    out = tmp_path / "out"
+    summary = stitch_store(build_store(tmp_path / "case.zarr"), out, StitchConfig())
+    assert summary["excluded_patches"] is None  # a store without QC measures: every patch analysed
+    old = {k: v for k, v in summary.items()
+           if k not in ("excluded_patches", "decision_reason", "tumor_area_basis", "file_scales")}
+    (out / "summary.json").write_text(json.dumps(old))
+    model = load_summary(out)
+    assert model.decision_reason is None and model.tumor_area_basis is None and model.file_scales == {}

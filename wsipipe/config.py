@@ -138,7 +138,22 @@ class StitchConfig(_Section):
     )
     default_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Threshold when none is set and the model has no card threshold.")
     min_tumor_area_um2: float = Field(50_000.0, ge=0.0, description="Smaller tumor regions are dropped, µm².")
-    top_k: int = Field(10, ge=1, description="Slide score = mean of the top-k patch probabilities (and max).")
+    top_k: int = Field(
+        10, ge=1,
+        description="Slide score = mean of the top-k patch probabilities (and max); k is at most this.",
+    )
+    top_k_fraction: float = Field(
+        0.1, gt=0.0, le=1.0,
+        description="... and at most this share of the analysed patches: k = clamp(ceil(top_k_fraction x n), 1, "
+        "top_k), so a 14-patch slide is scored on its top 2, not on 10 of its 14. The slide is called tumor when "
+        "it has a tumor region or when the top-k mean reaches the threshold; QC flags the slide when the two disagree.",
+    )
+    max_background: float = Field(
+        0.7, ge=0.0, le=1.0,
+        description="Patches whose QC background (glass) fraction is above this are not analysed: left out of the "
+        "heatmap, the slide score, the tumor regions and the counts (1 = analyse every patch; stores without QC "
+        "measures analyse every patch).",
+    )
     class_index: int = Field(-1, description="Which class is 'tumor' for k-class models (-1 = last).")
 
     @property

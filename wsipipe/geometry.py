@@ -59,26 +59,41 @@ def as_multipolygon(geom: BaseGeometry) -> MultiPolygon:
 def rasterize(
     geom: BaseGeometry, shape: tuple[int, int], scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0)
 ) -> np.ndarray:
-    """Boolean mask of ``shape`` (rows, cols): a pixel is set when its centre lies inside ``geom``."""
+    """Boolean mask of ``shape`` (rows, cols): a pixel is set when its centre lies inside ``geom``.
+
+    Each polygon is drawn in the window of its bounding box only, so the cost follows the
+    polygons' size, not the mask's (a slide-sized mask with many small regions stays cheap)."""
     from skimage.draw import polygon as draw_polygon  # here: tiling never rasterises, and skimage costs 0.5 s to import
 
     out = np.zeros(shape, dtype=bool)
     ox, oy = offset
+    rows_n, cols_n = int(shape[0]), int(shape[1])
     for poly in as_multipolygon(geom).geoms:
-        ring_masks = []
+        if poly.is_empty:
+            continue
+        x0, y0, x1, y1 = poly.bounds
+        # Pixels whose centre can fall inside the box, clipped to the mask.
+        c0 = max(0, int(np.floor((x0 - ox) / scale - 0.5)))
+        r0 = max(0, int(np.floor((y0 - oy) / scale - 0.5)))
+        c1 = min(cols_n, int(np.ceil((x1 - ox) / scale + 0.5)) + 1)
+        r1 = min(rows_n, int(np.ceil((y1 - oy) / scale + 0.5)) + 1)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        window = (r1 - r0, c1 - c0)
+        filled = None
         for ring in [poly.exterior, *poly.interiors]:
             xy = np.asarray(ring.coords)
             # pixel centre (j + 0.5) * scale + ox  ->  fractional column index of the vertex
-            cols = (xy[:, 0] - ox) / scale - 0.5
-            rows = (xy[:, 1] - oy) / scale - 0.5
-            m = np.zeros(shape, dtype=bool)
-            rr, cc = draw_polygon(rows, cols, shape)
+            cols = (xy[:, 0] - ox) / scale - 0.5 - c0
+            rows = (xy[:, 1] - oy) / scale - 0.5 - r0
+            m = np.zeros(window, dtype=bool)
+            rr, cc = draw_polygon(rows, cols, window)
             m[rr, cc] = True
-            ring_masks.append(m)
-        filled = ring_masks[0]
-        for hole in ring_masks[1:]:
-            filled &= ~hole
-        out |= filled
+            if filled is None:
+                filled = m
+            else:
+                filled &= ~m
+        out[r0:r1, c0:c1] |= filled
     return out
 
 

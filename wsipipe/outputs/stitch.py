@@ -30,7 +30,8 @@ from collections.abc import Callable
 import numpy as np
 import shapely
 import zarr
-from shapely.geometry import MultiPolygon, box
+from shapely.geometry import MultiPolygon, Polygon, box
+from shapely.geometry.base import BaseGeometry
 from skimage import morphology
 
 from wsipipe import __version__
@@ -40,9 +41,9 @@ from wsipipe.config import ExportConfig, QCConfig, StitchConfig
 from wsipipe.errors import NoTissueError, StoreError
 from wsipipe.geojson import write_geojson
 from wsipipe.files import write_atomic
-from wsipipe.geometry import as_multipolygon, mask_to_polygons
+from wsipipe.geometry import as_multipolygon, mask_to_polygons, rasterize
 from wsipipe.outputs.summary import (
-    HeatmapInfo, ModelRef, Provenance, QCSection, SlideScore, SlideSummary, SummaryError, SummarySlide, load_summary,
+    FileScale, HeatmapInfo, ModelRef, Provenance, QCFlag, QCSection, SlideScore, SlideSummary, SummaryError, SummarySlide, load_summary,
     summary_json,
 )
 from wsipipe.outputs.summary import SUMMARY_NAME
@@ -217,14 +218,100 @@ def grid_to_thumbnail(
     return out
 
 
+# --------------------------------------------------------------------------- tumor ∩ tissue
+
+# What tumor_area_mm2, the polygons and the masks count (summary.json "tumor_area_basis").
+AREA_BASIS_TISSUE = "tumor cells ∩ tissue (the tissue outline less its glass clefts)"
+AREA_BASIS_CELLS = "tumor cells (the store records no tissue outline to clip to)"
+
+
+def glass_clefts(
+    thumbnail: np.ndarray, tissue_mask: np.ndarray, saturation_threshold: float, max_brightness: float, min_px: int
+) -> np.ndarray:
+    """Glass inside the tissue outline: pieces of at least ``min_px`` thumbnail pixels that the
+    tissue detector's own pixel rule calls background (saturation at or below its threshold, or
+    brighter than ``max_brightness``; near-black is not glass).
+
+    The detector closes gaps and fills small holes, so a cleft with a few fibres of debris in
+    it, or one open to the slide's glass through a narrow gap, ends up inside the outline;
+    this finds it again from the thumbnail's pixels."""
+    from wsipipe.slides.tissue import remove_small_objects, saturation_value
+
+    sat, grey = saturation_value(np.asarray(thumbnail)[..., :3])
+    tissue_px = (sat > saturation_threshold * 255) & (grey < max_brightness * 255)
+    glass = ~tissue_px & (grey > 0.05 * 255) & np.asarray(tissue_mask, dtype=bool)
+    return remove_small_objects(glass, max(int(min_px) - 1, 0)) if min_px > 1 else glass
+
+
+def tissue_region(outline: BaseGeometry, clefts: np.ndarray | None = None, downsample: float = 1.0) -> MultiPolygon:
+    """The tissue outline (level-0) less the cleft pixels of a ``downsample`` mask, valid."""
+    region = shapely.make_valid(outline)
+    if clefts is not None and clefts.any():
+        region = shapely.make_valid(shapely.difference(region, mask_to_polygons(clefts, scale=float(downsample))))
+    return as_multipolygon(region)
+
+
+def clip_regions(
+    polygons: MultiPolygon, region: BaseGeometry | None, min_area_px: float, sliver_px: float = 0.0
+) -> MultiPolygon:
+    """Each tumor polygon ∩ ``region`` (None = unclipped), made valid.
+
+    A polygon whose clipped area is below ``min_area_px`` (level-0 px²) is dropped, so the
+    minimum tumor area holds after clipping; the pieces of one that passes are all kept (a
+    cleft splitting a region leaves tumor on both sides of it), except slivers below
+    ``sliver_px``."""
+    kept: list[Polygon] = []
+    for poly in polygons.geoms:
+        pieces = as_multipolygon(shapely.make_valid(shapely.intersection(poly, region))) if region is not None \
+            else MultiPolygon([poly])
+        parts = [q for q in pieces.geoms if q.area > max(sliver_px, 0.0)]
+        if parts and sum(q.area for q in parts) >= min_area_px:
+            kept.extend(parts)
+    return MultiPolygon(kept)
+
+
+def top_k_count(n: int, top_k: int, fraction: float | None = None) -> int:
+    """k of the slide score: ``clamp(ceil(fraction x n), 1, top_k)`` (``min(top_k, n)`` without a
+    fraction); 0 without patches."""
+    if n <= 0:
+        return 0
+    if fraction is None:
+        return min(top_k, n)
+    return max(1, min(top_k, math.ceil(fraction * n - 1e-9), n))
+
+
+def decide(
+    region_areas_mm2: list[float], region_max_p: float | None, top_k_mean: float | None, k: int, threshold: float,
+    min_area_mm2: float,
+) -> tuple[str, str, bool]:
+    """(decision, reason, agree): "tumor" when a tumor region is drawn or the top-k mean reaches
+    the threshold; ``reason`` says both in one sentence; ``agree`` is False when only one holds."""
+    by_regions = bool(region_areas_mm2)
+    by_score = top_k_mean is not None and top_k_mean >= threshold
+    if by_regions:
+        n = len(region_areas_mm2)
+        regions = f"{n} tumor region{'s' if n > 1 else ''} (largest {max(region_areas_mm2):.3g} mm²"
+        regions += f", max p {region_max_p:.3f})" if region_max_p is not None else ")"
+    else:
+        regions = f"no tumor region of at least {min_area_mm2:.3g} mm²"
+    score = "no patch analysed" if top_k_mean is None else (
+        f"top-{k} mean {top_k_mean:.3f} {'≥' if by_score else '<'} threshold {threshold:g}"
+    )
+    return ("tumor" if by_regions or by_score else "normal"), f"{regions}; {score}", by_regions == by_score
+
+
 # --------------------------------------------------------------------------- slide score
 
 
 @dataclass
 class ScoreAccumulator:
-    """Streaming slide score: count, sum, and the ``top_k`` largest probabilities."""
+    """Streaming slide score: count, sum, and the ``top_k`` largest probabilities.
+
+    With ``top_k_fraction`` the score's k is :func:`top_k_count` of the final count: the
+    ``top_k`` largest are kept while streaming, and k never exceeds ``top_k``."""
 
     top_k: int
+    top_k_fraction: float | None = None
     n: int = 0
     total: float = 0.0
     top: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float32), repr=False)
@@ -248,24 +335,27 @@ class ScoreAccumulator:
         if self.n == 0:
             # No patches: no score. None, not 0.0, so nobody reads "certainly normal".
             return {"n": 0, "k": 0, "max": None, "top_k_mean": None, "mean": None}
+        k = top_k_count(self.n, self.top_k, self.top_k_fraction)
+        top = np.sort(self.top.astype(np.float64))[-k:]
         return {
             "n": self.n,
-            "k": len(self.top),
+            "k": k,
             "max": float(self.top.max()),
-            "top_k_mean": float(self.top.astype(np.float64).mean()),
+            "top_k_mean": float(top.mean()),
             "mean": self.total / self.n,
         }
 
 
-def slide_score(probs: np.ndarray, top_k: int) -> dict[str, Any]:
+def slide_score(probs: np.ndarray, top_k: int, top_k_fraction: float | None = None) -> dict[str, Any]:
     """``{"n", "k", "max", "top_k_mean", "mean"}`` of patch probabilities.
 
-    ``k = min(top_k, n)``; with no patches every score is None.
+    ``k = min(top_k, n)``, or :func:`top_k_count` with ``top_k_fraction``; with no patches
+    every score is None.
     """
     probs = np.asarray(probs)
     if probs.ndim != 1:
         raise ValueError(f"probs must be 1-D (one tumor probability per patch), got shape {probs.shape}")
-    acc = ScoreAccumulator(top_k)
+    acc = ScoreAccumulator(top_k, top_k_fraction)
     acc.add(probs)
     return acc.result()
 
@@ -387,12 +477,29 @@ def _scale_bar(ax, tw: int, th: int, um_per_px: float) -> None:
     ax.add_artist(bar)
 
 
-def mask_png(mask: np.ndarray) -> bytes:
-    """Binary mask as an 8-bit greyscale PNG: white = tumor."""
+# tEXt keys of tumor_mask.png: its scale and place on the slide, readable without summary.json.
+PNG_UM_PER_PX, PNG_DOWNSAMPLE_L0, PNG_ORIGIN_L0 = "wsipipe:um_per_px", "wsipipe:downsample_l0", "wsipipe:origin_l0"
+
+
+def mask_png(mask: np.ndarray, scale: FileScale | None = None) -> bytes:
+    """Binary mask as an 8-bit greyscale PNG: white = tumor.
+
+    With ``scale``, the PNG carries it: tEXt chunks :data:`PNG_UM_PER_PX`,
+    :data:`PNG_DOWNSAMPLE_L0` and :data:`PNG_ORIGIN_L0` ("x,y" level-0 px of the top-left
+    corner), and a pHYs chunk of the same pixel size (image viewers show it as dpi)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     buf = io.BytesIO()
-    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(buf, format="PNG")
+    kwargs: dict[str, Any] = {}
+    if scale is not None:
+        info = PngInfo()
+        info.add_text(PNG_UM_PER_PX, repr(float(scale.um_per_px)))
+        info.add_text(PNG_DOWNSAMPLE_L0, repr(float(scale.downsample_l0)))
+        info.add_text(PNG_ORIGIN_L0, ",".join(repr(float(v)) for v in scale.origin_l0))
+        dpi = 25_400.0 / float(scale.um_per_px)
+        kwargs = {"pnginfo": info, "dpi": (dpi, dpi)}
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(buf, format="PNG", **kwargs)
     return buf.getvalue()
 
 
@@ -478,10 +585,9 @@ def _write_exports(
         downsample = export.ome_tiff_mpp / slide_mpp
         shape = (math.ceil(bounds[1] / downsample), math.ceil(bounds[0] / downsample))
         files["tumor_mask_ome_tiff"] = "tumor_mask.ome.tif"
+        # From the polygons (clipped to the tissue), like tumor_mask.png: finer than the cells.
         write_mask_ometiff(
-            out_dir / files["tumor_mask_ome_tiff"],
-            grid_to_thumbnail(mask, shape, downsample, stride_l0, origin, fill=False),
-            export.ome_tiff_mpp,
+            out_dir / files["tumor_mask_ome_tiff"], rasterize(polygons, shape, scale=downsample), export.ome_tiff_mpp,
         )
     return files
 
@@ -512,6 +618,10 @@ class StitchInputs:
     grid_ij: zarr.Array
     probabilities: zarr.Array
     corrupt: zarr.Array | None  # patches tiling skipped for corrupt tile data carry no result
+    # Each patch's QC background (glass) fraction, read a slice at a time; None = no QC measures.
+    background: Callable[[slice], np.ndarray] | None = None
+    # Level-0 tissue the tumor regions are clipped to; None = the store records no outline.
+    tissue: MultiPolygon | None = None
 
     @property
     def n(self) -> int:
@@ -539,6 +649,25 @@ class Accumulated:
     heatmap: np.ndarray
     scores: dict[str, Any]
     n_tumor_patches: int
+    excluded: dict[str, int] | None = None  # patches not analysed, by reason; None = not checked
+
+
+@dataclass
+class TumorRegions:
+    """The tumor regions (clipped to the tissue) and the decision they and the score make."""
+
+    mask: np.ndarray  # heatmap cells whose centre lies in a region
+    polygons: MultiPolygon  # level-0, clipped to the tissue, each at least the minimum area
+    min_cells: int
+    tumor_area_mm2: float
+    decision: str
+    reason: str  # one sentence: regions and score
+    agree: bool  # regions and score say the same
+    basis: str  # what the area counts (AREA_BASIS_*)
+
+    def thumbnail_mask(self, shape: tuple[int, int], downsample: float) -> np.ndarray:
+        """The regions on the thumbnail's pixels (pixel centre inside a region)."""
+        return rasterize(self.polygons, shape, scale=float(downsample))
 
 
 @dataclass
@@ -552,6 +681,7 @@ class Rendered:
     decision: str
     heatmap_png: bytes
     mask_thumb: np.ndarray
+    regions: TumorRegions | None = None
 
 
 def read_inputs(group: zarr.Group, store_path: Path) -> StitchInputs:
@@ -577,6 +707,7 @@ def read_inputs(group: zarr.Group, store_path: Path) -> StitchInputs:
         thumb_downsample=thumb_ds, origin=(ox, oy), slide_mpp=slide_mpp,
         grid_ij=store.array(group, store.GRID_IJ), probabilities=store.array(group, store.PROBABILITIES),
         corrupt=store.optional_array(group, store.CORRUPT),
+        background=_background_reader(group), tissue=read_tissue_region(group, thumb_ds, slide_mpp),
     )
     n, n_probs = inputs.n, int(inputs.probabilities.shape[0])
     if n_probs != n:
@@ -584,6 +715,54 @@ def read_inputs(group: zarr.Group, store_path: Path) -> StitchInputs:
     if n == 0:
         raise NoTissueError(store_path, "the store has no patches (no tissue was tiled); nothing to stitch")
     return inputs
+
+
+def _background_reader(group: zarr.Group) -> Callable[[slice], np.ndarray] | None:
+    """Rows of the stored QC background fraction, or None when the store has no QC measures."""
+    arr = store.optional_array(group, store.QC_MEASURES)
+    if arr is not None:
+        names = arr.attrs.get("measures")
+        columns = [str(c) for c in names] if isinstance(names, list) else []
+        if "background_fraction" not in columns:
+            return None
+        col = columns.index("background_fraction")
+        return lambda sl: np.asarray(arr[sl, col], dtype=np.float32)
+    name = f"{store.QC_GROUP}/background_fraction"  # earlier layout: one array per measure
+    if name in group:
+        one = store.array(group, name)
+        return lambda sl: np.asarray(one[sl], dtype=np.float32)
+    return None
+
+
+def cleft_min_um2(tissue_params: dict[str, Any]) -> float:
+    """Smallest glass cleft, and smallest piece of a tumor region cut off by clefts, µm²:
+    (2 x tissue.closing_um)², the area of the widest gap the tissue detector's closing bridges."""
+    return (2.0 * float(tissue_params.get("closing_um", 40.0))) ** 2
+
+
+def read_tissue_region(group: zarr.Group, thumb_downsample: float, slide_mpp: float) -> MultiPolygon | None:
+    """The store's tissue outline less its glass clefts (:func:`glass_clefts`), level-0; None
+    when the store records no outline.
+
+    A cleft is a glass piece of at least (2 x tissue.closing_um)² µm²: wider than the gaps
+    the detector's closing is there to bridge (6 400 µm², 100 px of an 8 µm/px thumbnail,
+    by default; specks between cells and fibres stay tissue)."""
+    tissue = store.meta(group).get(store.META_TISSUE) or {}
+    wkt = tissue.get("polygon_wkt")
+    if not wkt:
+        return None
+    outline = shapely.from_wkt(wkt)
+    params = tissue.get("params") or {}
+    threshold = tissue.get("saturation_threshold")
+    if params.get("detect") is False or threshold is None or store.TISSUE_MASK not in group:
+        return tissue_region(outline)
+    px_um2 = (float(thumb_downsample) * float(slide_mpp)) ** 2
+    min_px = math.ceil(cleft_min_um2(params) / px_um2)
+    clefts = glass_clefts(
+        np.asarray(store.array(group, store.THUMBNAIL)[...]), np.asarray(store.array(group, store.TISSUE_MASK)[...]),
+        float(threshold), float(params.get("max_brightness", 0.94)), min_px,
+    )
+    return tissue_region(outline, clefts, thumb_downsample)
 
 
 def _checked_probabilities(p: np.ndarray, sl: slice, store_path: Path) -> None:
@@ -605,14 +784,20 @@ def accumulate(
     step = max(1, int(inputs.probabilities.chunks[0]))
     step *= max(1, chunk_patches // step)
     heat = HeatmapAccumulator(inputs.grid_shape, inputs.cells_per_patch)
-    score = ScoreAccumulator(cfg.top_k)
-    n_tumor_patches = 0
+    score = ScoreAccumulator(cfg.top_k, cfg.top_k_fraction)
+    n_tumor_patches = n_glass = 0
     for sl in store.chunk_slices(n, step):
         ij = np.asarray(inputs.grid_ij[sl])
         p = _tumor_column(np.asarray(inputs.probabilities[sl], dtype=np.float32), cfg.class_index, store_path)
+        keep = np.ones(len(p), dtype=bool)
         if inputs.corrupt is not None:
-            keep = ~np.asarray(inputs.corrupt[sl], dtype=bool)
-            ij, p = ij[keep], p[keep]
+            keep &= ~np.asarray(inputs.corrupt[sl], dtype=bool)
+        if inputs.background is not None:
+            # Mostly glass (clefts, tears, between fragments): not analysed. NaN (not measured) is kept.
+            glass = keep & (inputs.background(sl) > cfg.max_background)
+            n_glass += int(np.count_nonzero(glass))
+            keep &= ~glass
+        ij, p = ij[keep], p[keep]
         _checked_probabilities(p, sl, store_path)
         try:
             heat.add(ij, p)
@@ -622,7 +807,13 @@ def accumulate(
         n_tumor_patches += int(np.count_nonzero(p >= cfg.tumor_threshold))
         if progress:
             progress(sl.stop, n)
-    return Accumulated(heat.result(), score.result(), n_tumor_patches)
+    if score.n == 0 and n_glass:
+        raise NoTissueError(
+            store_path, f"all {n_glass} analysable patches are mostly glass (background fraction above "
+            f"stitch.max_background={cfg.max_background:g}); nothing to stitch",
+        )
+    excluded = None if inputs.background is None else {"mostly_background": n_glass}
+    return Accumulated(heat.result(), score.result(), n_tumor_patches, excluded)
 
 
 def _min_tumor_cells(cfg: StitchConfig, inputs: StitchInputs) -> int:
@@ -636,15 +827,58 @@ def _model_info(inputs: StitchInputs) -> dict[str, Any]:
     return dict((inputs.stages.get(store.STAGE_INFER) or {}).get("model") or {})
 
 
-def render(inputs: StitchInputs, acc: Accumulated, cfg: StitchConfig, thumbnail: np.ndarray) -> Rendered:
-    """Tumor mask and polygons from the heatmap; the heatmap PNG and the mask at thumbnail scale."""
+def tumor_regions(inputs: StitchInputs, acc: Accumulated, cfg: StitchConfig) -> TumorRegions:
+    """Tumor regions from the heatmap, clipped to the tissue, and the slide's decision.
+
+    Cells at or above the threshold (specks and small holes cleaned on the cell grid), as
+    polygons clipped to the slide and to the tissue (outline less glass clefts); pieces below
+    the minimum area after clipping are dropped. The cell mask is rebuilt from the clipped
+    polygons, so every output shows the same regions."""
     min_cells = _min_tumor_cells(cfg, inputs)
     # Holes below the same size are treated like specks: noise inside a tumor region.
-    mask = tumor_mask(acc.heatmap, cfg.tumor_threshold, min_area_cells=min_cells, fill_holes_cells=min_cells)
-    polygons = tumor_polygons(mask, inputs.stride_l0, inputs.origin, bounds=inputs.bounds)
-    tumor_area_mm2 = polygons.area * inputs.slide_mpp**2 / 1e6
+    cells = tumor_mask(acc.heatmap, cfg.tumor_threshold, min_area_cells=min_cells, fill_holes_cells=min_cells)
+    polygons = tumor_polygons(cells, inputs.stride_l0, inputs.origin, bounds=inputs.bounds)
+    if inputs.tissue is not None:
+        # Pieces smaller than a cleft are debris in a cleft or slivers of the outline's pixel grid.
+        params = (inputs.meta.get(store.META_TISSUE) or {}).get("params") or {}
+        polygons = clip_regions(
+            polygons, inputs.tissue, cfg.min_tumor_area_um2 / inputs.slide_mpp**2,
+            max(cleft_min_um2(params) / inputs.slide_mpp**2, inputs.thumb_downsample**2),
+        )
+    mask = rasterize(polygons, acc.heatmap.shape, scale=inputs.stride_l0, offset=inputs.origin)
+    mm2 = inputs.slide_mpp**2 / 1e6
+    areas = [poly.area * mm2 for poly in polygons.geoms]
+    in_regions = acc.heatmap[_touching(cells, polygons, inputs)]
+    decision, reason, agree = decide(
+        areas, float(np.nanmax(in_regions)) if in_regions.size else None, acc.scores["top_k_mean"],
+        acc.scores["k"], cfg.tumor_threshold, cfg.min_tumor_area_um2 / 1e6,
+    )
+    return TumorRegions(
+        mask, polygons, min_cells, float(sum(areas)), decision, reason, agree,
+        AREA_BASIS_CELLS if inputs.tissue is None else AREA_BASIS_TISSUE,
+    )
+
+
+def _touching(cells: np.ndarray, polygons: MultiPolygon, inputs: StitchInputs) -> np.ndarray:
+    """Cells of ``cells`` whose square overlaps a polygon (not just along an edge): the cells
+    under the regions, also where a clipped region is too narrow to hold a cell centre."""
+    if polygons.is_empty or not cells.any():
+        return np.zeros_like(cells)
+    ij = np.argwhere(cells)
+    s, (ox, oy), e = inputs.stride_l0, inputs.origin, 1e-3  # e: shrink so a shared edge is no overlap
+    x, y = ox + ij[:, 1] * s, oy + ij[:, 0] * s
+    shapely.prepare(polygons)
+    hit = shapely.intersects(polygons, shapely.box(x + e, y + e, x + s - e, y + s - e))
+    out = np.zeros_like(cells)
+    out[ij[hit, 0], ij[hit, 1]] = True
+    return out
+
+
+def render(inputs: StitchInputs, acc: Accumulated, cfg: StitchConfig, thumbnail: np.ndarray) -> Rendered:
+    """Tumor mask and polygons from the heatmap; the heatmap PNG and the mask at thumbnail scale."""
+    regions = tumor_regions(inputs, acc, cfg)
+    mask, polygons, tumor_area_mm2, decision = regions.mask, regions.polygons, regions.tumor_area_mm2, regions.decision
     scores = acc.scores
-    decision = "tumor" if scores["top_k_mean"] >= cfg.tumor_threshold else "normal"
     slide = inputs.slide
     title = (
         f"{slide.get('name') or Path(str(slide.get('path', inputs.store_path))).name}: {decision} "
@@ -655,8 +889,8 @@ def render(inputs: StitchInputs, acc: Accumulated, cfg: StitchConfig, thumbnail:
         thumbnail, inputs.thumb_downsample, acc.heatmap, inputs.stride_l0, inputs.origin, polygons, cfg.tumor_threshold,
         inputs.slide_mpp, title,
     )
-    mask_thumb = grid_to_thumbnail(mask, thumbnail.shape[:2], inputs.thumb_downsample, inputs.stride_l0, inputs.origin, fill=False)
-    return Rendered(mask, polygons, min_cells, tumor_area_mm2, decision, heatmap_png, mask_thumb)
+    mask_thumb = regions.thumbnail_mask(thumbnail.shape[:2], inputs.thumb_downsample)
+    return Rendered(mask, polygons, regions.min_cells, tumor_area_mm2, decision, heatmap_png, mask_thumb, regions)
 
 
 def write_outputs(
@@ -677,7 +911,7 @@ def write_outputs(
     }
     write_atomic(out_dir / OUTPUT_FILES["heatmap"], _npy_bytes(acc.heatmap))
     write_atomic(out_dir / OUTPUT_FILES["heatmap_png"], out.heatmap_png)
-    write_atomic(out_dir / OUTPUT_FILES["tumor_mask_png"], mask_png(out.mask_thumb))
+    write_atomic(out_dir / OUTPUT_FILES["tumor_mask_png"], mask_png(out.mask_thumb, file_scales(inputs)["tumor_mask_png"]))
     write_geojson(out_dir / OUTPUT_FILES["tumor_geojson"], {"Tumor": out.polygons}, properties=geojson_props)
     return _write_exports(
         out_dir, export, acc.heatmap, out.mask, out.polygons, inputs.stride_l0, inputs.origin, inputs.slide_mpp,
@@ -685,6 +919,20 @@ def write_outputs(
         provenance={"wsipipe_version": __version__, "slide_identity": slide.get("identity"),
                     "model_sha256": model.get("sha256"), "threshold": cfg.tumor_threshold},
     )
+
+
+def file_scales(inputs: StitchInputs) -> dict[str, FileScale]:
+    """Scale of the raster outputs by kind (as in OUTPUT_FILES): tumor_mask.png is on the
+    thumbnail's pixels, heatmap.npy on the heatmap's cells."""
+    mpp = inputs.slide_mpp
+    return {
+        "heatmap": FileScale(
+            um_per_px=inputs.stride_l0 * mpp, downsample_l0=inputs.stride_l0, origin_l0=list(inputs.origin)
+        ),
+        "tumor_mask_png": FileScale(
+            um_per_px=inputs.thumb_downsample * mpp, downsample_l0=inputs.thumb_downsample, origin_l0=[0.0, 0.0]
+        ),
+    }
 
 
 def _config_hashes(stages: dict[str, Any], identity: dict[str, Any]) -> dict[str, str]:
@@ -704,6 +952,17 @@ def summarise(
 ) -> SlideSummary:
     """The :class:`SlideSummary` of a stitched slide (QC flags computed here, from the store)."""
     slide, stages, model, scores = inputs.slide, inputs.stages, _model_info(inputs), acc.scores
+    qc_section = QCSection.model_validate(
+        qc.slide_qc(group, inputs.meta, scores["top_k_mean"], cfg.tumor_threshold, qc_cfg)
+    )
+    regions = out.regions
+    if regions is not None and not regions.agree:
+        qc_section.flags.append(QCFlag(
+            code="decision_regions_disagree", severity=qc.REVIEW,
+            message=f"the tumor regions and the slide score disagree: {regions.reason}; "
+            f"the slide is called {regions.decision}",
+        ))
+        qc_section.needs_review = True
     return SlideSummary(
         version=__version__,
         slide=SummarySlide(
@@ -720,11 +979,14 @@ def summarise(
         config=identity["stitch_config"],
         n_patches=inputs.n,
         skipped_patches=(stages.get(store.STAGE_TILE) or {}).get("corrupt_patches"),
+        excluded_patches=acc.excluded,
         n_tumor_patches=acc.n_tumor_patches,
         threshold=cfg.tumor_threshold,
         slide_score=SlideScore(**{k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()}),
         decision=out.decision,
+        decision_reason=regions.reason if regions is not None else None,
         tumor_area_mm2=round(out.tumor_area_mm2, 6),
+        tumor_area_basis=regions.basis if regions is not None else None,
         n_tumor_regions=len(out.polygons.geoms),
         heatmap=HeatmapInfo(
             shape=list(acc.heatmap.shape),
@@ -740,7 +1002,8 @@ def summarise(
             STAGE: round(seconds, 3),
         },
         files=dict(OUTPUT_FILES),
-        qc=QCSection.model_validate(qc.slide_qc(group, inputs.meta, scores["top_k_mean"], cfg.tumor_threshold, qc_cfg)),
+        file_scales=file_scales(inputs),
+        qc=qc_section,
         exports=exports,  # outputs for other tools (directories included), by kind
     )
 

@@ -69,6 +69,14 @@ class HeatmapInfo(BaseModel):
     min_tumor_area_cells: int
 
 
+class FileScale(BaseModel):
+    """Where a raster output lies on the slide: its pixel (or cell) size and top-left corner."""
+
+    um_per_px: Number  # edge of one pixel/cell, µm
+    downsample_l0: Number  # edge of one pixel/cell, level-0 px
+    origin_l0: list[Number] = [0, 0]  # level-0 (x, y) of the top-left corner
+
+
 class QCFlag(BaseModel):
     """One slide QC flag; measured values (``value``, ``patches``) ride along as extra fields."""
 
@@ -101,15 +109,21 @@ class SlideSummary(BaseModel):
     config: dict[str, Any]  # the StitchConfig used
     n_patches: int
     skipped_patches: dict[str, Any] | None = None  # tiling's corrupt-patch report
+    # Patches left out of the analysis by reason ({"mostly_background": n}); None when the
+    # store has no QC measures to decide by (every patch analysed).
+    excluded_patches: dict[str, int] | None = None
     n_tumor_patches: int
     threshold: Number
     slide_score: SlideScore
     decision: str  # "tumor" or "normal"
+    decision_reason: str | None = None  # one sentence: the regions and the score behind the decision
     tumor_area_mm2: Number
+    tumor_area_basis: str | None = None  # what the area, polygons and masks count (stitch.AREA_BASIS_*)
     n_tumor_regions: int
     heatmap: HeatmapInfo
     seconds: dict[str, Number | None] = {}  # wall time per stage
     files: dict[str, str] = {}  # output kind -> file name in the slide folder
+    file_scales: dict[str, FileScale] = {}  # output kind (as in files) -> scale of that raster
     qc: QCSection = QCSection()
     exports: dict[str, str] = {}  # outputs for other tools, kind -> name
 
