@@ -32,7 +32,7 @@ from wsipipe.geojson import read_geojson
 from wsipipe.files import write_atomic
 from wsipipe.outputs.figures import (
     Background, HeatmapGrid, draw_analysis, draw_background, draw_rings, figure_jpeg, legend_below, outline_handle, read_background,
-    tumor_label,
+    saved_heatmap, tumor_label,
 )
 from wsipipe.outputs.summary import SUMMARY_NAME, load_summary
 
@@ -349,7 +349,7 @@ def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None) 
         "provenance": summary.provenance,
         "overview_src": overview_figure(
             thumbnail, float(tile.get("thumb_downsample", 1.0)), tissue.get("polygon_wkt"), tumor, flagged_xy,
-            float(tile.get("patch_size_l0", 0.0)),
+            float(tile.get("patch_size_l0", 0.0)), grid=saved_heatmap(slide_dir, summary), slide=slide, tile=tile,
         ),
         "heatmap_src": data_uri(heatmap_png.read_bytes(), "image/png") if heatmap_png.is_file() else None,
         "top_patches": _patch_cards(group, top, probs),
