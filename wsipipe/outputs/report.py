@@ -254,7 +254,7 @@ def _draw_flagged(ax, flagged_xy: dict[str, np.ndarray], patch_size_l0: float, d
     return legend
 
 
-def overview_figure(
+def overview_plot(
     thumbnail: np.ndarray,
     thumb_downsample: float,
     tissue_wkt: str | None,
@@ -265,9 +265,10 @@ def overview_figure(
     grid: HeatmapGrid | None = None,
     slide: dict[str, Any] | None = None,
     tile: dict[str, Any] | None = None,
-) -> str:
-    """The slide with the tissue outline, the analysed area, numbered tumor regions, hot pieces
-    under the minimum area and QC-flagged patches (PNG data URI).
+):
+    """The overview's matplotlib figure (:func:`overview_figure` encodes it): the slide with the
+    tissue outline, the analysed area, numbered tumor regions, hot pieces under the minimum
+    area and QC-flagged patches.
 
     ``grid``: the stitched heatmap (analysed area, threshold, minimum area); ``slide`` and
     ``tile``: the store's attrs, to read the background from the slide file at the figure's
@@ -295,6 +296,25 @@ def overview_figure(
     ax.set_yticks([])
     legend_below(fig, legend, fontsize=7)
     draw_background(fig, ax, background)
+    return fig
+
+
+def overview_figure(
+    thumbnail: np.ndarray,
+    thumb_downsample: float,
+    tissue_wkt: str | None,
+    tumor,
+    flagged_xy: dict[str, np.ndarray],
+    patch_size_l0: float,
+    *,
+    grid: HeatmapGrid | None = None,
+    slide: dict[str, Any] | None = None,
+    tile: dict[str, Any] | None = None,
+) -> str:
+    """:func:`overview_plot` as a JPEG data URI (a photograph-like figure: a quarter of its PNG)."""
+    fig = overview_plot(
+        thumbnail, thumb_downsample, tissue_wkt, tumor, flagged_xy, patch_size_l0, grid=grid, slide=slide, tile=tile
+    )
     return data_uri(figure_jpeg(fig), "image/jpeg")
 
 
