@@ -30,6 +30,10 @@ from wsipipe.config import QCConfig
 from wsipipe.errors import MissingMppError, SlideOpenError, SlideReadError
 from wsipipe.geojson import read_geojson
 from wsipipe.files import write_atomic
+from wsipipe.outputs.figures import (
+    Background, HeatmapGrid, draw_analysis, draw_background, draw_rings, figure_jpeg, legend_below, outline_handle, read_background,
+    saved_heatmap, tumor_label,
+)
 from wsipipe.outputs.summary import SUMMARY_NAME, load_summary
 
 log = logging.getLogger(__name__)
@@ -201,12 +205,11 @@ def _tumor_probabilities(group: zarr.Group, class_index: int) -> np.ndarray | No
 # --------------------------------------------------------------------------- slide report: figures
 
 
-def _rings(geom):
-    """Exterior and interior rings of a (multi)polygon's non-empty parts."""
-    for poly in getattr(geom, "geoms", [geom]):
-        if poly.is_empty:
-            continue
-        yield from (poly.exterior, *poly.interiors)
+# Overview colours: tissue green, tumor red on a white halo, QC reasons by colour.
+TISSUE_STYLE: dict[str, Any] = {"color": "#1a9850", "linewidth": 1.2}
+TUMOR_RED = "#b2182b"
+OVERVIEW_TUMOR_HALO: dict[str, Any] = {"color": "white", "linewidth": 2.6}
+OVERVIEW_TUMOR_LINE: dict[str, Any] = {"color": TUMOR_RED, "linewidth": 1.3}
 
 
 def _draw_tissue(ax, tissue_wkt: str | None, ds: float) -> list[tuple[Any, str]]:
@@ -216,27 +219,23 @@ def _draw_tissue(ax, tissue_wkt: str | None, ds: float) -> list[tuple[Any, str]]
 
     if not tissue_wkt:
         return []
-    for ring in _rings(shapely.from_wkt(tissue_wkt)):
-        xy = np.asarray(ring.coords) / ds
-        ax.plot(xy[:, 0], xy[:, 1], color="#1a9850", linewidth=1.2)
-    return [(Line2D([], [], color="#1a9850", linewidth=1.2), "tissue")]
+    draw_rings(ax, shapely.from_wkt(tissue_wkt), ds, **TISSUE_STYLE)
+    return [(Line2D([], [], **TISSUE_STYLE), "tissue")]
 
 
-def _draw_tumor(ax, tumor, ds: float) -> list[tuple[Any, str]]:
-    """Numbered tumor regions; their legend entry."""
-    from matplotlib.lines import Line2D
-
+def _draw_tumor(ax, tumor, ds: float, grid: HeatmapGrid | None = None) -> list[tuple[Any, str]]:
+    """Numbered tumor regions; their legend entry (with the threshold and minimum area when
+    the heatmap's ``grid`` is known)."""
     for k, poly in enumerate(tumor.geoms, start=1):
-        for ring in _rings(poly):
-            xy = np.asarray(ring.coords) / ds
-            ax.plot(xy[:, 0], xy[:, 1], color="white", linewidth=2.2)
-            ax.plot(xy[:, 0], xy[:, 1], color="#b2182b", linewidth=1.1)
+        draw_rings(ax, poly, ds, **OVERVIEW_TUMOR_HALO)
+        draw_rings(ax, poly, ds, **OVERVIEW_TUMOR_LINE)
         p = poly.representative_point()
         ax.annotate(str(k), (p.x / ds, p.y / ds), color="white", fontsize=9, fontweight="bold", ha="center",
-                    va="center", bbox={"boxstyle": "circle,pad=0.2", "fc": "#b2182b", "ec": "white", "lw": 0.8})
+                    va="center", bbox={"boxstyle": "circle,pad=0.2", "fc": TUMOR_RED, "ec": "white", "lw": 0.8})
     if not len(tumor.geoms):
         return []
-    return [(Line2D([], [], color="#b2182b", linewidth=1.6), "tumor region (numbered)")]
+    label = "tumor region" if grid is None else tumor_label(grid.threshold, grid.min_area_mm2)
+    return [(outline_handle(OVERVIEW_TUMOR_LINE, OVERVIEW_TUMOR_HALO), label.replace("tumor region", "tumor region, numbered", 1))]
 
 
 def _draw_flagged(ax, flagged_xy: dict[str, np.ndarray], patch_size_l0: float, ds: float) -> list[tuple[Any, str]]:
@@ -255,6 +254,51 @@ def _draw_flagged(ax, flagged_xy: dict[str, np.ndarray], patch_size_l0: float, d
     return legend
 
 
+def overview_plot(
+    thumbnail: np.ndarray,
+    thumb_downsample: float,
+    tissue_wkt: str | None,
+    tumor,
+    flagged_xy: dict[str, np.ndarray],
+    patch_size_l0: float,
+    *,
+    grid: HeatmapGrid | None = None,
+    slide: dict[str, Any] | None = None,
+    tile: dict[str, Any] | None = None,
+):
+    """The overview's matplotlib figure (:func:`overview_figure` encodes it): the slide with the
+    tissue outline, the analysed area, numbered tumor regions, hot pieces under the minimum
+    area and QC-flagged patches.
+
+    ``grid``: the stitched heatmap (analysed area, threshold, minimum area); ``slide`` and
+    ``tile``: the store's attrs, to read the background from the slide file at the figure's
+    size (else, or when that file is gone, the store's ``thumbnail`` is shown)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if slide is not None:
+        background = read_background(thumbnail, thumb_downsample, slide, tile or {})
+    else:
+        background = Background(np.asarray(thumbnail), float(thumb_downsample), "thumbnail")
+    width_l0, height_l0 = (grid.bounds if grid is not None and grid.bounds else None) or background.extent_l0[1:3]
+    width_in = 7.0
+    fig = Figure(figsize=(width_in, min(max(width_in * height_l0 / max(width_l0, 1.0) + 0.5, 2.8), 10.5)), dpi=130,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    # Drawn in level-0 units (ds = 1): the background, the heatmap grid and the polygons line up.
+    legend = _draw_tissue(ax, tissue_wkt, 1.0)
+    legend += draw_analysis(ax, grid, tumor, line=OVERVIEW_TUMOR_LINE, halo=OVERVIEW_TUMOR_HALO)
+    legend = _draw_tumor(ax, tumor, 1.0, grid) + legend + _draw_flagged(ax, flagged_xy, patch_size_l0, 1.0)
+    ax.set_xlim(0, width_l0)
+    ax.set_ylim(height_l0, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    legend_below(fig, legend, fontsize=7)
+    draw_background(fig, ax, background)
+    return fig
+
+
 def overview_figure(
     thumbnail: np.ndarray,
     thumb_downsample: float,
@@ -262,29 +306,16 @@ def overview_figure(
     tumor,
     flagged_xy: dict[str, np.ndarray],
     patch_size_l0: float,
+    *,
+    grid: HeatmapGrid | None = None,
+    slide: dict[str, Any] | None = None,
+    tile: dict[str, Any] | None = None,
 ) -> str:
-    """Thumbnail with the tissue outline, numbered tumor regions and QC-flagged patches (PNG data URI)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from wsipipe.outputs.stitch import display_image
-
-    th, tw = thumbnail.shape[:2]
-    ds = float(thumb_downsample)
-    width_in = 7.0
-    fig = Figure(figsize=(width_in, min(max(width_in * th / max(tw, 1), 2.5), 10.0)), dpi=130, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.imshow(display_image(thumbnail), extent=(0, tw, th, 0))
-    legend = _draw_tissue(ax, tissue_wkt, ds) + _draw_tumor(ax, tumor, ds) + _draw_flagged(ax, flagged_xy, patch_size_l0, ds)
-    ax.set_xlim(0, tw)
-    ax.set_ylim(th, 0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if legend:
-        handles, labels = zip(*legend, strict=True)
-        ax.legend(list(handles), list(labels), loc="lower right", fontsize=7, framealpha=0.85)
-    return _figure_uri(fig)
+    """:func:`overview_plot` as a JPEG data URI (a photograph-like figure: a quarter of its PNG)."""
+    fig = overview_plot(
+        thumbnail, thumb_downsample, tissue_wkt, tumor, flagged_xy, patch_size_l0, grid=grid, slide=slide, tile=tile
+    )
+    return data_uri(figure_jpeg(fig), "image/jpeg")
 
 
 # --------------------------------------------------------------------------- slide report
@@ -338,7 +369,7 @@ def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None) 
         "provenance": summary.provenance,
         "overview_src": overview_figure(
             thumbnail, float(tile.get("thumb_downsample", 1.0)), tissue.get("polygon_wkt"), tumor, flagged_xy,
-            float(tile.get("patch_size_l0", 0.0)),
+            float(tile.get("patch_size_l0", 0.0)), grid=saved_heatmap(slide_dir, summary), slide=slide, tile=tile,
         ),
         "heatmap_src": data_uri(heatmap_png.read_bytes(), "image/png") if heatmap_png.is_file() else None,
         "top_patches": _patch_cards(group, top, probs),

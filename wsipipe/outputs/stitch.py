@@ -42,6 +42,8 @@ from wsipipe.errors import NoTissueError, StoreError
 from wsipipe.geojson import write_geojson
 from wsipipe.files import write_atomic
 from wsipipe.geometry import as_multipolygon, mask_to_polygons, rasterize
+from wsipipe.outputs.figures import Background, HeatmapGrid, figure_png, heatmap_figure, read_background
+from wsipipe.outputs.figures import DISPLAY_MAX_PX as DISPLAY_MAX_PX, display_image as display_image
 from wsipipe.outputs.summary import (
     FileScale, HeatmapInfo, ModelRef, Provenance, QCFlag, QCSection, SlideScore, SlideSummary, SummaryError, SummarySlide, load_summary,
     summary_json,
@@ -362,31 +364,6 @@ def slide_score(probs: np.ndarray, top_k: int, top_k_fraction: float | None = No
 
 # --------------------------------------------------------------------------- rendering
 
-# Longest side of a thumbnail as drawn into a figure: about twice the figures' pixel width.
-DISPLAY_MAX_PX = 2048
-
-
-def display_image(rgb: np.ndarray, max_side: int = DISPLAY_MAX_PX) -> np.ndarray:
-    """``rgb`` shrunk by the smallest integer factor that brings its longer side to at most
-    ``max_side`` (area average), unchanged if it already fits.
-
-    Callers keep drawing in the full thumbnail's pixel units (``imshow(..., extent=...)``),
-    so overlays still line up. Without this matplotlib resamples the whole thumbnail in
-    float RGBA to draw it: a 100k² slide's 6 250² thumbnail took 2.1 GiB and 16 s per figure."""
-    factor = -(-max(rgb.shape[:2]) // max_side)
-    if factor <= 1:
-        return rgb
-    from PIL import Image
-
-    # In strips of whole blocks (the same result as one reduce): PIL would otherwise hold a
-    # 4-byte-per-pixel copy of the whole thumbnail.
-    rows = factor * 256
-    return np.concatenate([
-        np.asarray(Image.fromarray(np.ascontiguousarray(rgb[y : y + rows])).reduce(factor))
-        for y in range(0, rgb.shape[0], rows)
-    ])
-
-
 def render_heatmap_png(
     thumbnail: np.ndarray,
     thumb_downsample: float,
@@ -397,84 +374,20 @@ def render_heatmap_png(
     threshold: float,
     slide_mpp: float | None = None,
     title: str = "",
+    *,
+    min_area_mm2: float = 0.0,
+    bounds: tuple[float, float] | None = None,
 ) -> bytes:
-    """The heatmap over the thumbnail (no-tissue cells transparent), tumor outlines, colour bar."""
-    # Object API, no pyplot: no global figure state, no backend switch, safe in worker threads.
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    th, tw = thumbnail.shape[:2]
-    ds = float(thumb_downsample)
-    ox, oy = float(origin_l0[0]), float(origin_l0[1])
-    cmap = colormaps["turbo"].with_extremes(bad=(0, 0, 0, 0))
-    norm = Normalize(0.0, 1.0)
-
-    # ~88% of the width is image (the rest colour bar); + room for the title. Clamped so a
-    # very long or very tall slide still gives a readable page.
-    width_in = 10.0
-    height_in = min(max(width_in * 0.88 * th / max(tw, 1) + 0.4, 3.0), 14.0)
-    fig = Figure(figsize=(width_in, height_in), dpi=150, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    # Everything is drawn in thumbnail-pixel units (level-0 / ds), so the images and the
-    # level-0 polygons line up by construction.
-    ax.imshow(display_image(thumbnail), extent=(0, tw, th, 0), interpolation="antialiased")
-    rows, cols = heatmap.shape
-    ax.imshow(
-        np.ma.masked_invalid(heatmap),
-        cmap=cmap,
-        norm=norm,
-        alpha=0.5,
-        interpolation="nearest",
-        extent=(ox / ds, (ox + cols * stride_l0) / ds, (oy + rows * stride_l0) / ds, oy / ds),
+    """heatmap.png: the heatmap over ``thumbnail`` (level-0 px per pixel: ``thumb_downsample``;
+    :func:`wsipipe.outputs.figures.read_background` gives one at the figure's size), see
+    :func:`wsipipe.outputs.figures.heatmap_figure`. ``min_area_mm2``: the smallest tumor region
+    counted, stated in the legend; ``bounds``: the slide's level-0 (width, height)."""
+    background = Background(np.asarray(thumbnail), float(thumb_downsample), "thumbnail")
+    grid = HeatmapGrid(
+        np.asarray(heatmap), float(stride_l0), (float(origin_l0[0]), float(origin_l0[1])), float(threshold),
+        float(min_area_mm2), bounds,
     )
-    for poly in polygons.geoms:
-        for ring in (poly.exterior, *poly.interiors):
-            xy = np.asarray(ring.coords) / ds
-            ax.plot(xy[:, 0], xy[:, 1], color="white", linewidth=1.6)
-            ax.plot(xy[:, 0], xy[:, 1], color="black", linewidth=0.6)
-    ax.set_xlim(0, tw)
-    ax.set_ylim(th, 0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=10)
-    if polygons.geoms:
-        ax.legend(
-            handles=[Line2D([], [], color="white", linewidth=1.6)],
-            labels=[f"tumor (p ≥ {threshold:g})"],
-            loc="lower right", fontsize=8, facecolor="0.3", labelcolor="white", framealpha=0.8,
-        )
-    if slide_mpp:
-        _scale_bar(ax, tw, th, ds * slide_mpp)
-    # A colour bar of the opaque colormap: the overlay's blend depends on the tissue under it.
-    cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.04, pad=0.02)
-    cbar.set_label("tumor probability")
-    cbar.ax.axhline(threshold, color="white", linewidth=2)
-    cbar.ax.axhline(threshold, color="black", linewidth=0.8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _scale_bar(ax, tw: int, th: int, um_per_px: float) -> None:
-    """A round-length scale bar (about a fifth of the width) in the lower-left corner."""
-    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
-
-    width_mm = tw * um_per_px / 1000.0
-    nice = [0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50]
-    length_mm = max([v for v in nice if v <= width_mm / 5] or [nice[0]])
-    label = f"{length_mm:g} mm" if length_mm >= 1 else f"{length_mm * 1000:g} µm"
-    bar = AnchoredSizeBar(
-        ax.transData, length_mm * 1000.0 / um_per_px, label, "lower left",
-        pad=0.4, color="black", frameon=True, size_vertical=max(th / 150, 1), fontproperties={"size": 8},
-    )
-    bar.patch.set_alpha(0.7)
-    ax.add_artist(bar)
+    return figure_png(heatmap_figure(background, grid, polygons, slide_mpp, title))
 
 
 # tEXt keys of tumor_mask.png: its scale and place on the slide, readable without summary.json.
@@ -885,9 +798,11 @@ def render(inputs: StitchInputs, acc: Accumulated, cfg: StitchConfig, thumbnail:
         f"(top-{scores['k']} mean {scores['top_k_mean']:.3f}, max {scores['max']:.3f}; "
         f"tumor {tumor_area_mm2:.3g} mm²)"
     )
+    # The background at the figure's size from the slide file (the store's thumbnail if it is gone).
+    background = read_background(thumbnail, inputs.thumb_downsample, slide, inputs.meta.get(store.META_TILE) or {})
     heatmap_png = render_heatmap_png(
-        thumbnail, inputs.thumb_downsample, acc.heatmap, inputs.stride_l0, inputs.origin, polygons, cfg.tumor_threshold,
-        inputs.slide_mpp, title,
+        background.rgb, background.downsample, acc.heatmap, inputs.stride_l0, inputs.origin, polygons,
+        cfg.tumor_threshold, inputs.slide_mpp, title, min_area_mm2=cfg.min_tumor_area_um2 / 1e6, bounds=inputs.bounds,
     )
     mask_thumb = regions.thumbnail_mask(thumbnail.shape[:2], inputs.thumb_downsample)
     return Rendered(mask, polygons, regions.min_cells, tumor_area_mm2, decision, heatmap_png, mask_thumb, regions)
