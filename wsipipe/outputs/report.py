@@ -395,7 +395,7 @@ def resolution_note(mpp: float | None, source: str | None, file_value: tuple[boo
         "objective-power": "estimated from the objective power"
         + (f" ({float(objective_power):g}×) as 10 µm / magnification" if objective_power else ""),
     }.get(str(source), f"not read from the file ({source or 'source unknown'})")
-    said = "" if not known else " (the file states none)" if stated is None else f" (the file states {stated:.4g})"
+    said = "" if not known else " (the file states none)" if stated is None else f" (the file states {stated:.4g} µm/px)"
     return {
         "warn": True, "value": shown,
         "text": f"resolution {shown} {what}{said}. Patch size, tumor area and the decision depend on it.",
