@@ -26,7 +26,7 @@ import zarr
 from wsipipe import __version__
 
 from wsipipe.tiles import qc, store
-from wsipipe.config import PipelineConfig, QCConfig, TileConfig
+from wsipipe.config import PipelineConfig, QCConfig, StitchConfig, TileConfig
 from wsipipe.errors import MissingMppError, SlideOpenError, SlideReadError, WsipipeError
 from wsipipe.geojson import read_geojson
 from wsipipe.files import write_atomic
@@ -303,7 +303,7 @@ QC_CARD_CLASS = {qc.FAIL: "fail", qc.REVIEW: "review", qc.INFO: "info", None: "o
 # Where a slide's resolution comes from when it is read from the file's own mpp tags.
 MPP_FROM_FILE = ("openslide", "tiff-resolution")
 # Gallery: patches more glass than this (QC background fraction) are left out when the
-# config names no tile.max_background.
+# summary and config name no max_background.
 DEFAULT_MAX_BACKGROUND = 0.5
 
 
@@ -326,12 +326,15 @@ def qc_card(severities: list[str]) -> dict[str, Any]:
     }
 
 
-def gallery_limit(explicit: float | None, tile_attrs: dict) -> float:
+def gallery_limit(explicit: float | None, stitch_config: dict, tile_attrs: dict) -> float:
     """Most background (QC background fraction) a top-scoring gallery patch may have: the one
-    given, else the store's tile.max_background (what the slide was tiled with), else the
-    config's default for it, else :data:`DEFAULT_MAX_BACKGROUND`."""
-    default = TileConfig.model_fields.get("max_background")
-    for value in (explicit, tile_attrs.get("max_background"), None if default is None else default.default):
+    given, else the ``max_background`` the slide was stitched with (``stitch_config``: the
+    summary's config; patches with more glass were not analysed) or tiled with (``tile_attrs``),
+    else the config's default for it, else :data:`DEFAULT_MAX_BACKGROUND`."""
+    defaults = [model.model_fields.get("max_background") for model in (StitchConfig, TileConfig)]
+    candidates = [explicit, stitch_config.get("max_background"), tile_attrs.get("max_background"),
+                  *(None if d is None else d.default for d in defaults)]
+    for value in candidates:
         if isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= float(value) <= 1.0:
             return float(value)
     return DEFAULT_MAX_BACKGROUND
@@ -403,9 +406,12 @@ def resolution_note(mpp: float | None, source: str | None, file_value: tuple[boo
 
 
 def _scale_text(value: Any) -> str | None:
-    """A file's scale as the summary gives it (µm/px number, or a small dict), for people."""
+    """A file's scale as the summary gives it (a µm/px number, a record with ``um_per_px`` or
+    a small dict), for people."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         return f"{float(value):.4g} µm/px"
+    if isinstance(getattr(value, "um_per_px", None), int | float):
+        return f"{float(value.um_per_px):.4g} µm/px"
     if isinstance(value, dict):
         for key in ("um_per_px", "mpp", "µm_per_px", "pixel_size_um", "cell_size_um"):
             if isinstance(value.get(key), int | float):
@@ -464,7 +470,7 @@ def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None, 
     measures = qc.read_measures(group)
     background = None if measures is None or len(measures["background_fraction"]) != (0 if probs is None else len(probs)) \
         else measures["background_fraction"]
-    top, gallery = top_scoring(probs, background, gallery_limit(max_background, tile), n_gallery)
+    top, gallery = top_scoring(probs, background, gallery_limit(max_background, summary.config, tile), n_gallery)
     tissue_fraction = None if background is None else 1.0 - background
     flagged, flagged_xy = _qc_flagged(group, measures, qc_cfg, n_gallery)
 
