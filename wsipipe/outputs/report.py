@@ -580,7 +580,7 @@ def _setting(value: Any) -> str:
     """A config value as a config file writes it (true/false, 50 000, 0.07)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return _num(value, 4)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def no_tissue_context(out_dir: str | Path, slide_path: str | Path, error: BaseException | str, cfg: PipelineConfig) -> dict[str, Any]:
