@@ -28,12 +28,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.slide import publish_slide, run_slide_job
 from wsipipe.config import PipelineConfig, load_config
+from wsipipe.errors import NoTissueError
 from wsipipe.models.identity import weights_identity
 from wsipipe.run.archive import (
     archive_error, archive_message, archive_settings, archive_table, parse_overrides, scan_archive, slide_config,
     status_counts, write_archive_files,
 )
 from wsipipe.run.cluster import dask_scheduler
+from wsipipe.run.job import output_dir
 from wsipipe.run.names import run_model
 from wsipipe.run.plan import decide
 from wsipipe.run.rows import SlideResult
@@ -51,7 +53,9 @@ def slide_task(slide: str, out: str, cfg: PipelineConfig, net, info) -> dict:
     try:
         row = run_slide_job(slide, out, cfg, net, info, skip_done=True)
     except Exception as exc:  # one slide's failure, whatever it is, must not stop the archive
-        row = SlideResult.make(slide, "failed", error=archive_error(exc), seconds=time.perf_counter() - t0)
+        # A slide without tissue has a report page in its folder (its thumbnail and why): the row links to it.
+        out_dir = output_dir(slide, out, cfg) if isinstance(exc, NoTissueError) else None
+        row = SlideResult.make(slide, "failed", error=archive_error(exc), out_dir=out_dir, seconds=time.perf_counter() - t0)
         log.error("slide=%s stage=failed: %s", Path(slide).name, row.error)
     if row.status != "skipped":
         # A skipped slide's artifact would only repeat the last one: a nightly run over an

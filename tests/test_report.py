@@ -23,13 +23,17 @@ import shapely
 import torch
 
 from slide_helpers import synthetic_rgb, write_pyramid_tiff
-from wsipipe.tiles import store
+from typer.testing import CliRunner
+from wsipipe.tiles import qc, store
 from wsipipe.config import load_config
 from wsipipe.errors import WsipipeError
 from wsipipe.models.inference import infer_store
 from wsipipe.models.model import build_model, load_model, save_weights
-from wsipipe.run.pipeline import run_slide
-from wsipipe.outputs.report import archive_markdown, archive_throughput, write_archive_report, write_slide_report
+from wsipipe.run.pipeline import run_slide, run_slides
+from wsipipe.outputs.report import (
+    archive_markdown, archive_throughput, file_mpp, qc_card, resolution_note, top_scoring, write_archive_report,
+    write_slide_report,
+)
 from wsipipe.run.archive import INDEX_FILE, read_index, result_row, write_archive_files
 from wsipipe.run.rows import SlideResult
 from wsipipe.outputs.stitch import stitch_store
@@ -97,12 +101,19 @@ return {
 
 SLIDE_JS = IMAGES_JS + """
   text: Object.fromEntries(["decision", "score", "tumor-area", "n-patches", "meta-path", "meta-vendor", "meta-dimensions",
-        "meta-mpp", "meta-identity", "model-sha", "qc-status"].map(function (id) {
-        var el = document.getElementById(id); return [id, el ? el.textContent.trim() : null]; })),
+        "meta-mpp", "meta-identity", "model-sha", "qc-status", "qc-count", "qc-rule", "decision-reason", "resolution",
+        "resolution-note", "tumor-area-note", "meta-levels", "gallery-note"].map(function (id) {
+        var el = document.getElementById(id); return [id, el ? el.textContent.replace(/\\s+/g, " ").trim() : null]; })),
   flags: Array.from(document.querySelectorAll("#qc-flags li")).map(function (li) { return li.dataset.code; }),
   regions: Array.from(document.querySelectorAll("#regions tbody tr")).map(function (tr) { return tr.cells[1].textContent; }),
   top: Array.from(document.querySelectorAll("#top-patches figcaption")).map(function (c) { return c.textContent; }),
   flagged: document.querySelectorAll("#flagged-patches figure").length,
+  qc_card: document.getElementById("qc-card").className,
+  resolution_card: document.getElementById("resolution-card").className,
+  // the resolution card sits right after the decision's
+  next_to_decision: document.getElementById("decision").parentElement.nextElementSibling.id,
+  files: Object.fromEntries(Array.from(document.querySelectorAll("#files tr")).map(function (tr) {
+         return [tr.dataset.kind, tr.cells[1].textContent.replace(/\\s+/g, " ").trim()]; })),
   properties: document.getElementById("properties") ? document.getElementById("properties").textContent : "",
   timings: Array.from(document.querySelectorAll("#timings [data-stage]")).map(function (td) { return td.dataset.stage; })
 };
@@ -126,23 +137,30 @@ def outputs(tmp_path_factory, slides_dir):
     slide_path = write_pyramid_tiff(tmp / EVIL_NAME, rgb, description=EVIL_DESCRIPTION)
     planted_dir = results / "planted"
     store_path = planted_dir / "patches.zarr"
-    tile_slide(slide_path, store_path, cfg)
+    # Cells 20 % tissue are patches too: the tissue border's patches, many mostly glass.
+    tile_slide(slide_path, store_path, load_config(None, {"tile.min_tissue": 0.2}))
     model, info = load_model(weights)
     infer_store(store_path, model, info, cfg.inference)
     group = store.open_store(store_path, mode="r+")
     xy = group["coords"][:]
     squares = shapely.box(xy[:, 0], xy[:, 1], xy[:, 0] + 224, xy[:, 1] + 224)
     tumor_fraction = shapely.area(shapely.intersection(squares, synth.tumor)) / 224**2
-    group["probabilities"][:] = (0.02 + 0.96 * tumor_fraction).astype(np.float32)
+    probs = (0.02 + 0.96 * tumor_fraction).astype(np.float32)
+    # A model that fires on a tissue edge: the glassiest patch scores high (below the threshold,
+    # so the planted tumor stays the only region). The gallery must not show it.
+    glassiest = int(np.argmax(qc.read_measures(group)["background_fraction"]))
+    probs[glassiest] = 0.45
+    group["probabilities"][:] = probs
     small = load_config(None, {"qc.min_tissue_area_mm2": 0.25}).qc  # ~0.7 mm² of tissue: not a QC finding here
     summary = stitch_store(store_path, planted_dir, cfg.stitch, qc_cfg=small)
     write_slide_report(planted_dir)
     rows.append({"slide": str(slide_path), "name": "planted", "status": "ok", "error": None,
                  "out_dir": str(planted_dir), "summary": summary, "seconds": time.perf_counter() - t0})
 
-    # 2. A real slide through the whole pipeline, which writes its report itself.
+    # 2. A real slide through the whole pipeline, which writes its report itself; its resolution
+    # set by the user (0.25 µm/px where the file states 0.499).
     t0 = time.perf_counter()
-    real = run_slide(slides_dir / "cmu-1-small-region.svs", results, cfg, weights)
+    real = run_slide(slides_dir / "cmu-1-small-region.svs", results, load_config(None, {"mpp_override": 0.25}), weights)
     rows.append({"slide": str(slides_dir / "cmu-1-small-region.svs"), "name": real.out_dir.name, "status": "ok",
                  "error": None, "out_dir": str(real.out_dir), "summary": real.summary, "seconds": time.perf_counter() - t0})
 
@@ -156,7 +174,8 @@ def outputs(tmp_path_factory, slides_dir):
     for row in rows:  # wall-clock start and end, as SlideResult.make records them
         stamped = SlideResult.make(row["slide"], row["status"], seconds=row["seconds"]).as_dict()
         row.update(started=stamped["started"], finished=stamped["finished"])
-    return {"tmp": tmp, "planted": planted_dir, "truth": synth, "real": real.out_dir, "rows": rows}
+    return {"tmp": tmp, "planted": planted_dir, "truth": synth, "glassiest": glassiest, "real": real.out_dir, "rows": rows,
+            "weights": weights}
 
 
 def _check_slide_page(page: dict, summary: dict) -> None:
@@ -174,6 +193,53 @@ def _check_slide_page(page: dict, summary: dict) -> None:
     assert len(page["regions"]) == summary["n_tumor_regions"]
     assert sum(float(a) for a in page["regions"]) == pytest.approx(summary["tumor_area_mm2"], rel=1e-2)
     assert set(page["timings"]) == {"tile", "infer", "stitch"}
+    # The QC card counts every flag listed under it; its colour is the most severe one's, and it says so.
+    severities = [f["severity"] for f in summary["qc"]["flags"]]
+    worst = next((s for s in ("fail", "review", "info") if s in severities), None)
+    assert page["qc_card"].split()[-1] == {"fail": "fail", "review": "review", "info": "info", None: "ok"}[worst]
+    assert text["qc-count"] == (None if not severities else f"{len(severities)} flag{'s' * (len(severities) != 1)}: "
+                                + ", ".join(f"{severities.count(s)} {s}" for s in ("fail", "review", "info") if s in severities))
+    assert text["qc-rule"].startswith("Colour = most severe flag: red fail, amber review, blue info, green none")
+    # Beside the decision: its reason (when the summary gives one) and the resolution it rests on.
+    assert text["decision-reason"] == summary.get("decision_reason")
+    assert page["next_to_decision"] == "resolution-card"
+    assert text["resolution"] == f"{summary['slide']['mpp']:.4g} µm/px"
+    assert "tissue only (regions are clipped to the tissue outline)" in text["tumor-area-note"]
+    # Pyramid downsamples read as factors, not offsets.
+    assert "÷" not in text["meta-levels"] and "+" not in text["meta-levels"] and "(×1)" in text["meta-levels"]
+    # The tumor mask's scale where the files are listed.
+    assert re.fullmatch(r"tumor_mask\.png · [\d.]+ µm/px", page["files"]["tumor mask png"]), page["files"]
+
+
+def gallery_limit(slide_dir: Path) -> float:
+    """The most glass a gallery patch may have: what the slide was stitched with, else 0.5."""
+    return json.loads((slide_dir / "summary.json").read_text())["config"].get("max_background", 0.5)
+
+
+def _check_gallery(page: dict, slide_dir: Path, n: int = 12) -> list[int]:
+    """The top-scoring gallery shows the ``n`` most probable patches among those with at most
+    the slide's limit of glass, each captioned with its probability, tissue fraction and level-0
+    x, y. Returns the indices shown."""
+    limit = gallery_limit(slide_dir)
+    group = store.open_store(slide_dir / "patches.zarr")
+    probs, xy = group["probabilities"][:].ravel(), group["coords"][:]
+    background = qc.read_measures(group)["background_fraction"]
+    eligible = background <= limit
+    shown = []
+    for caption in page["top"]:
+        p, tissue, x, y = re.search(r"p = ([\d.]+) · tissue (\d+) %\s*x (\d+), y (\d+)", caption).groups()
+        i = int(np.flatnonzero((xy[:, 0] == int(x)) & (xy[:, 1] == int(y)))[0])
+        assert float(p) == pytest.approx(probs[i], abs=5e-3)
+        assert int(tissue) == round(100 * (1 - background[i])) and eligible[i]
+        shown.append(i)
+    assert len(shown) == min(n, int(eligible.sum()))
+    # The most probable of the eligible patches, in order (ties in any order).
+    assert np.allclose(probs[shown], np.sort(probs[eligible])[::-1][: len(shown)], atol=1e-6)
+    left_out = int((~eligible).sum())
+    assert page["text"]["gallery-note"].startswith(f"The {len(shown)} most probable of the {int(eligible.sum())} patches "
+                                                   f"with at most {limit * 100:.0f} % glass")
+    assert (f"{left_out} patch" in page["text"]["gallery-note"]) == (left_out > 0)
+    return shown
 
 
 def test_planted_tumor_report_in_chromium(outputs):
@@ -185,15 +251,16 @@ def test_planted_tumor_report_in_chromium(outputs):
     truth_mm2 = outputs["truth"].tumor.area * 0.5**2 / 1e6
     assert summary["decision"] == "tumor" and page["text"]["decision"] == "tumor"
     assert summary["tumor_area_mm2"] == pytest.approx(truth_mm2, rel=0.35)
-    assert summary["qc"]["flags"] == [] and page["text"]["qc-status"] == "no flags"
-    # Gallery: the 12 most probable patches, each captioned with its probability and level-0 x, y.
+    assert summary["qc"]["flags"] == [] and page["text"]["qc-status"] == "no flags" and page["text"]["qc-count"] is None
+    assert "warn" not in page["resolution_card"] and page["text"]["resolution-note"] == "read from the file (openslide)"
+    assert page["text"]["meta-levels"].endswith("4000×3000 (×1), 1000×750 (×4)")
+    # Gallery: the 12 most probable patches with enough tissue. The mostly-glass edge patch
+    # that scores among the 12 highest of all is left out.
+    shown = _check_gallery(page, planted)
     group = store.open_store(planted / "patches.zarr")
-    probs, xy = group["probabilities"][:], group["coords"][:]
-    shown = [re.search(r"p = ([\d.]+)\s*x (\d+), y (\d+)", c).groups() for c in page["top"]]
-    assert len(shown) == 12
-    for p, x, y in shown:
-        i = int(np.flatnonzero((xy[:, 0] == int(x)) & (xy[:, 1] == int(y)))[0])
-        assert float(p) == pytest.approx(probs[i], abs=5e-3) and probs[i] >= np.sort(probs)[-12] - 1e-6
+    probs, glassiest = group["probabilities"][:], outputs["glassiest"]
+    assert qc.read_measures(group)["background_fraction"][glassiest] > gallery_limit(planted)
+    assert glassiest in np.argsort(-probs)[:12] and glassiest not in shown
     # Metadata from the file is shown as text, never run: no injected script or image.
     assert page["title"] == f"wsipipe slide report — {EVIL_NAME}"  # as text; run, it would read "pwned"
     assert page["scripts"] == 1  # the probe's own
@@ -212,10 +279,106 @@ def test_real_slide_report_written_by_run_slide(outputs):
     page = probe(real / "report.html", outputs["tmp"], SLIDE_JS)
     _check_slide_page(page, summary)
     assert page["text"]["meta-vendor"] == "aperio" and page["text"]["meta-path"].endswith("cmu-1-small-region.svs")
-    assert "tissue_small" in page["flags"]  # a 0.6 mm² crop, below the default 1 mm²
-    assert page["text"]["qc-status"] == "needs review"
+    # Several flags, one count: a 0.16 mm² crop at 0.25 µm/px (review) and the user's resolution.
+    assert "tissue_small" in page["flags"] and any(code.startswith("mpp_") for code in page["flags"])
+    assert page["text"]["qc-status"] == "needs review" and page["text"]["qc-count"].startswith(f"{len(page['flags'])} flags: ")
+    assert "review" in page["qc_card"].split()
+    # The resolution the decision rests on was set by the user: said beside the decision, in a warning.
+    assert "warn" in page["resolution_card"].split() and page["text"]["resolution"] == "0.25 µm/px"
+    assert page["text"]["resolution-note"].startswith("resolution 0.25 µm/px set by the user (the file states 0.499 µm/px)")
     assert "aperio.AppMag" in page["properties"]
+    _check_gallery(page, real)
     screenshot(real / "report.html", outputs["tmp"] / "slide-report-cmu1.png", outputs["tmp"])
+
+
+NO_TISSUE_JS = IMAGES_JS + """
+  text: Object.fromEntries(["decision", "no-tissue-reason", "why", "meta-path", "tissue-area"].map(function (id) {
+        var el = document.getElementById(id); return [id, el ? el.textContent.replace(/\\s+/g, " ").trim() : null]; })),
+  settings: Array.from(document.querySelectorAll("#settings tr")).map(function (tr) { return tr.dataset.name; }),
+  thumbnail: (function (img) { return img ? [img.naturalWidth, img.naturalHeight] : null; })(document.getElementById("thumbnail")),
+};
+"""
+
+
+def test_slide_without_tissue_gets_a_report_page(outputs, tmp_path):
+    """`wsipipe run` on a slide of bare glass: exit 3 as before, and report.html in the slide's
+    folder with its thumbnail, the reason and the tissue-detection settings; the archive row of
+    the slide links to it."""
+    from wsipipe.cli import app
+
+    rng = np.random.default_rng(0)  # bare glass: near-white with the sensor's noise
+    glass = write_pyramid_tiff(tmp_path / "glass.tif", np.clip(rng.normal(243, 2, (1000, 1500, 3)), 0, 255).astype(np.uint8))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", str(glass), "--model", str(outputs["weights"]), "--out", str(out)])
+    assert res.exit_code == 3 and "no tissue" in res.stderr, res.stdout + res.stderr
+    (page_path,) = out.glob("*/report.html")
+    page = probe(page_path, tmp_path, NO_TISSUE_JS)
+    assert page["n"] == 1 and page["broken"] == [] and page["external"] == 0
+    assert page["title"] == "wsipipe slide report — glass.tif: no tissue"
+    assert page["text"]["decision"] == "no tissue" and "no tissue found" in page["text"]["no-tissue-reason"]
+    assert page["text"]["meta-path"] == str(glass) and page["text"]["tissue-area"] == "0 mm²"
+    assert "Tissue detection found nothing" in page["text"]["why"] and "tissue.detect: false" in page["text"]["why"]
+    assert {"tissue.min_saturation", "tissue.max_brightness", "tissue.min_area_um2", "tile.min_tissue"} <= set(page["settings"])
+    # The thumbnail tissue detection looked at: the whole 1500 x 1000 slide at 8 µm/px.
+    assert page["thumbnail"] is not None and abs(page["thumbnail"][0] / page["thumbnail"][1] - 1.5) < 0.05
+
+    # In a batch it is a failed row that keeps its folder; the archive report links to the page
+    # (test_archive_report_sorts_filters_and_links follows such links in Chromium).
+    (row,) = run_slides([glass], out, load_config(None, {}), outputs["weights"])
+    assert row.status == "failed" and "no tissue" in (row.error or "") and row.out_dir == str(page_path.parent)
+    report = write_archive_report([row.as_dict()], out / "archive-report.html")
+    links = re.findall(r'<a href="([^"]+)">open</a>', report.read_text())
+    assert [(report.parent / html.unescape(h)).resolve() for h in links] == [page_path.resolve()]
+
+
+def test_qc_card_counts_every_flag_and_takes_the_worst_colour():
+    """The card's count is the list's length; its colour the most severe flag's."""
+    # A review flag and an info flag: once "1 flag" over two listed.
+    card = qc_card(["review", "info"])
+    assert (card["count"], card["status"], card["css"], card["count_text"]) == (2, "needs review", "review", "2 flags: 1 review, 1 info")
+    # Only an mpp_override (info): once "no flags" in green.
+    card = qc_card(["info"])
+    assert (card["count"], card["status"], card["css"], card["count_text"]) == (1, "info only", "info", "1 flag: 1 info")
+    card = qc_card(["info", "fail", "review", "review"])
+    assert (card["status"], card["css"], card["count_text"]) == ("failed", "fail", "4 flags: 1 fail, 2 review, 1 info")
+    assert (qc_card([])["css"], qc_card([])["count"]) == ("ok", 0)
+    assert qc_card(["unheard-of"])["css"] == "review"  # a person looks rather than nobody
+
+
+def test_top_scoring_ranks_among_patches_with_enough_tissue():
+    probs = np.array([0.99, 0.9, 0.8, 0.7, 0.6], np.float32)
+    background = np.array([0.9, 0.1, 0.6, 0.0, 0.5])
+    assert top_scoring(probs, background, 0.5, 2) == ([1, 3], {"limit": 0.5, "total": 5, "eligible": 3, "ranked": "tissue"})
+    assert top_scoring(probs, None, 0.5, 2)[0] == [0, 1] and top_scoring(probs, None, 0.5, 2)[1]["ranked"] == "unmeasured"
+    assert top_scoring(probs, np.ones(5), 0.5, 2)[0] == [0, 1] and top_scoring(probs, np.ones(5), 0.5, 2)[1]["ranked"] == "none-eligible"
+    # The limit: the one given, else the one the slide was stitched with, else the config's default.
+    from wsipipe.config import StitchConfig
+    from wsipipe.outputs.report import gallery_limit as limit_of
+
+    field = StitchConfig.model_fields.get("max_background")
+    assert limit_of(0.3, {"max_background": 0.7}, {}) == 0.3 and limit_of(None, {"max_background": 0.7}, {}) == 0.7
+    assert limit_of(None, {"max_background": "x"}, {"max_background": 0.6}) == 0.6
+    assert limit_of(None, {}, {}) == (field.default if field is not None else 0.5)
+
+
+def test_resolution_not_from_the_file_says_where_it_came_from(slides_dir):
+    """The TCGA slide states no resolution at all; CMU-1 states 0.499 µm/px."""
+    import openslide
+
+    tcga = slides_dir / "tcga-cr-7395-01a-01-ts1.svs"
+    with openslide.OpenSlide(str(tcga)) as handle:
+        properties = dict(handle.properties)
+    override = {"path": str(tcga), "mpp": 0.25, "mpp_source": "override"}
+    note = resolution_note(0.25, "override", file_mpp(override, properties))
+    assert note["warn"] and note["text"].startswith("resolution 0.25 µm/px set by the user (the file states none).")
+    # A fallback resolution (mpp_file recorded by tiling) and one estimated from the objective power.
+    default = {"mpp": 1.0, "mpp_source": "default", "mpp_file": None}
+    assert "set by the user as the default for files without one (the file states none)" in resolution_note(
+        1.0, "default", file_mpp(default, None))["text"]
+    estimated = resolution_note(0.5, "objective-power", file_mpp({"mpp_source": "objective-power", "mpp_file": None}, None), 20.0)
+    assert estimated["warn"] and "estimated from the objective power (20×)" in estimated["text"]
+    # Read from the file: no warning.
+    assert not resolution_note(0.499, "openslide", file_mpp({"mpp": 0.499, "mpp_source": "openslide"}, None))["warn"]
 
 
 ARCHIVE_JS = IMAGES_JS + """

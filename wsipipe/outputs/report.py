@@ -26,8 +26,8 @@ import zarr
 from wsipipe import __version__
 
 from wsipipe.tiles import qc, store
-from wsipipe.config import QCConfig
-from wsipipe.errors import MissingMppError, SlideOpenError, SlideReadError
+from wsipipe.config import PipelineConfig, QCConfig, StitchConfig, TileConfig
+from wsipipe.errors import MissingMppError, SlideOpenError, SlideReadError, WsipipeError
 from wsipipe.geojson import read_geojson
 from wsipipe.files import write_atomic
 from wsipipe.outputs.figures import (
@@ -140,23 +140,29 @@ def _tumor_regions(geojson: Path, mpp: float) -> tuple[list[dict], Any]:
     return regions, MultiPolygon(polys)
 
 
-def _slide_properties(path: str | None) -> tuple[list[tuple[str, str]], str | None]:
-    """The slide file's properties (key, value), or a note why they are not shown."""
+def _slide_properties(path: str | None) -> tuple[list[tuple[str, str]], str | None, dict[str, str] | None]:
+    """The slide file's properties to show (key, value) or a note why they are not shown, and
+    all of them (None when the file cannot be read)."""
     if not path or not Path(path).is_file():
-        return [], "slide file not available where it was read"
+        return [], "slide file not available where it was read", None
     try:
         import openslide
 
         with openslide.OpenSlide(path) as handle:
             items = sorted(handle.properties.items())
     except Exception as exc:  # a file replaced or damaged since the run: the report still renders
-        return [], f"cannot read the slide's properties: {exc}"
+        return [], f"cannot read the slide's properties: {exc}", None
     shown = [(k, v if len(v) <= MAX_PROPERTY_CHARS else v[:MAX_PROPERTY_CHARS] + "…") for k, v in items[:MAX_PROPERTIES]]
     note = f"{len(items) - MAX_PROPERTIES} more not shown" if len(items) > MAX_PROPERTIES else None
-    return shown, note
+    return shown, note, dict(items)
 
 
-def _patch_cards(group: zarr.Group, indices: Iterable[int], probs: np.ndarray | None, reasons: dict[int, str] | None = None) -> list[dict]:
+def _patch_cards(
+    group: zarr.Group, indices: Iterable[int], probs: np.ndarray | None, reasons: dict[int, str] | None = None,
+    tissue: np.ndarray | None = None,
+) -> list[dict]:
+    """Gallery tiles: pixels, level-0 x, y, probability, QC reasons and tissue fraction (``tissue``:
+    per patch, None when the store has no QC measures)."""
     indices = [int(i) for i in indices]
     if not indices:
         return []
@@ -175,6 +181,7 @@ def _patch_cards(group: zarr.Group, indices: Iterable[int], probs: np.ndarray | 
             "y": int(coords[pos, 1]),
             "probability": None if probs is None else float(probs[i]),
             "reason": (reasons or {}).get(i, ""),
+            "tissue": None if tissue is None else float(tissue[i]),
             "src": _jpeg_uri(pixels[pos]),
         }
     return [c for c in cards if c is not None]
@@ -318,11 +325,163 @@ def overview_figure(
     return data_uri(figure_jpeg(fig), "image/jpeg")
 
 
+# --------------------------------------------------------------------------- slide report: headline (pure)
+
+
+SEVERITIES = (qc.FAIL, qc.REVIEW, qc.INFO)  # most severe first
+QC_STATUS = {qc.FAIL: "failed", qc.REVIEW: "needs review", qc.INFO: "info only", None: "no flags"}
+QC_CARD_CLASS = {qc.FAIL: "fail", qc.REVIEW: "review", qc.INFO: "info", None: "ok"}
+# Where a slide's resolution comes from when it is read from the file's own mpp tags.
+MPP_FROM_FILE = ("openslide", "tiff-resolution")
+# Gallery: patches more glass than this (QC background fraction) are left out when the
+# summary and config name no max_background.
+DEFAULT_MAX_BACKGROUND = 0.5
+
+
+def qc_card(severities: list[str]) -> dict[str, Any]:
+    """The QC card from the severities of the flags listed under it: one count of them all,
+    the count per severity, and the status and colour of the most severe. A severity this
+    version does not know counts as "review" (a person looks rather than nobody)."""
+    known = [s if s in SEVERITIES else qc.REVIEW for s in severities]
+    counts = [(s, known.count(s)) for s in SEVERITIES if s in known]
+    worst = counts[0][0] if counts else None
+    n = len(known)
+    breakdown = ", ".join(f"{k} {s}" for s, k in counts)
+    return {
+        "count": n,
+        "counts": dict(counts),
+        "worst": worst,
+        "status": QC_STATUS[worst],
+        "css": QC_CARD_CLASS[worst],
+        "count_text": f"{n} flag{'' if n == 1 else 's'}: {breakdown}" if n else "0 flags",
+    }
+
+
+def gallery_limit(explicit: float | None, stitch_config: dict, tile_attrs: dict) -> float:
+    """Most background (QC background fraction) a top-scoring gallery patch may have: the one
+    given, else the ``max_background`` the slide was stitched with (``stitch_config``: the
+    summary's config; patches with more glass were not analysed) or tiled with (``tile_attrs``),
+    else the config's default for it, else :data:`DEFAULT_MAX_BACKGROUND`."""
+    defaults = [model.model_fields.get("max_background") for model in (StitchConfig, TileConfig)]
+    candidates = [explicit, stitch_config.get("max_background"), tile_attrs.get("max_background"),
+                  *(None if d is None else d.default for d in defaults)]
+    for value in candidates:
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= float(value) <= 1.0:
+            return float(value)
+    return DEFAULT_MAX_BACKGROUND
+
+
+def top_scoring(probs: np.ndarray | None, background: np.ndarray | None, limit: float, n: int) -> tuple[list[int], dict]:
+    """The ``n`` most probable patches among those with at most ``limit`` background (QC
+    background fraction), most probable first, and what the gallery says about the choice.
+
+    ``background`` None (a store without QC measures): ranked over every patch, as is a slide
+    where no patch is within the limit."""
+    total = 0 if probs is None else len(probs)
+    note: dict[str, Any] = {"limit": limit, "total": total, "eligible": total, "ranked": "all"}
+    if probs is None or not total or n <= 0:
+        return [], note
+    order = np.argsort(-probs, kind="stable")
+    if background is None:
+        note["ranked"] = "unmeasured"
+        return [int(i) for i in order[:n]], note
+    eligible = np.asarray(background)[order] <= limit
+    note["eligible"] = int(eligible.sum())
+    if not note["eligible"]:
+        note["ranked"] = "none-eligible"
+        return [int(i) for i in order[:n]], note
+    note["ranked"] = "tissue"
+    return [int(i) for i in order[eligible][:n]], note
+
+
+def file_mpp(slide_attrs: dict, properties: dict[str, str] | None) -> tuple[bool, float | None]:
+    """(known, value): the resolution the slide file itself states (µm/px), None when it states
+    none. The store's ``mpp_file`` when it has one; else read from the file's ``properties``
+    (None when they could not be read: not known)."""
+    if "mpp_file" in slide_attrs:
+        value = slide_attrs["mpp_file"]
+        return True, float(value) if value else None
+    if slide_attrs.get("mpp_source") in MPP_FROM_FILE:
+        return True, float(slide_attrs.get("mpp") or 0.0) or None
+    if properties is None:
+        return False, None
+    from wsipipe.slides.slide import resolve_mpp
+
+    try:
+        value, source = resolve_mpp(Path(str(slide_attrs.get("path") or "")), properties)
+    except MissingMppError:
+        return True, None
+    return True, value if source in MPP_FROM_FILE else None
+
+
+def resolution_note(mpp: float | None, source: str | None, file_value: tuple[bool, float | None],
+                    objective_power: float | None = None) -> dict[str, Any]:
+    """The resolution shown beside the decision: ``warn`` when it was not read from the file's
+    mpp tags (set by the user, a default, estimated from the objective power), with a sentence
+    saying where it came from and what the file states."""
+    shown = "—" if not mpp else f"{float(mpp):.4g} µm/px"
+    if source in MPP_FROM_FILE:
+        return {"warn": False, "value": shown, "text": f"read from the file ({source})"}
+    known, stated = file_value
+    what = {
+        "override": "set by the user",
+        "default": "set by the user as the default for files without one",
+        "objective-power": "estimated from the objective power"
+        + (f" ({float(objective_power):g}×) as 10 µm / magnification" if objective_power else ""),
+    }.get(str(source), f"not read from the file ({source or 'source unknown'})")
+    said = "" if not known else " (the file states none)" if stated is None else f" (the file states {stated:.4g} µm/px)"
+    return {
+        "warn": True, "value": shown,
+        "text": f"resolution {shown} {what}{said}. Patch size, tumor area and the decision depend on it.",
+    }
+
+
+def _scale_text(value: Any) -> str | None:
+    """A file's scale as the summary gives it (a µm/px number, a record with ``um_per_px`` or
+    a small dict), for people."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{float(value):.4g} µm/px"
+    if isinstance(getattr(value, "um_per_px", None), int | float):
+        return f"{float(value.um_per_px):.4g} µm/px"
+    if isinstance(value, dict):
+        for key in ("um_per_px", "mpp", "µm_per_px", "pixel_size_um", "cell_size_um"):
+            if isinstance(value.get(key), int | float):
+                return f"{float(value[key]):.4g} µm/px"
+        return ", ".join(f"{k} {v}" for k, v in value.items()) or None
+    return str(value) if value else None
+
+
+def file_rows(summary: Any, thumb_um: float | None) -> list[dict[str, Any]]:
+    """The slide folder's output files (kind, name, scale). Scales come from the summary's
+    ``file_scales`` where it has them; the tumor mask PNG (drawn on the thumbnail's grid,
+    ``thumb_um`` µm/px) and heatmap.npy (one value per heatmap cell) are known otherwise."""
+    scales = getattr(summary, "file_scales", None) or {}
+    scales = scales if isinstance(scales, dict) else {}
+    known = {"heatmap": summary.heatmap.cell_size_um, "heatmap_ome_zarr": summary.heatmap.cell_size_um,
+             "tumor_mask_png": thumb_um}
+    rows = []
+    for kind, name in {**summary.files, **summary.exports}.items():
+        scale = _scale_text(scales.get(kind) if kind in scales else scales.get(name))
+        if scale is None and known.get(kind):
+            scale = f"{float(known[kind]):.4g} µm/px"
+        if scale is None and kind == "tumor_geojson":
+            scale = "level-0 pixels"
+        rows.append({"kind": kind.replace("_", " "), "name": name, "scale": scale})
+    return rows
+
+
+def _levels(slide: dict) -> list[dict[str, Any]]:
+    """Pyramid levels as (width, height, downsample) for the metadata table."""
+    dims, downs = slide.get("level_dimensions") or [], slide.get("level_downsamples") or []
+    return [{"width": d[0], "height": d[1], "downsample": ds} for d, ds in zip(dims, downs, strict=False)]
+
+
 # --------------------------------------------------------------------------- slide report
 
 
-def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None) -> dict[str, Any]:
-    """Everything the slide template shows, read from a slide output folder."""
+def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None, max_background: float | None = None) -> dict[str, Any]:
+    """Everything the slide template shows, read from a slide output folder. ``max_background``:
+    see :func:`gallery_limit`."""
     slide_dir = Path(slide_dir)
     summary = load_summary(slide_dir / SUMMARY_NAME)
     store_path = slide_dir / "patches.zarr"
@@ -339,13 +498,18 @@ def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None) 
     regions, tumor = _tumor_regions(slide_dir / "tumor.geojson", mpp)
     probs = _tumor_probabilities(group, int(summary.config.get("class_index", -1)))
     n_gallery = qc_cfg.report_patches
-    top: list[int] = [] if probs is None or not len(probs) else [int(i) for i in np.argsort(-probs, kind="stable")[:n_gallery]]
-    flagged, flagged_xy = _qc_flagged(group, qc_cfg, n_gallery)
+    measures = qc.read_measures(group)
+    background = None if measures is None or len(measures["background_fraction"]) != (0 if probs is None else len(probs)) \
+        else measures["background_fraction"]
+    top, gallery = top_scoring(probs, background, gallery_limit(max_background, summary.config, tile), n_gallery)
+    tissue_fraction = None if background is None else 1.0 - background
+    flagged, flagged_xy = _qc_flagged(group, measures, qc_cfg, n_gallery)
 
     thumbnail = np.asarray(store.array(group, store.THUMBNAIL)[...])
     heatmap_png = slide_dir / "heatmap.png"
-    properties, properties_note = _slide_properties(slide.get("path"))
+    properties, properties_note, all_properties = _slide_properties(slide.get("path"))
     seconds = {k: v for k, v in summary.seconds.items() if v is not None}
+    thumb_ds = float(tile.get("thumb_downsample", 1.0))
     return {
         "title": f"wsipipe slide report — {slide.get('name') or summary.slide.name}",
         "version": __version__,
@@ -353,33 +517,39 @@ def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None) 
         "slide": slide,
         "tile": tile,
         "tissue": tissue,
-        "levels": list(zip(slide.get("level_dimensions") or [], slide.get("level_downsamples") or [], strict=False)),
+        "levels": _levels(slide),
         "properties": properties,
         "properties_note": properties_note,
         "score": summary.slide_score,
         "decision": summary.decision,
+        "decision_reason": getattr(summary, "decision_reason", None),
+        "resolution": resolution_note(mpp, slide.get("mpp_source"), file_mpp(slide, all_properties), slide.get("objective_power")),
         "threshold": summary.threshold,
         "tumor_area_mm2": summary.tumor_area_mm2,
         "regions": regions,
         "flags": summary.qc.flags,
+        "qc_card": qc_card([f.severity for f in summary.qc.flags]),
         "qc_measured": summary.qc.measured,
         "flag_counts": summary.qc.flagged_patches,
         "seconds": seconds,
         "total_seconds": sum(float(v) for v in seconds.values()),
         "provenance": summary.provenance,
+        "files": file_rows(summary, thumb_ds * mpp if mpp else None),
         "overview_src": overview_figure(
-            thumbnail, float(tile.get("thumb_downsample", 1.0)), tissue.get("polygon_wkt"), tumor, flagged_xy,
-            float(tile.get("patch_size_l0", 0.0)), grid=saved_heatmap(slide_dir, summary), slide=slide, tile=tile,
+            thumbnail, thumb_ds, tissue.get("polygon_wkt"), tumor, flagged_xy, float(tile.get("patch_size_l0", 0.0)),
+            grid=saved_heatmap(slide_dir, summary), slide=slide, tile=tile,
         ),
         "heatmap_src": data_uri(heatmap_png.read_bytes(), "image/png") if heatmap_png.is_file() else None,
-        "top_patches": _patch_cards(group, top, probs),
-        "flagged_patches": _patch_cards(group, [i for i, _ in flagged], probs, dict(flagged)),
+        "top_patches": _patch_cards(group, top, probs, tissue=tissue_fraction),
+        "gallery": gallery,
+        "flagged_patches": _patch_cards(group, [i for i, _ in flagged], probs, dict(flagged), tissue=tissue_fraction),
     }
 
 
-def _qc_flagged(group: zarr.Group, qc_cfg: QCConfig, limit: int) -> tuple[list[tuple[int, str]], dict[str, np.ndarray]]:
+def _qc_flagged(
+    group: zarr.Group, measures: dict[str, np.ndarray] | None, qc_cfg: QCConfig, limit: int,
+) -> tuple[list[tuple[int, str]], dict[str, np.ndarray]]:
     """(patch index, reasons) of up to ``limit`` flagged patches, and the coords of every flagged patch by reason."""
-    measures = qc.read_measures(group)
     if measures is None or not len(measures["focus"]):
         return [], {}
     coords = np.asarray(store.array(group, store.COORDS)[:])
@@ -387,17 +557,114 @@ def _qc_flagged(group: zarr.Group, qc_cfg: QCConfig, limit: int) -> tuple[list[t
     return qc.flagged_patches(measures, qc_cfg, limit), flagged_xy
 
 
-def write_slide_report(slide_dir: str | Path, qc_cfg: QCConfig | None = None, only_if_changed: bool = False) -> Path:
+def write_slide_report(
+    slide_dir: str | Path, qc_cfg: QCConfig | None = None, only_if_changed: bool = False, max_background: float | None = None,
+) -> Path:
     """Write ``slide_dir/report.html`` (self-contained) from a slide output folder; returns its path.
 
     ``only_if_changed`` (pipeline reruns): leave an identical report as it is, so rerunning a
-    finished slide writes nothing (and works on a full disk)."""
+    finished slide writes nothing (and works on a full disk). ``max_background``: the most
+    glass a top-scoring gallery patch may show (see :func:`gallery_limit`)."""
     slide_dir = Path(slide_dir)
-    html = _environment().get_template("slide.html.j2").render(**slide_report_context(slide_dir, qc_cfg))
+    context = slide_report_context(slide_dir, qc_cfg, max_background)
+    html = _environment().get_template("slide.html.j2").render(**context)
     path = slide_dir / REPORT_NAME
     if only_if_changed and path.is_file() and path.read_bytes() == html.encode():
         return path
     return write_atomic(path, html)
+
+
+# --------------------------------------------------------------------------- no-tissue page
+
+NO_TISSUE_THUMB_PX = 1400  # longest edge of the thumbnail on a no-tissue page
+
+
+def _no_tissue_inputs(out_dir: Path, slide_path: Path, cfg: PipelineConfig) -> dict[str, Any]:
+    """What the no-tissue page shows of the slide: its attrs, the tissue attrs and the thumbnail
+    tissue detection looked at, from the store tiling left (it writes them before it raises),
+    else read from the slide file."""
+    found: dict[str, Any] = {"slide": {}, "tissue": {}, "tile": {}, "thumbnail": None, "downsample": None, "note": None}
+    store_path = out_dir / "patches.zarr"
+    if (store_path / "zarr.json").is_file():
+        try:
+            group = store.open_store(store_path)
+            meta = store.meta(group)
+            found.update(slide=meta.get(store.META_SLIDE) or {}, tissue=meta.get(store.META_TISSUE) or {},
+                         tile=meta.get(store.META_TILE) or {})
+            thumb = store.optional_array(group, store.THUMBNAIL)
+            if thumb is not None:
+                found.update(thumbnail=np.asarray(thumb[...]), downsample=found["tile"].get("thumb_downsample"))
+        except (WsipipeError, OSError, ValueError) as exc:  # a damaged store: the slide file still has it all
+            log.warning("%s: no-tissue page reads the slide instead of the store: %s", store_path, exc)
+    if found["thumbnail"] is None:
+        from wsipipe.slides.slide import open_slide
+
+        try:
+            with open_slide(slide_path, cfg.mpp_override) as opened:
+                found["slide"] = found["slide"] or opened.info()
+                found["thumbnail"], found["downsample"] = opened.thumbnail(cfg.tissue.thumb_mpp, cfg.tissue.max_thumb_px)
+        except WsipipeError as exc:
+            found["note"] = f"no thumbnail: {exc}"
+    return found
+
+
+def _setting(value: Any) -> str:
+    """A config value as a config file writes it (true/false, 50 000, 0.07)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def no_tissue_context(out_dir: str | Path, slide_path: str | Path, error: BaseException | str, cfg: PipelineConfig) -> dict[str, Any]:
+    """Everything the no-tissue page shows (see :func:`write_no_tissue_report`)."""
+    out_dir, slide_path = Path(out_dir), Path(slide_path)
+    found = _no_tissue_inputs(out_dir, slide_path, cfg)
+    slide, tissue = found["slide"], found["tissue"]
+    thumb, ds = found["thumbnail"], found["downsample"]
+    thumb_src = None
+    if thumb is not None:
+        from PIL import Image
+
+        image = Image.fromarray(np.ascontiguousarray(thumb, dtype=np.uint8))
+        image.thumbnail((NO_TISSUE_THUMB_PX, NO_TISSUE_THUMB_PX))  # in place, keeps the aspect
+        thumb_src = _jpeg_uri(np.asarray(image))
+        ds = None if ds is None else float(ds) * thumb.shape[1] / image.width
+    mpp = slide.get("mpp")
+    settings = [
+        {"name": f"tissue.{name}", "value": _setting(getattr(cfg.tissue, name)), "help": field.description or ""}
+        for name, field in type(cfg.tissue).model_fields.items()
+    ]
+    settings.append({"name": "tile.min_tissue", "value": _setting(cfg.tile.min_tissue),
+                     "help": type(cfg.tile).model_fields["min_tissue"].description or ""})
+    problem = error.problem if isinstance(error, WsipipeError) else str(error)
+    return {
+        "title": f"wsipipe slide report — {slide.get('name') or slide_path.name}: no tissue",
+        "version": __version__,
+        "name": slide.get("name") or slide_path.name,
+        "path": str(slide_path),
+        "slide": slide,
+        "problem": problem,
+        "tissue_found": bool(tissue.get("found")),
+        "tissue_area_mm2": tissue.get("area_mm2"),
+        "saturation_threshold": tissue.get("saturation_threshold"),
+        "thumb_src": thumb_src,
+        "thumb_um": None if ds is None or not mpp else float(ds) * float(mpp),
+        "thumb_note": found["note"],
+        "resolution": resolution_note(mpp, slide.get("mpp_source"), file_mpp(slide, None), slide.get("objective_power")),
+        "cfg": cfg,
+        "settings": settings,
+        "written": datetime.now(UTC),
+    }
+
+
+def write_no_tissue_report(out_dir: str | Path, slide_path: str | Path, error: BaseException | str, cfg: PipelineConfig) -> Path:
+    """Write ``out_dir/report.html`` for a slide where tissue detection found nothing to tile: its
+    name, the thumbnail detection looked at, the reason and the tissue-detection settings, so the
+    slide is not only a failed row. Creates ``out_dir`` when needed; returns the page's path."""
+    out_dir = Path(out_dir)
+    html = _environment().get_template("no_tissue.html.j2").render(**no_tissue_context(out_dir, slide_path, error, cfg))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_atomic(out_dir / REPORT_NAME, html)
 
 
 # --------------------------------------------------------------------------- archive report

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from wsipipe.config import PipelineConfig
-from wsipipe.errors import writing_outputs
+from wsipipe.errors import NoTissueError, writing_outputs
 from wsipipe.locks import clear_leftovers, folder_lock
 from wsipipe.run.client import scheduler_client
 from wsipipe.run.names import check_resolution, slide_output_name
@@ -99,11 +99,20 @@ def _cached_model(path: str, mtime_ns: int, arch: str | None, num_classes: int |
 def tile(job: SlideJob) -> StageOutcome:
     from wsipipe.tiles.tiling import tile_slide
 
-    if job.client is not None:
-        stats = tile_slide(job.slide, job.store, job.cfg, client=job.client, progress=job.bar("tile"))
-    else:
-        with scheduler_client(job.cfg.dask) as client:
-            stats = tile_slide(job.slide, job.store, job.cfg, client=client, progress=job.bar("tile"))
+    try:
+        if job.client is not None:
+            stats = tile_slide(job.slide, job.store, job.cfg, client=job.client, progress=job.bar("tile"))
+        else:
+            with scheduler_client(job.cfg.dask) as client:
+                stats = tile_slide(job.slide, job.store, job.cfg, client=client, progress=job.bar("tile"))
+    except NoTissueError as exc:  # the slide still gets a report page: its thumbnail and why
+        from wsipipe.outputs.report import write_no_tissue_report
+
+        try:
+            write_no_tissue_report(job.slide_dir, job.slide, exc, job.cfg)
+        except Exception as page_error:  # the slide's error is the no-tissue one, page or not
+            log.warning("%s: no report page for the slide without tissue: %s", job.slide_dir, page_error)
+        raise
     done = bool(stats.get("skipped"))
     return StageOutcome(skipped=done, note=f"{stats['n_patches']} patches" + (" (already done)" if done else ""))
 
