@@ -653,7 +653,13 @@ def test_mostly_glass_patches_are_not_analysed(cmu_1um, tmp_path):
     out = tmp_path / "out"
     kept = stitch_store(path, out, StitchConfig())  # default limit 0.7: analysed
     assert kept["excluded_patches"] == {"mostly_background": 0} and kept["n_tumor_patches"] == 1
-    dropped = stitch_store(path, out, StitchConfig(max_background=0.5))
+    from wsipipe.config import load_config, load_config_sources
+
+    # The limit as the user names it: --set tile.max_background (an alias) or stitch.max_background.
+    cfg, sources = load_config_sources(None, {"tile.max_background": 0.5})
+    assert cfg.stitch.max_background == 0.5 and sources["stitch.max_background"] == "from --set"
+    assert load_config(None, {"stitch": {"max_background": 0.6}}).stitch.max_background == 0.6
+    dropped = stitch_store(path, out, cfg.stitch)
     assert dropped["excluded_patches"] == {"mostly_background": 1}
     assert dropped["n_tumor_patches"] == 0 and dropped["slide_score"]["n"] == 13
     assert dropped["slide_score"]["max"] == pytest.approx(0.05) and dropped["n_tumor_regions"] == 0

@@ -413,7 +413,25 @@ def load_config_sources(
     for nested in _nested(overrides):
         data = _deep_merge(data, nested)
         sources.update({leaf: f"from {override_label}" for leaf in _leaves(nested)})
-    return _validate(data, path), sources
+    return _validate(_with_aliases(data, sources), path), sources
+
+
+# Other names a field answers to: the glass limit is applied when stitching (changing it
+# restitches, it never retiles), but it reads as a tiling rule, so ``tile.max_background`` works too.
+ALIASES = {("tile", "max_background"): ("stitch", "max_background")}
+
+
+def _with_aliases(data: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
+    """``data`` with each alias moved to the field it names (the alias wins: it was written on purpose)."""
+    for (section, key), (to_section, to_key) in ALIASES.items():
+        part = data.get(section)
+        if isinstance(part, dict) and key in part:
+            part = dict(part)
+            value = part.pop(key)
+            data = {**data, section: part, to_section: {**(data.get(to_section) or {}), to_key: value}}
+            if f"{section}.{key}" in sources:
+                sources[f"{to_section}.{to_key}"] = sources.pop(f"{section}.{key}")
+    return data
 
 
 def value_source(dotted: str, sources: dict[str, str]) -> str:
