@@ -1,4 +1,4 @@
-"""The nightly deployment over an archive of 14 small slides (some corrupt), for real: a
+"""The nightly deployment over an archive of 11 small slides (some corrupt), for real: a
 Prefect server on 127.0.0.1, a process work pool and worker, `prefect deployment run`,
 SIGKILL of the worker and the flow-run process mid-run, a new worker, a rerun. Every good
 slide ends done exactly once and equal to an uninterrupted run, every corrupt slide failed
@@ -20,7 +20,7 @@ from wsipipe.run.archive import RESULTS_FILE, archive_message
 
 pytestmark = pytest.mark.slow
 
-N = 14  # 8 good slides and one of each corrupt kind
+N = 11  # 5 good slides and one of each corrupt kind
 OVERRIDES = {"tile.mpp": 1.0, "tile.patch_size": 64, "dask.num_workers": 1, "orchestration.slides_in_flight": 2}
 
 
