@@ -192,7 +192,8 @@ def test_heatmap_png_tells_analysed_negative_from_unanalysed_tissue(cmu1, tmp_pa
     alone = uncounted_hot_regions(grid, tumor)
     s, (ox, oy) = grid.cell_l0, grid.origin_l0
     assert [g.bounds for g in alone.geoms] == [(ox + 6 * s, oy + 4 * s, ox + 7 * s, oy + 5 * s)]
-    assert len(tumor.geoms) == 1 and tumor.area == pytest.approx(9 * s * s)
+    # The 3 x 3 block, clipped to the tissue (less the glass of a cleft it touches).
+    assert len(tumor.geoms) == 1 and 0.85 * 9 * s * s < tumor.area <= 9 * s * s + 1e-6
 
 
 def test_background_falls_back_to_the_store_thumbnail(cmu1, slides_dir, tmp_path, caplog):
