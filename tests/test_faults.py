@@ -253,7 +253,9 @@ def test_corrupt_tiles_fail_or_skip_as_configured(pyramid_slide, tmp_path, reade
         net = nn.Sequential(nn.Conv2d(3, 4, 5, stride=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
         info = ModelInfo(arch="tiny", num_classes=1, sha256="0" * 64, path=None)
         infer_store(tmp_path / "skip.zarr", net, info, InferenceConfig(device="cpu", precision="fp32"))
-        summary = stitch_store(tmp_path / "skip.zarr", tmp_path / "out", skip.stitch)
+        # Every cell was tiled (min_tissue 0): keep the glass ones too, so only the corrupt are left out.
+        every = skip.stitch.model_copy(update={"max_background": 1.0})
+        summary = stitch_store(tmp_path / "skip.zarr", tmp_path / "out", every)
         assert summary["skipped_patches"]["count"] == len(expected)
         assert summary["slide_score"]["n"] == len(coords) - len(expected)
         heat = np.load(tmp_path / "out" / "heatmap.npy")
@@ -447,12 +449,12 @@ def _digests(folder: Path) -> dict[str, str]:
 
 @pytest.mark.timeout(170)
 def test_full_output_volume_is_a_clear_error_and_the_run_resumes(work, slides_dir, tmp_path):
-    """A real 3 MiB tmpfs as the output folder (where it cannot be mounted: a per-file size
+    """A real 24 MiB tmpfs as the output folder (where it cannot be mounted: a per-file size
     quota, RLIMIT_FSIZE, on the run instead). With it full, the second slide fails with one
     line naming the output and the OS's reason; the first slide's outputs are untouched; once
     space is freed the run finishes, matching a run on a roomy disk."""
     vol = tmp_path / "vol"
-    mounted = _mount_tmpfs(vol, "3m")
+    mounted = _mount_tmpfs(vol, "24m")  # two slides: photo-like heatmap.png and report.html
     try:
         cfg_path, cfg = work["tiny_path"], work["tiny"]
         first, second = work["slide"], slides_dir / "cmu-1-small-region.svs"
