@@ -282,7 +282,12 @@ def kill_mid_run(env: dict, worker: subprocess.Popen, run_id: str, out: Path, af
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait(30)
     psutil.wait_procs(victims, timeout=30)
-    return {slide: (folder / "summary.json").stat().st_mtime_ns for slide, folder in done_folders(out).items()}
+    from wsipipe.tiles import store
+
+    # Done = summary.json written and the stitch stage marked complete after it: a kill between
+    # the two leaves a slide whose rerun rightly restitches it.
+    return {slide: (folder / "summary.json").stat().st_mtime_ns for slide, folder in done_folders(out).items()
+            if store.is_complete(store.open_store(folder / "patches.zarr"), "stitch")}
 
 
 def interrupted(archive: Archive, out: Path) -> list[Path]:

@@ -63,6 +63,8 @@ def configure_logging() -> None:
         handler.setLevel(level)
     if level > logging.INFO:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    else:  # asked for on this command line: wins over a quieter level left in the environment
+        os.environ["DASK_LOGGING__DISTRIBUTED"] = logging.getLevelName(level).lower()
 
 
 # The options several commands share, defined once: each maps onto a config field (see load_config).
