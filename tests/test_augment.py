@@ -13,7 +13,7 @@ from wsipipe.tiles import store
 from wsipipe.learn.augment import Augmenter, hed_jitter, augment_store, named_transforms
 from wsipipe.config import AugmentConfig
 from wsipipe.learn.patchsets import load_patch_sets
-from wsipipe.learn.stain import fit_stain_normaliser, StainNormaliser
+from wsipipe.models.stain import fit_stain_normaliser, StainNormaliser
 
 EVERYTHING = AugmentConfig(rotate_degrees=30, scale=(0.8, 1.2), shear_degrees=10, crop=48, blur_p=0.7,
                            noise_std=0.03, jpeg_p=0.7, hed_sigma=0.1, hed_bias=0.02)

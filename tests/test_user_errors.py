@@ -20,7 +20,7 @@ from wsipipe.errors import (
     WsipipeError,
 )
 from wsipipe.learn.patchsets import label_by_regions, split_by_group
-from wsipipe.learn.stain import StainNormaliser, fit_stain_normaliser
+from wsipipe.models.stain import StainNormaliser, fit_stain_normaliser
 
 
 def test_bad_parameters_are_config_errors_and_value_errors():

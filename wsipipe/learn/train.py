@@ -442,7 +442,7 @@ def train_model(stores: list, out_dir, cfg, progress: StepLog | None = None) -> 
     stain = None
     if cfg.augment.stain_normalise != "none":
         # fitted on the training slides only: the held-out ones must not shape the preprocessing
-        from wsipipe.learn.stain import fit_stain_normaliser
+        from wsipipe.models.stain import fit_stain_normaliser
 
         ref = np.random.default_rng(tc.seed).choice(len(tr.patches), min(len(tr.patches), 64), replace=False)
         stain = fit_stain_normaliser(cfg.augment.stain_normalise, tr.patches[np.sort(ref)])

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wsipipe.models.card import ModelCard
 
 DEFAULT_ARCH = "resnet18"  # load_model's architecture when neither the caller nor the file names one
 
@@ -25,6 +28,9 @@ class ModelInfo:
     num_classes: int
     sha256: str  # of the weights file: the model's identity in every output
     path: Path | None
+    # What the model expects and says (classes, mpp, normalisation, stain, domain); None = a bare
+    # weights file read with the defaults (ImageNet normalisation, no stain normalisation).
+    card: ModelCard | None = field(default=None, compare=False, repr=False)
 
 
 def file_sha256(path: str | Path) -> str:

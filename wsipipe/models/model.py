@@ -24,10 +24,9 @@ from torch import nn
 
 from wsipipe.errors import ModelLoadError, ParameterError
 from wsipipe.files import write_atomic
+from wsipipe.models.card import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (callers import them from here)
 from wsipipe.models.identity import ModelInfo, file_sha256  # noqa: F401  (file_sha256: callers import it from here)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMAT = "wsipipe-classifier-1"  # safetensors metadata "format" of files we write
 
 
