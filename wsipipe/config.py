@@ -100,14 +100,20 @@ class TileConfig(_Section):
         return self.stride if self.stride is not None else self.patch_size
 
 
+# A torchvision name, or timm:<name> with timm's dots and digits (timm:resnet18.a1_in1k).
+ARCH_PATTERN = r"^([a-z][a-z0-9_]*|timm:[a-z0-9][a-z0-9_.\-]*)$"
+
+
 class ModelConfig(_Section):
     """Which classifier. arch / num_classes default to what the weights file records."""
 
     arch: str | None = Field(
-        None, pattern=r"^[a-z][a-z0-9_]*$", description="torchvision architecture (default: from the weights, else resnet18)."
+        None, pattern=ARCH_PATTERN,
+        description="torchvision name (resnet18) or timm:<name> (timm:vit_tiny_patch16_224, timm:resnet18.a1_in1k); "
+        "default: from the model card or weights, else resnet18. TorchScript, export programs and WSInfer folders ignore it.",
     )
     num_classes: int | None = Field(None, ge=1, le=1000, description="1 = binary (one logit, sigmoid); k>1 = softmax.")
-    weights: Path | None = Field(None, description="Local weights file (.safetensors or .pt state dict).")
+    weights: Path | None = Field(None, description="Local model: a weights file (.safetensors, .pt state dict), a TorchScript file, a .pt2 export program, or a WSInfer or card.json folder.")
     # The name is checked against torchvision when the model is built (first thing in a
     # run), not here: importing torchvision costs seconds that `wsipipe tile` doesn't need.
 
@@ -236,7 +242,8 @@ class PretrainConfig(_Section):
 class TrainConfig(_Section):
     """Supervised (re)training of the patch classifier (wsipipe.learn.train.retrain)."""
 
-    arch: str = Field("resnet18", pattern=r"^[a-z][a-z0-9_]*$")
+    arch: str = Field("resnet18", pattern=ARCH_PATTERN,
+                      description="torchvision name (resnet18) or timm:<name> (timm:resnet18, built with pretrained=False).")
     init: Literal["scratch", "encoder", "weights", "production"] = Field(
         "scratch", description="Start from: random init, a pretrained encoder, a local weights file, the registry's production model."
     )

@@ -69,6 +69,15 @@ class ModelCard(BaseModel):
     weights_sha256: str | None = None
     domain: dict[str, Any] | None = Field(None, description="Training patches in feature space (models.domain), for the out-of-domain flag.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _source_from_arch(cls, data: Any) -> Any:
+        # Cards written before the field existed (``wsipipe train``) name only the arch; a
+        # timm:<name> arch is a timm model, not a torchvision one.
+        if isinstance(data, dict) and "source" not in data and isinstance(data.get("arch"), str):
+            return {**data, "source": source_of(data["arch"])}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
         if self.classes:
@@ -109,6 +118,16 @@ class ModelCard(BaseModel):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", exclude_none=False), indent=2)
+
+
+def source_of(arch: str) -> Source:
+    """The source an arch name implies: 'timm:<name>' is timm, 'torchscript' and 'export' are
+    themselves, anything else a torchvision name. (A WSInfer folder says so in its own card.)"""
+    if arch.startswith("timm:"):
+        return "timm"
+    if arch in ("torchscript", "export"):
+        return arch  # type: ignore[return-value]
+    return "torchvision"
 
 
 def tumor_like(names: list[str]) -> str | None:
