@@ -148,12 +148,12 @@ def train(
         console.print(f"registered as {add(cfg.train.registry, out)} in {cfg.train.registry}")
 
 
-models_app = typer.Typer(help="The model registry: list, promote.")
+models_app = typer.Typer(help="Models: the registry (list, promote) and any model file or folder (card, export).")
 
 
 @models_app.callback(invoke_without_command=True)
 def models(ctx: typer.Context) -> None:
-    """The model registry: list, promote."""
+    """Models: the registry (list, promote) and any model file or folder (card, export)."""
     help_when_bare(ctx)
 
 
@@ -191,6 +191,43 @@ def models_promote(version: str = typer.Argument(..., help="Version to make prod
     root = registry_dir or load_config(config).train.registry
     e = promote(root, version, metric)
     print_paths({f"production is now {e['version']}": e["weights"]})
+
+
+@models_app.command("card")
+def models_card(
+    model: Path = typer.Argument(..., metavar="MODEL", help="Weights (.safetensors / .pt state dict), TorchScript file, "
+                                 ".pt2 export program, WSInfer model folder, or a folder with card.json."),
+    arch: str | None = typer.Option(None, help="Architecture of a bare state dict (torchvision name or timm:<name>)."),
+    num_classes: int | None = typer.Option(None, min=1, help="Output columns of a bare state dict."),
+) -> None:
+    """Print a model's card (JSON): classes, resolution, patch size, normalisation, where it came from.
+
+    The model is loaded (on the CPU), so the card printed is the one a run uses: the card.json
+    beside the weights when it describes them, a WSInfer folder's config, else one made from the file."""
+    from wsipipe.models.model import load_model
+
+    _, info = load_model(model, arch, num_classes)
+    assert info.card is not None
+    typer.echo(info.card.to_json())
+
+
+@models_app.command("export")
+def models_export(
+    weights: Path = typer.Argument(..., metavar="WEIGHTS", help="The model to export: any file or folder `models card` reads."),
+    fmt: str = typer.Option(..., "--format", "-f", help="torchscript (torch.jit.script, else trace) or export (torch.export "
+                            "program, .pt2, dynamic batch)."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write; card.json is written beside it."),
+    arch: str | None = typer.Option(None, help="Architecture of a bare state dict (torchvision name or timm:<name>)."),
+    num_classes: int | None = typer.Option(None, min=1, help="Output columns of a bare state dict."),
+) -> None:
+    """Write a model as a TorchScript file or a torch.export program, with its card beside it.
+
+    The card is the source's, with the new file's sha256, source and arch; `wsipipe infer --model OUT`
+    then runs it as the source model ran (same probabilities)."""
+    from wsipipe.models.model import export_model
+
+    info = export_model(weights, fmt, out, arch, num_classes)
+    print_paths({f"{fmt} ({info.num_classes} output column(s))": info.path or out, "model card": out.parent / "card.json"})
 
 
 

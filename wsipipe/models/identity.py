@@ -113,7 +113,27 @@ def folder_model(folder: Path) -> tuple[str, Path, Path | None] | None:
         return None if model is None else ("wsinfer", model, config)
     if (folder / CARD_FILE).is_file():
         weights = next((folder / n for n in CARD_FOLDER_MODELS if (folder / n).is_file()), None)
+        weights = weights or _described_file(folder)
         return None if weights is None else ("card", weights, None)
+    return None
+
+
+def _described_file(folder: Path) -> Path | None:
+    """The file in ``folder`` whose sha256 the card names (weights under another name, such as
+    an export written as ``tumor.pt2``); hashes the folder's files only when no usual name is there."""
+    try:
+        sha = json.loads((folder / CARD_FILE).read_text()).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(sha, str):
+        return None
+    for path in sorted(folder.iterdir()):
+        if path.name != CARD_FILE and not path.name.startswith(".") and path.is_file():
+            try:
+                if file_sha256(path) == sha:
+                    return path
+            except OSError:
+                continue
     return None
 
 
