@@ -113,7 +113,8 @@ class ModelConfig(_Section):
         "default: from the model card or weights, else resnet18. TorchScript, export programs and WSInfer folders ignore it.",
     )
     num_classes: int | None = Field(None, ge=1, le=1000, description="1 = binary (one logit, sigmoid); k>1 = softmax.")
-    weights: Path | None = Field(None, description="Local model: a weights file (.safetensors, .pt state dict), a TorchScript file, a .pt2 export program, or a WSInfer or card.json folder.")
+    weights: Path | None = Field(None, description="Local model: a weights file (.safetensors, .pt state dict), a TorchScript "
+                                 "file, a .pt2 export program, or a WSInfer or card.json folder.")
     # The name is checked against torchvision when the model is built (first thing in a
     # run), not here: importing torchvision costs seconds that `wsipipe tile` doesn't need.
 

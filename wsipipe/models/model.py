@@ -342,6 +342,8 @@ def export_model(source: str | Path, fmt: str, out: str | Path, arch: str | None
     ``card.json`` beside it: the source's card with the new file's sha256, source and arch.
 
     Refuses to overwrite a card.json beside ``out`` that describes other weights."""
+    if not Path(source).exists():  # the input first: a missing model is the problem to name
+        raise ModelLoadError(source, "model not found (a weights file, TorchScript or export file, or model folder)")
     if fmt not in PROGRAM_KINDS:
         raise ParameterError(None, f"--format {fmt!r}: torchscript or export")
     out = Path(out)
