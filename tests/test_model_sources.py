@@ -263,6 +263,17 @@ def test_cli_models_card_and_export(tmp_path, resnet):
     assert done.exit_code == 0, done.output
     assert json.loads(runner.invoke(app, ["models", "card", str(out)]).stdout)["source"] == "torchscript"
 
+    again = runner.invoke(app, ["models", "export", str(weights), "--format", "torchscript", "--out", str(out)])
+    assert again.exit_code == 0, again.output  # replacing its own earlier export is fine
+    trained = tmp_path / "trained"  # weights with their card, as `wsipipe train` leaves them
+    trained.mkdir()
+    (trained / "model.safetensors").write_bytes(weights.read_bytes())
+    (trained / "card.json").write_text(json.dumps({"arch": "resnet18", "num_classes": 2, "weights_sha256": card["weights_sha256"]}))
+    beside = runner.invoke(app, ["models", "export", str(trained / "model.safetensors"), "--format", "torchscript",
+                                 "--out", str(trained / "tumor.pt")])  # would orphan the source's card
+    assert beside.exit_code == 2 and "card.json: exists and describes other weights" in beside.stderr
+    assert not (trained / "tumor.pt").exists()
+
     bad = runner.invoke(app, ["models", "export", str(weights), "--format", "onnx", "--out", str(tmp_path / "x.onnx")])
     assert bad.exit_code == 2 and "torchscript or export" in bad.output
     for command in ("card", "export"):

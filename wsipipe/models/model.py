@@ -356,7 +356,9 @@ def export_model(source: str | Path, fmt: str, out: str | Path, arch: str | None
             other = json.loads(card_path.read_text()).get("weights_sha256")
         except (OSError, ValueError, AttributeError):
             other = None
-        if other != info.sha256:  # the card of another model: writing ours would orphan those weights
+        # Only the card of an earlier export to this very file may be replaced: any other card
+        # (the source's own, another model's) would be left describing nothing.
+        if not (out.is_file() and other == file_sha256(out)):
             raise ModelLoadError(card_path, "exists and describes other weights: write the export into another folder")
     assert info.card is not None
     size = _input_size(info.card) or sources.DEFAULT_SIZE
