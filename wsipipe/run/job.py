@@ -63,7 +63,7 @@ class SlideJob:
 
     def model(self):
         if self.net is not None:
-            return self.net, self.info
+            return with_card(self.net, self.info)
         try:
             mtime = self.weights.stat().st_mtime_ns
         except OSError:
@@ -90,7 +90,19 @@ class Stage:
 def _cached_model(path: str, mtime_ns: int, arch: str | None, num_classes: int | None):
     from wsipipe.models.model import load_model
 
-    return load_model(path, arch, num_classes)
+    return with_card(*load_model(path, arch, num_classes))
+
+
+def with_card(net: Any, info: Any) -> tuple[Any, Any]:
+    """``(net, info)`` with the model card beside the weights attached to ``info`` when its loader
+    attached none (inference follows ``info.card``: normalisation, stain, class names)."""
+    import dataclasses
+
+    from wsipipe.models.identity import model_card
+
+    if info is None or info.card is not None:
+        return net, info
+    return net, dataclasses.replace(info, card=model_card(info))
 
 
 # ---------------------------------------------------------------------------- the stages
