@@ -15,6 +15,7 @@ from torch import nn
 from wsipipe.config import InferenceConfig, StitchConfig, load_config
 from wsipipe.errors import ConfigError
 from wsipipe.models.card import ModelCard, Normalisation
+from wsipipe.models.expected import with_model_card
 from wsipipe.models.identity import ModelInfo, file_sha256, infer_identity
 from wsipipe.models.inference import infer_store, predict_patches
 from wsipipe.models.stain import fit_stain_normaliser
@@ -145,7 +146,7 @@ def test_infer_identity_follows_the_card_input_and_a_changed_card_recomputes(tmp
     # A card.json beside the weights (for these very weights) is followed without being attached.
     card = ModelCard(arch="tiny", num_classes=1, weights_sha256=bare.sha256, normalisation=Normalisation(resize=40))
     (bare.path.parent / "card.json").write_text(card.to_json())
-    assert infer_identity(group, bare) == infer_identity(group, changed)
+    assert infer_identity(group, with_model_card(bare)) == infer_identity(group, changed)
     assert infer_store(path, model, bare, FP32)["skipped"]
 
 
@@ -228,6 +229,9 @@ def test_run_tiles_at_the_card_resolution_and_refuses_a_conflicting_mpp(tmp_path
     summary = json.loads((slide_dir / "summary.json").read_text())
     assert summary["tumor_class"] == "tumor" and summary["classes"] == ["tumor"]
     assert "model_card_overridden" not in [f["code"] for f in summary["qc"]["flags"]]
+    # The done-check reads the card too: its class names are part of what the store was made with.
+    res = _cli("run", slides_dir / CMU, "--model", carded_model, "--out", out, "--dry-run", *RUN)
+    assert res.exit_code == 0 and res.stdout.startswith("would skip (up to date)"), res.output
 
     fresh = tmp_path / "fresh"
     res = _cli("run", slides_dir / CMU, "--model", carded_model, "--out", fresh, "--mpp", "0.5", *RUN)

@@ -78,19 +78,6 @@ def _safetensors_metadata(data: bytes) -> dict[str, Any]:
     return dict(meta) if isinstance(meta, dict) else {}
 
 
-def model_card(info: ModelInfo) -> ModelCard | None:
-    """The card a model runs by: the one its loader attached, else the ``card.json`` beside its
-    weights that names these very weights (its sha256). Inference and the done-check both ask
-    here, so they agree on what the model expects whichever way the info was made."""
-    if info.card is not None:
-        return info.card
-    if info.path is None:
-        return None
-    from wsipipe.models.card import card_beside
-
-    return card_beside(info.path, info.sha256)
-
-
 def input_identity(card: ModelCard | None) -> dict[str, Any] | None:
     """What the model's input is made of, as the card says: normalisation, resize and stain
     normaliser; None for the default input (ImageNet normalisation of the patches as tiled), so
@@ -105,15 +92,16 @@ def input_identity(card: ModelCard | None) -> dict[str, Any] | None:
 
 
 def infer_identity(group, info: ModelInfo) -> dict[str, Any]:
-    """What a store's probabilities depend on: its tiled patches, the model, the input the card
-    makes of the patches (normalisation, resize, stain) and the class names it gives the columns."""
+    """What a store's probabilities depend on: its tiled patches, the model, the input its card
+    (``info.card``; see :func:`wsipipe.models.expected.with_model_card`) makes of the patches
+    (normalisation, resize, stain) and the class names it gives the columns."""
     from wsipipe.tiles import store
 
     tile = store.stage_entry(group, store.STAGE_TILE) or {}
     identity: dict[str, Any] = {
         "tile": tile.get("identity"), "model_sha256": info.sha256, "num_classes": info.num_classes, "arch": info.arch,
     }
-    card = model_card(info)
+    card = info.card
     spec = input_identity(card)
     if spec is not None:
         identity["input"] = spec

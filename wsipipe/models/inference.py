@@ -29,7 +29,6 @@ import logging
 import queue
 import threading
 import time
-import dataclasses
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any, NamedTuple, TypeVar
@@ -45,9 +44,9 @@ from wsipipe.config import InferenceConfig
 from wsipipe.errors import ConfigError, ModelLoadError, StoreError
 from wsipipe.models import fused
 from wsipipe.models.card import CARD_FILE, ModelCard
-from wsipipe.models.identity import infer_identity, model_card
+from wsipipe.models.expected import OVERRIDE_KEY, departure_words, departures, overridden, with_model_card
+from wsipipe.models.identity import infer_identity
 from wsipipe.models.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
-from wsipipe.models.resolution import OVERRIDE_KEY, departure_words, departures, overridden
 from wsipipe.models.stain import StainNormaliser
 from wsipipe.tiles.tiling import reads_from_slide, slide_source
 
@@ -298,7 +297,7 @@ def infer_store(
     t0 = time.perf_counter()
     group = store.open_store(store_path, mode="r+")
     store.require_complete(group, store.STAGE_TILE, store_path)
-    info = dataclasses.replace(info, card=model_card(info))  # the card beside the weights, when none is attached
+    info = with_model_card(info) or info  # the card beside the weights, when the loader attached none
     identity = infer_identity(group, info)
     from_slide = reads_from_slide(group)
     patches = None if from_slide else store.array(group, store.PATCHES)

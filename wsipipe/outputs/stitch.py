@@ -39,7 +39,7 @@ from wsipipe import __version__
 from wsipipe.tiles import qc, store
 from wsipipe.config import ExportConfig, QCConfig, StitchConfig
 from wsipipe.errors import ConfigError, NoTissueError, StoreError
-from wsipipe.models.resolution import OVERRIDE_KEY
+from wsipipe.models.expected import OVERRIDE_KEY
 from wsipipe.geojson import write_geojson
 from wsipipe.files import write_atomic
 from wsipipe.geometry import as_multipolygon, mask_to_polygons, rasterize

@@ -62,7 +62,7 @@ def with_card_resolution(cfg: PipelineConfig, weights: Path, force: bool = False
     both values and the card, before any work; ``force`` runs with it, logged (the infer stage
     records the departure and the summary flags it for review)."""
     from wsipipe.models.card import CARD_FILE, card_beside, validation_message
-    from wsipipe.models.resolution import departure_words, departures
+    from wsipipe.models.expected import departure_words, departures
 
     card = card_beside(weights)
     if card is None:
@@ -81,8 +81,8 @@ def with_card_resolution(cfg: PipelineConfig, weights: Path, force: bool = False
     found = departures(card, tile.mpp, tile.patch_size, tile.mpp_tolerance)
     if found and not force:
         raise ModelCardConflict(
-            where, f"{departure_words(found)}; leave them unset to run as the model was trained, or pass --force to run "
-            "as set (the slide is flagged for review)",
+            where, f"{departure_words(found)}; leave {' and '.join(d.setting for d in found)} unset to run as the model "
+            "was trained, or pass --force to run as set (the slide is flagged for review)",
         )
     if found:
         log.warning("%s: %s; running as set (--force), the slide is flagged for review", where, departure_words(found))
@@ -105,8 +105,7 @@ def check_store_card(store_path: str | Path, info: Any, force: bool = False) -> 
     to the infer stage, which says why."""
     from wsipipe.errors import StoreError
     from wsipipe.models.card import CARD_FILE
-    from wsipipe.models.identity import model_card
-    from wsipipe.models.resolution import departure_words, departures
+    from wsipipe.models.expected import departure_words, departures, model_card
     from wsipipe.tiles import store
 
     card = model_card(info)
