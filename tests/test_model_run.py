@@ -120,6 +120,21 @@ def test_card_stain_normaliser_changes_the_input_as_apply_does(tmp_path, slides_
         infer_store(make_store(tmp_path / "t.zarr", patches), model, broken, FP32)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_input_matches_cpu(tmp_path, slides_dir):
+    """On CUDA the card's normalisation and resize run on the device: the same input as on CPU."""
+    patches = h_and_e_patches(slides_dir)
+    path = make_store(tmp_path / "s.zarr", patches)
+    model = Tiny(seed=3).eval()
+    norm = fit_stain_normaliser("reinhard", patches[:4])
+    info = info_for(tmp_path, normalisation=Normalisation(mean=(0.6, 0.5, 0.7), std=(0.2, 0.25, 0.15), resize=24),
+                    stain_normalisation=norm.to_dict())
+    want = predict_patches(model, patches, CPU, None, batch_size=5, card=info.card)
+    infer_store(path, model, info, InferenceConfig(batch_size=5, precision="fp32", device="cuda"))
+    np.testing.assert_allclose(store.open_store(path)["probabilities"][:], want, atol=1e-4)
+
+
 def test_infer_identity_follows_the_card_input_and_a_changed_card_recomputes(tmp_path, slides_dir):
     path = make_store(tmp_path / "s.zarr", h_and_e_patches(slides_dir, n=8))
     group = store.open_store(path)
