@@ -15,7 +15,7 @@ from torch import nn
 from wsipipe.config import InferenceConfig, StitchConfig, load_config
 from wsipipe.errors import ConfigError
 from wsipipe.models.card import ModelCard, Normalisation
-from wsipipe.models.expected import with_model_card
+from wsipipe.models.carded import with_model_card
 from wsipipe.models.identity import ModelInfo, file_sha256, infer_identity
 from wsipipe.models.inference import infer_store, predict_patches
 from wsipipe.models.stain import fit_stain_normaliser

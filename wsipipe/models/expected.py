@@ -1,5 +1,5 @@
-"""What a model expects, as its card says: the card a model runs by, and where a run's patches
-depart from the resolution and patch size it was trained on.
+"""Where a run's patches depart from the resolution and patch size the model card says the
+model was trained on.
 
 A model sees tissue at one resolution and patch size; patches at another are a different
 input (cells twice the size, half the context) and its probabilities mean something else.
@@ -13,37 +13,13 @@ check runs before any work, in ``wsipipe run --dry-run`` too.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from wsipipe.models.card import ModelCard
-    from wsipipe.models.identity import ModelInfo
 
 OVERRIDE_KEY = "model_card_overridden"  # in the infer stage's entry and as the summary's QC flag code
-
-
-def model_card(info: ModelInfo) -> ModelCard | None:
-    """The card a model runs by: the one its loader attached, else the ``card.json`` beside its
-    weights that names these very weights (their sha256); None for a bare weights file."""
-    if info.card is not None:
-        return info.card
-    if info.path is None:
-        return None
-    from wsipipe.models.card import card_beside
-
-    return card_beside(info.path, info.sha256)
-
-
-def with_model_card(info: ModelInfo | None) -> ModelInfo | None:
-    """``info`` with :func:`model_card` attached. Inference and the done-check both take the card
-    from ``info.card`` (its normalisation, stain and class names are in the infer identity), so
-    every place that makes an info from a weights file attaches it here, whichever loader made it."""
-    if info is None or info.card is not None:
-        return info
-    card = model_card(info)
-    return info if card is None else dataclasses.replace(info, card=card)
 
 
 @dataclass(frozen=True)
@@ -72,8 +48,11 @@ def departures(card: ModelCard | None, mpp: float | None, patch_size: int | None
     return out
 
 
-def departure_words(found: list[Departure], used_by: str = "this run sets") -> str:
-    """``the model card says tile.mpp 1 (this run sets 0.5) and ...``: both values of each."""
+def departure_words(found: list[Departure] | dict[str, dict[str, Any]], used_by: str = "this run sets") -> str:
+    """``the model card says tile.mpp 1 (this run sets 0.5) and ...``: both values of each
+    (``found``: departures, or what :func:`overridden` made of them)."""
+    if isinstance(found, dict):
+        found = [Departure(setting, v["used"], v["card"]) for setting, v in found.items()]
     parts = [f"{d.setting} {d.card:g} ({used_by} {d.used:g})" for d in found]
     return "the model card says " + " and ".join(parts)
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wsipipe.models.expected import OVERRIDE_KEY, departures, overridden
+
 if TYPE_CHECKING:
     from wsipipe.models.card import ModelCard
 
@@ -93,7 +95,7 @@ def input_identity(card: ModelCard | None) -> dict[str, Any] | None:
 
 def infer_identity(group, info: ModelInfo) -> dict[str, Any]:
     """What a store's probabilities depend on: its tiled patches, the model, the input its card
-    (``info.card``; see :func:`wsipipe.models.expected.with_model_card`) makes of the patches
+    (``info.card``; see :func:`wsipipe.models.carded.with_model_card`) makes of the patches
     (normalisation, resize, stain) and the class names it gives the columns."""
     from wsipipe.tiles import store
 
@@ -108,4 +110,17 @@ def infer_identity(group, info: ModelInfo) -> dict[str, Any]:
     if card is not None and card.classes:
         identity["classes"] = card.columns
         identity["positive_class"] = card.positive
+    departed = store_departures(group, card)
+    if departed:  # patches cut at another resolution or size than the card's: a forced run, flagged
+        identity[OVERRIDE_KEY] = departed
     return identity
+
+
+def store_departures(group, card: ModelCard | None) -> dict[str, Any]:
+    """Where the store's tiled patches depart from the card's resolution and patch size
+    (:func:`wsipipe.models.expected.departures`, tolerance as tiled); {} where they do not."""
+    from wsipipe.tiles import store
+
+    tile = store.meta(group).get(store.META_TILE) or {}
+    found = departures(card, tile.get("mpp"), tile.get("patch_size"), float(tile.get("mpp_tolerance") or 0.05))
+    return overridden(found)

@@ -44,7 +44,8 @@ from wsipipe.config import InferenceConfig
 from wsipipe.errors import ConfigError, ModelLoadError, StoreError
 from wsipipe.models import fused
 from wsipipe.models.card import CARD_FILE, ModelCard
-from wsipipe.models.expected import OVERRIDE_KEY, departure_words, departures, overridden, with_model_card
+from wsipipe.models.carded import with_model_card
+from wsipipe.models.expected import OVERRIDE_KEY, departure_words
 from wsipipe.models.identity import infer_identity
 from wsipipe.models.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 from wsipipe.models.stain import StainNormaliser
@@ -54,7 +55,6 @@ STAGE = store.STAGE_INFER
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
-
 
 
 def _affine(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -308,7 +308,10 @@ def infer_store(
     device = resolve_device(cfg.device)  # a bad setting fails before the store is touched
     dtype = resolve_precision(cfg.precision, device)
     spec = input_spec(info.card, _card_file(info))
-    departed = _store_departures(group, info.card, store_path)
+    departed = identity.get(OVERRIDE_KEY)  # in the identity: a forced run at other settings is never taken for a clean one
+    if departed:
+        log.warning("%s: patches at other settings than the model card's (%s); classifying anyway, flagged for review",
+                    store_path, departure_words(departed))
     source = slide_source(group, store_path, slide_path) if from_slide else None  # a missing slide, too
     net = prepare_model(model, device)
     run = torch.compile(net, dynamic=False) if cfg.compile else net
@@ -420,18 +423,6 @@ def _card_file(info: ModelInfo):
         return None
     beside = info.path.parent / CARD_FILE
     return beside if beside.is_file() else info.path
-
-
-def _store_departures(group: zarr.Group, card: ModelCard | None, store_path) -> dict[str, Any]:
-    """Where the store's patches depart from the card's resolution and patch size (recorded in the
-    stage entry; stitching flags them for review). The command line refuses them before any work
-    unless forced; here, the library's caller chose these patches, so it is a warning."""
-    tile = store.meta(group).get(store.META_TILE) or {}
-    found = departures(card, tile.get("mpp"), tile.get("patch_size"), float(tile.get("mpp_tolerance") or 0.05))
-    if found:
-        log.warning("%s: %s; classifying anyway, flagged for review", store_path,
-                    departure_words(found, "the store's patches are"))
-    return overridden(found)
 
 
 def _units(todo: list[int], slices: list[slice], per_unit: int) -> list[_Unit]:

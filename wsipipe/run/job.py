@@ -96,7 +96,7 @@ def _cached_model(path: str, mtime_ns: int, arch: str | None, num_classes: int |
 def with_card(net: Any, info: Any) -> tuple[Any, Any]:
     """``(net, info)`` with the model card beside the weights attached to ``info`` when its loader
     attached none (inference follows ``info.card``: normalisation, stain, class names)."""
-    from wsipipe.models.expected import with_model_card
+    from wsipipe.models.carded import with_model_card
 
     return net, with_model_card(info)
 

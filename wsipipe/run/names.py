@@ -105,17 +105,18 @@ def check_store_card(store_path: str | Path, info: Any, force: bool = False) -> 
     to the infer stage, which says why."""
     from wsipipe.errors import StoreError
     from wsipipe.models.card import CARD_FILE
-    from wsipipe.models.expected import departure_words, departures, model_card
+    from wsipipe.models.carded import model_card
+    from wsipipe.models.expected import departure_words
+    from wsipipe.models.identity import store_departures
     from wsipipe.tiles import store
 
     card = model_card(info)
     if card is None or force:
         return
     try:
-        tile = store.meta(store.open_store(store_path)).get(store.META_TILE) or {}
+        found = store_departures(store.open_store(store_path), card)
     except StoreError:
         return
-    found = departures(card, tile.get("mpp"), tile.get("patch_size"), float(tile.get("mpp_tolerance") or 0.05))
     if found:
         beside = Path(info.path).parent / CARD_FILE if info.path else None
         where = beside if beside is not None and beside.is_file() else info.path

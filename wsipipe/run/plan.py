@@ -44,7 +44,7 @@ def decide(
 ) -> list[SlideResult | None]:
     """:func:`decided_row` for each slide, in order, each with its own manifest settings
     (``settings``, from :func:`wsipipe.run.archive.archive_settings`) on top of ``cfg``."""
-    from wsipipe.models.expected import with_model_card
+    from wsipipe.models.carded import with_model_card
     from wsipipe.run.archive import slide_config
 
     settings = settings or {}
@@ -91,7 +91,7 @@ def dry_run(
 ) -> list[tuple[Path, str]]:
     """What a run would do with each slide, without writing anything: (slide, ``would process
     (new)`` / ``would process (changed: ...)`` / ``would skip (up to date)`` / ``would fail (...)``)."""
-    from wsipipe.models.expected import with_model_card
+    from wsipipe.models.carded import with_model_card
     from wsipipe.run.archive import slide_config
 
     settings = settings or {}
