@@ -124,7 +124,7 @@ def process_archive(
     cfg = load_config(config, parse_overrides(overrides))
     slides = scan_archive(archive)
     settings = archive_settings(archive)  # per-slide manifest columns, e.g. mpp
-    weights, cfg = run_model(model, cfg)  # with the model card's decision threshold
+    weights, cfg = run_model(model, cfg, force)  # with the model card's threshold, resolution and patch size
     info = weights_identity(weights, cfg.model.arch, cfg.model.num_classes)
     decided = decide(slides, out, cfg, info, settings, force)
     todo = [slide for slide, row in zip(slides, decided, strict=True) if row is None]

@@ -161,7 +161,15 @@ class StitchConfig(_Section):
         "heatmap, the slide score, the tumor regions and the counts (1 = analyse every patch; stores without QC "
         "measures analyse every patch).",
     )
-    class_index: int = Field(-1, description="Which class is 'tumor' for k-class models (-1 = last).")
+    tumor_class: str | None = Field(
+        None, min_length=1,
+        description="Which probability column is tumor, by the class name the model's card gives it (e.g. 'tumor'). "
+        "None = the card's positive class (a class whose name contains 'tumor', else the last); a name that is no "
+        "column fails, listing the columns.",
+    )
+    class_index: int = Field(
+        -1, description="Which column is 'tumor' for k-class models whose columns have no names (no model card; -1 = last).",
+    )
 
     @property
     def tumor_threshold(self) -> float:

@@ -86,6 +86,11 @@ class ConfigError(WsipipeError):
     """A configuration file or parameter is invalid (names the field and value)."""
 
 
+class ModelCardConflict(ConfigError):
+    """A setting the user gave (tile.mpp, tile.patch_size) disagrees with what the model's card says
+    the model was trained at; names both values and the card file. ``--force`` runs anyway."""
+
+
 class ParameterError(ConfigError, ValueError):
     """A threshold or fraction given to a library function is out of range (names the parameters and values).
 

@@ -70,7 +70,10 @@ def configure_logging() -> None:
 # The options several commands share, defined once: each maps onto a config field (see load_config).
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config overriding the defaults (see configs/).")
 SetOpt = typer.Option([], "--set", help="Config field override, e.g. --set tile.mpp=1.0 (repeatable; value read as YAML).")
-MppOpt = typer.Option(None, "--mpp", help="Target resolution of patches, µm/px (tile.mpp; default 0.5).")
+MppOpt = typer.Option(
+    None, "--mpp", help="Target resolution of patches, µm/px (tile.mpp; default: the model card's where the command knows "
+    "the model, else 0.5).",
+)
 MppOverrideOpt = typer.Option(None, "--mpp-override", help="Use this level-0 µm/px instead of the file's (mpp_override).")
 MppDefaultOpt = typer.Option(
     None, "--mpp-default", help="Level-0 µm/px for slides whose file states none; never replaces a stated one (mpp_default).",
@@ -83,7 +86,8 @@ DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (infe
 SchedulerOpt = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler (dask.scheduler_address).")
 ForceOpt = typer.Option(
     False, "--force",
-    help="Replace a slide's earlier result made with another level-0 resolution (mpp) instead of refusing.",
+    help="Replace a slide's earlier result made with another level-0 resolution (mpp) instead of refusing; run at a "
+    "tile.mpp / tile.patch_size other than the model card's (flagged for review).",
 )
 DryRunOpt = typer.Option(False, "--dry-run", help="Print what would be processed or skipped and why; write nothing.")
 

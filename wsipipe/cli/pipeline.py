@@ -114,15 +114,20 @@ def infer(
     arch: str | None = typer.Option(None, help="torchvision architecture (default resnet18 / from the file)."),
     batch_size: int | None = typer.Option(None, help="Patches per batch (default 64)."),
     device: str | None = DeviceOpt,
+    force: bool = ForceOpt,
     overrides: list[str] = SetOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Classify every patch of a store; writes `probabilities` into it."""
+    """Classify every patch of a store; writes `probabilities` into it. A store tiled at another
+    resolution or patch size than the model's card says is refused unless --force."""
     from wsipipe.models.inference import infer_store
     from wsipipe.models.model import load_model
+    from wsipipe.run.job import with_card
+    from wsipipe.run.names import check_store_card
 
     cfg = load_config(config, overrides, **{"model.arch": arch, "inference.batch_size": batch_size, "inference.device": device})
-    net, info = load_model(model, arch, None)
+    net, info = with_card(*load_model(model, arch, None))
+    check_store_card(store_path, info, force)
     with progress() as update, writing_outputs(store_path):
         stats = infer_store(store_path, net, info, cfg.inference, progress=one("infer", update))
     print_paths({f"probabilities ({stats.get('n', '?')} patches)": store_path})
@@ -246,7 +251,7 @@ def _print_dry_run(slides: list[Path], out: Path, cfg, model: Path | None, force
     from wsipipe.run.names import run_model
     from wsipipe.run.plan import dry_run
 
-    weights, cfg = run_model(model, cfg)  # with the model card's decision threshold
+    weights, cfg = run_model(model, cfg, force)  # with the model card's threshold, resolution and patch size
     info = weights_identity(weights, cfg.model.arch, cfg.model.num_classes)
     for slide, verdict in dry_run(slides, out, cfg, info, settings, force):
         console.print(Text.assemble((verdict, "cyan" if "skip" in verdict else "red" if "fail" in verdict else "green"),
@@ -352,7 +357,7 @@ def archive(
     if dry_run:
         _print_dry_run(scan_archive(source), out, cfg, model, force, settings)
         return
-    weights, cfg = run_model(model, cfg)  # with the model card's decision threshold
+    weights, cfg = run_model(model, cfg, force)  # with the model card's threshold, resolution and patch size
     decided = decide(scan_archive(source), out, cfg, weights_identity(weights, cfg.model.arch, cfg.model.num_classes),
                      settings, force)
     if all(row is not None for row in decided):  # nothing to process: no Prefect run
@@ -406,8 +411,9 @@ def _run_on_cluster(slides: list[Path], out: Path, cfg, model: Path | None, forc
     """`run --scheduler`: one slide per worker, inference on the workers with the GPU resource."""
     from wsipipe.run.cluster import dask_client, run_slides
     from wsipipe.run.job import output_dir
-    from wsipipe.run.names import ResolutionConflict
+    from wsipipe.run.names import ResolutionConflict, run_model
 
+    _, cfg = run_model(model, cfg, force)  # a card the settings contradict fails here, before the cluster starts
     if not force:  # the workers place each slide's folder themselves: refuse other resolutions first
         for slide in slides:
             try:
@@ -418,7 +424,7 @@ def _run_on_cluster(slides: list[Path], out: Path, cfg, model: Path | None, forc
                 pass  # that slide's own error comes back in its row
     with dask_client(cfg.dask) as client:
         err.print(f"dask cluster: [cyan]{client.scheduler.address}[/]", highlight=False)
-        rows = run_slides(slides, out, cfg, model, client)
+        rows = run_slides(slides, out, cfg, model, client, force=force)
     failed = [r for r in rows if r.status == "failed"]
     for row in rows:
         if json_rows:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wsipipe.models.expected import OVERRIDE_KEY, departures, overridden
+
 if TYPE_CHECKING:
     from wsipipe.models.card import ModelCard
 
@@ -207,11 +209,47 @@ def _safetensors_metadata(data: bytes) -> dict[str, Any]:
     return dict(meta) if isinstance(meta, dict) else {}
 
 
+def input_identity(card: ModelCard | None) -> dict[str, Any] | None:
+    """What the model's input is made of, as the card says: normalisation, resize and stain
+    normaliser; None for the default input (ImageNet normalisation of the patches as tiled), so
+    stores classified before cards existed keep their identity."""
+    if card is None:
+        return None
+    norm = card.normalisation
+    default = type(norm)()
+    if norm == default and card.stain_normalisation is None:
+        return None
+    return {"mean": list(norm.mean), "std": list(norm.std), "resize": norm.resize, "stain": card.stain_normalisation}
+
+
 def infer_identity(group, info: ModelInfo) -> dict[str, Any]:
-    """What a store's probabilities depend on: its tiled patches and the model."""
+    """What a store's probabilities depend on: its tiled patches, the model, the input its card
+    (``info.card``; see :func:`wsipipe.models.carded.with_model_card`) makes of the patches
+    (normalisation, resize, stain) and the class names it gives the columns."""
     from wsipipe.tiles import store
 
     tile = store.stage_entry(group, store.STAGE_TILE) or {}
-    return {
+    identity: dict[str, Any] = {
         "tile": tile.get("identity"), "model_sha256": info.sha256, "num_classes": info.num_classes, "arch": info.arch,
     }
+    card = info.card
+    spec = input_identity(card)
+    if spec is not None:
+        identity["input"] = spec
+    if card is not None and card.classes:
+        identity["classes"] = card.columns
+        identity["positive_class"] = card.positive
+    departed = store_departures(group, card)
+    if departed:  # patches cut at another resolution or size than the card's: a forced run, flagged
+        identity[OVERRIDE_KEY] = departed
+    return identity
+
+
+def store_departures(group, card: ModelCard | None) -> dict[str, Any]:
+    """Where the store's tiled patches depart from the card's resolution and patch size
+    (:func:`wsipipe.models.expected.departures`, tolerance as tiled); {} where they do not."""
+    from wsipipe.tiles import store
+
+    tile = store.meta(group).get(store.META_TILE) or {}
+    found = departures(card, tile.get("mpp"), tile.get("patch_size"), float(tile.get("mpp_tolerance") or 0.05))
+    return overridden(found)

@@ -13,6 +13,10 @@ channels_last NCHW tensor without a copy. On CUDA it pins the uint8 batch instea
 fewer bytes to move than float); the copy is asynchronous and normalisation happens on
 the GPU. Both run the model in channels_last under ``torch.inference_mode`` and autocast.
 
+The input is the model card's (:class:`InputSpec`): its stain normaliser on the uint8 patches
+(background thread), its mean/std, and a resize to its input edge on the model's device. A
+model without a card gets the ImageNet normalisation of the patches as tiled.
+
     model, info = load_model("tumor.safetensors")
     infer_store("slide.zarr", model, info, InferenceConfig(batch_size=64))
 """
@@ -26,7 +30,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, NamedTuple, TypeVar
 from collections.abc import Callable, Generator, Iterable, Iterator
 
@@ -37,10 +41,14 @@ from torch import nn
 
 from wsipipe.tiles import store
 from wsipipe.config import InferenceConfig
-from wsipipe.errors import ConfigError, StoreError
+from wsipipe.errors import ConfigError, ModelLoadError, StoreError
 from wsipipe.models import fused
+from wsipipe.models.card import CARD_FILE, ModelCard
+from wsipipe.models.carded import with_model_card
+from wsipipe.models.expected import OVERRIDE_KEY, departure_words
 from wsipipe.models.identity import infer_identity
 from wsipipe.models.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
+from wsipipe.models.stain import StainNormaliser
 from wsipipe.tiles.tiling import reads_from_slide, slide_source
 
 STAGE = store.STAGE_INFER
@@ -48,9 +56,54 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
 
-# (x / 255 - mean) / std  ==  x * _SCALE + _BIAS, per channel (last axis of NHWC).
-_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD))).astype(np.float32)
-_BIAS = (-np.asarray(IMAGENET_MEAN) / np.asarray(IMAGENET_STD)).astype(np.float32)
+
+def _affine(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(x / 255 - mean) / std  ==  x * scale + bias, per channel (last axis of NHWC), float32."""
+    scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float64))).astype(np.float32)
+    bias = (-np.asarray(mean, dtype=np.float64) / np.asarray(std, dtype=np.float64)).astype(np.float32)
+    return scale, bias
+
+
+@dataclass(frozen=True, eq=False)
+class InputSpec:
+    """What a model's input is made of: ``(resize(stain(rgb)) / 255 - mean) / std``.
+
+    ``stain``: the card's stain normaliser, applied to the uint8 patches before anything else;
+    ``resize``: the square input edge (None, or the patch edge: as tiled)."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: int | None = None
+    stain: StainNormaliser | None = None
+
+    @cached_property
+    def scale(self) -> np.ndarray:
+        return _affine(self.mean, self.std)[0]
+
+    @cached_property
+    def bias(self) -> np.ndarray:
+        return _affine(self.mean, self.std)[1]
+
+
+DEFAULT_INPUT = InputSpec()
+
+
+def input_spec(card: ModelCard | None, where=None) -> InputSpec:
+    """The card's :class:`InputSpec` (the default for None). A stain normaliser the card names
+    but that cannot run (unknown method, missing parameters) is a :class:`ModelLoadError`
+    naming ``where`` (the card file), here rather than at the first batch."""
+    if card is None:
+        return DEFAULT_INPUT
+    stain = None
+    if card.stain_normalisation is not None:
+        try:
+            stain = StainNormaliser.from_dict(card.stain_normalisation)
+            stain.apply(np.full((1, 4, 4, 3), 128, np.uint8))  # its parameters are all there
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            problem = getattr(exc, "problem", None) or f"{type(exc).__name__}: {exc}"
+            raise ModelLoadError(where, f"model card stain_normalisation cannot be applied ({problem})") from None
+    norm = card.normalisation
+    return InputSpec(tuple(norm.mean), tuple(norm.std), norm.resize, stain)  # type: ignore[arg-type]
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -91,44 +144,61 @@ def _cpu_has_bf16() -> bool:
     return any(bool(p()) for p in probes if p is not None)
 
 
-def normalize(patches: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> float32 (N, H, W, 3), ImageNet-normalised, in two numpy passes."""
+def normalize(patches: np.ndarray, spec: InputSpec = DEFAULT_INPUT) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> float32 (N, H, W, 3), normalised by ``spec``, in two numpy passes."""
     out = np.empty(patches.shape, dtype=np.float32)
-    np.multiply(patches, _SCALE, out=out)
-    out += _BIAS
+    np.multiply(patches, spec.scale, out=out)
+    out += spec.bias
     return out
 
 
-def host_batch(patches: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The part of preparing a batch that runs off the model's thread (see module doc)."""
+def host_batch(patches: np.ndarray, device: torch.device, spec: InputSpec = DEFAULT_INPUT) -> torch.Tensor:
+    """The part of preparing a batch that runs off the model's thread (see module doc): the stain
+    normaliser (numpy, per patch: the costliest step, so never on the model's thread), then
+    normalisation on CPU or pinning for CUDA."""
+    if spec.stain is not None and len(patches):
+        patches = spec.stain.apply(patches)
     if device.type == "cuda":
         return torch.from_numpy(np.ascontiguousarray(patches)).pin_memory()
     # NCHW view of NHWC memory: already channels_last, no copy.
-    return torch.from_numpy(normalize(patches)).permute(0, 3, 1, 2)
+    return torch.from_numpy(normalize(patches, spec)).permute(0, 3, 1, 2)
 
 
-def device_batch(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Finish a :func:`host_batch` on ``device``: a normalised (N, 3, H, W) channels_last float tensor."""
+def device_batch(host: torch.Tensor, device: torch.device, spec: InputSpec = DEFAULT_INPUT) -> torch.Tensor:
+    """Finish a :func:`host_batch` on ``device``: a normalised (N, 3, H, W) channels_last float
+    tensor, resized to the spec's input edge."""
     if device.type == "cpu":
-        return host
-    if device.type != "cuda":
-        return host.to(device)
-    x = host.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    scale, bias = _constants(device)
-    return x.mul_(scale).add_(bias)
+        x = host
+    elif device.type != "cuda":
+        x = host.to(device)
+    else:
+        x = host.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        scale, bias = _constants(device, spec.mean, spec.std)
+        x = x.mul_(scale).add_(bias)
+    return _resized(x, spec.resize)
 
 
-@lru_cache(maxsize=8)
-def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Cached: copying them from pageable memory per batch would block the host until the
-    # GPU drained its queue, serialising host and device.
-    scale, bias = (torch.from_numpy(c).to(device).view(1, 3, 1, 1) for c in (_SCALE, _BIAS))
+def _resized(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``x`` at ``size`` x ``size`` (bilinear, antialiased when shrinking); as is when already there.
+    After normalising: the filter is linear with weights summing to 1, so the order does not
+    change the values, and the device path does it on the GPU with the model."""
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    out = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+@lru_cache(maxsize=16)
+def _constants(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached per device and normalisation: copying them from pageable memory per batch would
+    # block the host until the GPU drained its queue, serialising host and device.
+    scale, bias = (torch.from_numpy(c).to(device).view(1, 3, 1, 1) for c in _affine(mean, std))
     return scale, bias
 
 
-def to_tensor(patches: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_tensor(patches: np.ndarray, device: torch.device, spec: InputSpec = DEFAULT_INPUT) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> normalised (N, 3, H, W) float32, channels_last, on ``device``."""
-    return device_batch(host_batch(patches, device), device)
+    return device_batch(host_batch(patches, device, spec), device, spec)
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -151,15 +221,18 @@ def predict_patches(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     batch_size: int = 64,
+    card: ModelCard | None = None,
 ) -> np.ndarray:
     """Probabilities for in-memory (N, H, W, 3) uint8 patches: (N,) float32 for a one-logit
-    model (sigmoid), (N, C) for C > 1 (softmax). Same arithmetic as :func:`infer_store`."""
+    model (sigmoid), (N, C) for C > 1 (softmax). Same arithmetic as :func:`infer_store`,
+    including the input ``card`` describes (stain normaliser, normalisation, resize)."""
     device = device or next(model.parameters()).device
+    spec = input_spec(card)
     net = prepare_model(model, device)
     outs = []
     with torch.inference_mode(), _autocast(device, dtype):
         for b in range(0, max(len(patches), 1), batch_size):  # an empty input still gives the right shape
-            outs.append(_probabilities(net(to_tensor(patches[b : b + batch_size], device))))
+            outs.append(_probabilities(net(to_tensor(patches[b : b + batch_size], device, spec))))
     return torch.cat(outs).cpu().numpy().astype(np.float32, copy=False)
 
 
@@ -224,6 +297,7 @@ def infer_store(
     t0 = time.perf_counter()
     group = store.open_store(store_path, mode="r+")
     store.require_complete(group, store.STAGE_TILE, store_path)
+    info = with_model_card(info) or info  # the card beside the weights, when the loader attached none
     identity = infer_identity(group, info)
     from_slide = reads_from_slide(group)
     patches = None if from_slide else store.array(group, store.PATCHES)
@@ -233,6 +307,11 @@ def infer_store(
 
     device = resolve_device(cfg.device)  # a bad setting fails before the store is touched
     dtype = resolve_precision(cfg.precision, device)
+    spec = input_spec(info.card, _card_file(info))
+    departed = identity.get(OVERRIDE_KEY)  # in the identity: a forced run at other settings is never taken for a clean one
+    if departed:
+        log.warning("%s: patches at other settings than the model card's (%s); classifying anyway, flagged for review",
+                    store_path, departure_words(departed))
     source = slide_source(group, store_path, slide_path) if from_slide else None  # a missing slide, too
     net = prepare_model(model, device)
     run = torch.compile(net, dynamic=False) if cfg.compile else net
@@ -260,14 +339,14 @@ def infer_store(
         stream = _stored_units(store.array(group, store.PATCHES), units, store_path)
     batches = _prefetch(
         # Compiled: the last batch is padded to full size, so the model compiles one shape only.
-        _host_batches(stream, cfg.batch_size, device, pad_last=cfg.compile), cfg.prefetch_batches
+        _host_batches(stream, cfg.batch_size, device, pad_last=cfg.compile, spec=spec), cfg.prefetch_batches
     )
     # closing: on an error the prefetch thread stops now, not when the traceback is freed; then the
     # stream, and with it any reader threads.
     with contextlib.closing(stream), contextlib.closing(batches), torch.inference_mode(), _autocast(device, dtype):
         for host in batches:
             # [:...] drops the outputs of a padded last batch
-            outs.append(forward_with_backoff(run, device_batch(host, device), limit)[: computed - produced])
+            outs.append(forward_with_backoff(run, device_batch(host, device, spec), limit)[: computed - produced])
             produced += len(outs[-1])
             buffered += len(outs[-1])
             # One device->host sync per unit, not per batch.
@@ -294,6 +373,7 @@ def infer_store(
         patches_from="store" if source is None else "slide",
         model={"sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes,
                "path": str(info.path) if info.path else None},
+        **({OVERRIDE_KEY: departed} if departed else {}),
     )
     return {"skipped": False, "n": n, "computed": computed, "seconds": seconds,
             "images_per_s": computed / seconds if computed and seconds else None}
@@ -323,9 +403,26 @@ def _outputs(
     probs = group.create_array(
         store.PROBABILITIES, shape=shape, chunks=(chunk,) + shape[1:], dtype="float32", fill_value=float("nan"),
         overwrite=True, dimension_names=["patch"] if len(shape) == 1 else ["patch", "class"],
-        attributes={"model_sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes},
+        attributes={"model_sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes,
+                    **_class_attrs(info.card)},
     )
     return probs, flags
+
+
+def _class_attrs(card: ModelCard | None) -> dict[str, Any]:
+    """The probabilities' column names and positive class, as the card names them (stitching
+    picks the tumor column by name); nothing for a model whose card names no classes."""
+    if card is None or not card.classes:
+        return {}
+    return {"classes": card.columns, "positive_class": card.positive}
+
+
+def _card_file(info: ModelInfo):
+    """The file a message about the model's card names: card.json beside the weights, else the weights."""
+    if info.path is None:
+        return None
+    beside = info.path.parent / CARD_FILE
+    return beside if beside.is_file() else info.path
 
 
 def _units(todo: list[int], slices: list[slice], per_unit: int) -> list[_Unit]:
@@ -349,7 +446,8 @@ def _stored_units(patches: zarr.Array, units: list[_Unit], path) -> Generator[np
 
 
 def _host_batches(
-    stream: Iterable[np.ndarray], batch_size: int, device: torch.device, pad_last: bool = False
+    stream: Iterable[np.ndarray], batch_size: int, device: torch.device, pad_last: bool = False,
+    spec: InputSpec = DEFAULT_INPUT,
 ) -> Iterator[torch.Tensor]:
     """Full batches across the arrays of ``stream`` (a remainder waits for the next array's
     patches); ``pad_last`` fills the final partial batch up with black patches."""
@@ -359,12 +457,12 @@ def _host_batches(
             data = np.concatenate([carry, data])
         full = len(data) - len(data) % batch_size
         for b in range(0, full, batch_size):
-            yield host_batch(data[b : b + batch_size], device)
+            yield host_batch(data[b : b + batch_size], device, spec)
         carry = data[full:] if full < len(data) else None
     if carry is not None:
         if pad_last:
             carry = np.concatenate([carry, np.zeros((batch_size - len(carry),) + carry.shape[1:], carry.dtype)])
-        yield host_batch(carry, device)
+        yield host_batch(carry, device, spec)
 
 
 class _Raised(NamedTuple):

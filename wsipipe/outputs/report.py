@@ -201,12 +201,17 @@ def _gallery_pixels(group: zarr.Group, indices: np.ndarray) -> np.ndarray | None
         return None
 
 
-def _tumor_probabilities(group: zarr.Group, class_index: int) -> np.ndarray | None:
+def _tumor_probabilities(group: zarr.Group, stitch_config: dict) -> np.ndarray | None:
+    """The tumor column the slide was stitched with (``stitch_config``: the summary's config),
+    chosen as stitching chooses it (:func:`wsipipe.outputs.stitch.tumor_column`)."""
+    from wsipipe.outputs.stitch import tumor_column
+
     arr = store.optional_array(group, store.PROBABILITIES)
     if arr is None:
         return None
-    probs = np.asarray(arr[:], dtype=np.float32)
-    return probs if probs.ndim == 1 else probs[:, class_index]
+    column = tumor_column(arr.attrs, tuple(arr.shape), stitch_config.get("tumor_class"),
+                          int(stitch_config.get("class_index", -1)), None)
+    return column.of(np.asarray(arr[:], dtype=np.float32))
 
 
 # --------------------------------------------------------------------------- slide report: figures
@@ -496,7 +501,7 @@ def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None, 
     mpp = float(summary.slide.mpp or slide.get("mpp") or 0.0)
 
     regions, tumor = _tumor_regions(slide_dir / "tumor.geojson", mpp)
-    probs = _tumor_probabilities(group, int(summary.config.get("class_index", -1)))
+    probs = _tumor_probabilities(group, summary.config)
     n_gallery = qc_cfg.report_patches
     measures = qc.read_measures(group)
     background = None if measures is None or len(measures["background_fraction"]) != (0 if probs is None else len(probs)) \

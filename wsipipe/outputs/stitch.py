@@ -38,7 +38,8 @@ from wsipipe import __version__
 
 from wsipipe.tiles import qc, store
 from wsipipe.config import ExportConfig, QCConfig, StitchConfig
-from wsipipe.errors import NoTissueError, StoreError
+from wsipipe.errors import ConfigError, NoTissueError, StoreError
+from wsipipe.models.expected import OVERRIDE_KEY
 from wsipipe.geojson import write_geojson
 from wsipipe.files import write_atomic
 from wsipipe.geometry import as_multipolygon, mask_to_polygons, rasterize
@@ -505,15 +506,52 @@ def _write_exports(
     return files
 
 
-def _tumor_column(probs: np.ndarray, class_index: int, store_path: Path) -> np.ndarray:
-    if probs.ndim == 1:
-        return probs
-    n_classes = probs.shape[1]
+@dataclass(frozen=True)
+class TumorColumn:
+    """Which probability column is the tumor one: ``index`` (None = the one column of a one-logit
+    model), its ``name`` and every column's (None where the store names none)."""
+
+    index: int | None
+    name: str | None
+    columns: list[str] | None
+
+    def of(self, probs: np.ndarray) -> np.ndarray:
+        return probs if self.index is None or probs.ndim == 1 else probs[:, self.index]
+
+
+def tumor_column(
+    attrs: Any, shape: tuple[int, ...], tumor_class: str | None, class_index: int, store_path: Path | None,
+) -> TumorColumn:
+    """The tumor column of a probabilities array (its ``attrs`` and ``shape``): ``tumor_class`` by
+    name when set, else the positive class the model's card named, else ``class_index`` for a
+    store whose columns have no names (a model without a card). The report picks the same one.
+
+    A ``tumor_class`` that names no column is a ConfigError listing the columns."""
+    names = attrs.get("classes") if hasattr(attrs, "get") else None
+    columns = [str(c) for c in names] if isinstance(names, list) else None
+    n_classes = 1 if len(shape) == 1 else int(shape[1])
+    if columns is not None and len(columns) != n_classes:
+        columns = None  # names of another model's columns: not these
+    positive = attrs.get("positive_class") if hasattr(attrs, "get") else None
+    if tumor_class is not None:
+        if columns is None:
+            raise ConfigError(store_path, f"stitch.tumor_class={tumor_class!r}: the probabilities name no classes "
+                              f"(a model without a card); use stitch.class_index (0..{n_classes - 1}) instead")
+        if tumor_class not in columns:
+            raise ConfigError(store_path, f"stitch.tumor_class={tumor_class!r} names no probability column "
+                              f"(columns: {', '.join(columns)})")
+        name = tumor_class
+    elif columns is not None:
+        name = positive if positive in columns else columns[-1]
+    else:
+        name = None
+    if len(shape) == 1:
+        return TumorColumn(None, name, columns)
+    if name is not None and columns is not None:
+        return TumorColumn(columns.index(name), name, columns)
     if not -n_classes <= class_index < n_classes:
-        raise StoreError(
-            store_path, f"stitch.class_index={class_index} but probabilities have {n_classes} classes"
-        )
-    return probs[:, class_index]
+        raise StoreError(store_path, f"stitch.class_index={class_index} but probabilities have {n_classes} classes")
+    return TumorColumn(class_index % n_classes, None, None)
 
 
 @dataclass
@@ -531,6 +569,8 @@ class StitchInputs:
     grid_ij: zarr.Array
     probabilities: zarr.Array
     corrupt: zarr.Array | None  # patches tiling skipped for corrupt tile data carry no result
+    # Which probability column is tumor (stitch.tumor_class / the card's positive class / class_index).
+    column: TumorColumn = field(default_factory=lambda: TumorColumn(None, None, None))
     # Each patch's QC background (glass) fraction, read a slice at a time; None = no QC measures.
     background: Callable[[slice], np.ndarray] | None = None
     # Level-0 tissue the tumor regions are clipped to; None = the store records no outline.
@@ -597,8 +637,9 @@ class Rendered:
     regions: TumorRegions | None = None
 
 
-def read_inputs(group: zarr.Group, store_path: Path) -> StitchInputs:
-    """Geometry from the tile attrs and the grid_ij / probabilities / corrupt arrays, checked."""
+def read_inputs(group: zarr.Group, store_path: Path, cfg: StitchConfig | None = None) -> StitchInputs:
+    """Geometry from the tile attrs and the grid_ij / probabilities / corrupt arrays, checked;
+    the tumor column by ``cfg`` (default settings when None)."""
     meta = store.meta(group)
     tile, slide = meta.get(store.META_TILE) or {}, meta.get(store.META_SLIDE) or {}
     for name in (store.GRID_IJ, store.PROBABILITIES, store.THUMBNAIL):
@@ -615,11 +656,14 @@ def read_inputs(group: zarr.Group, store_path: Path) -> StitchInputs:
     slide_mpp = float(tile.get("slide_mpp") or slide.get("mpp") or 0.0)
     if slide_mpp <= 0:
         raise StoreError(store_path, "no slide mpp in the store attrs; cannot convert areas to µm²")
+    cfg = cfg or StitchConfig()
+    probabilities = store.array(group, store.PROBABILITIES)
     inputs = StitchInputs(
         store_path=store_path, meta=meta, grid_shape=grid_shape, stride_l0=stride_l0, cells_per_patch=r,
         thumb_downsample=thumb_ds, origin=(ox, oy), slide_mpp=slide_mpp,
-        grid_ij=store.array(group, store.GRID_IJ), probabilities=store.array(group, store.PROBABILITIES),
+        grid_ij=store.array(group, store.GRID_IJ), probabilities=probabilities,
         corrupt=store.optional_array(group, store.CORRUPT),
+        column=tumor_column(probabilities.attrs, tuple(probabilities.shape), cfg.tumor_class, cfg.class_index, store_path),
         background=_background_reader(group), tissue=read_tissue_region(group, thumb_ds, slide_mpp),
     )
     n, n_probs = inputs.n, int(inputs.probabilities.shape[0])
@@ -701,7 +745,7 @@ def accumulate(
     n_tumor_patches = n_glass = 0
     for sl in store.chunk_slices(n, step):
         ij = np.asarray(inputs.grid_ij[sl])
-        p = _tumor_column(np.asarray(inputs.probabilities[sl], dtype=np.float32), cfg.class_index, store_path)
+        p = inputs.column.of(np.asarray(inputs.probabilities[sl], dtype=np.float32))
         keep = np.ones(len(p), dtype=bool)
         if inputs.corrupt is not None:
             keep &= ~np.asarray(inputs.corrupt[sl], dtype=bool)
@@ -878,6 +922,14 @@ def summarise(
             f"the slide is called {regions.decision}",
         ))
         qc_section.needs_review = True
+    departed = (stages.get(store.STAGE_INFER) or {}).get(OVERRIDE_KEY)
+    if departed:  # run with --force at another resolution or patch size than the model's card says
+        words = "; ".join(f"{k} {v.get('used')} (the card says {v.get('card')})" for k, v in departed.items())
+        qc_section.flags.append(QCFlag(
+            code=OVERRIDE_KEY, severity=qc.REVIEW, values=departed,
+            message=f"patches classified at other settings than the model was trained at: {words}",
+        ))
+        qc_section.needs_review = True
     return SlideSummary(
         version=__version__,
         slide=SummarySlide(
@@ -920,6 +972,8 @@ def summarise(
         file_scales=file_scales(inputs),
         qc=qc_section,
         exports=exports,  # outputs for other tools (directories included), by kind
+        # The probability columns (None: the model names none) and the one read as tumor.
+        classes=inputs.column.columns, tumor_class=inputs.column.name,
     )
 
 
@@ -981,7 +1035,7 @@ def stitch_summary(
         log.info("%s: stitch outputs up to date in %s", store_path, out_dir)
         return existing
 
-    inputs = read_inputs(group, store_path)
+    inputs = read_inputs(group, store_path, cfg)
     acc = accumulate(inputs, cfg, chunk_patches, progress)
     rendered = render(inputs, acc, cfg, np.asarray(store.array(group, store.THUMBNAIL)[...]))
     # Everything is computed: now write, each file atomically, summary.json last.

@@ -101,13 +101,15 @@ def run_slides(
     cfg: PipelineConfig,
     model_path: str | Path | None,
     client,
+    force: bool = False,
 ) -> list[SlideResult]:
     """Every slide's job on ``client``'s workers (one task per stage); one row per slide.
 
     Rows carry ``workers``: the address each stage ran on. A slide that fails is a
     ``failed`` row with the one-line error; the others go on. ``skipped`` = every stage
-    was already complete for the same slide, config and model."""
-    weights, cfg = run_model(model_path, cfg)
+    was already complete for the same slide, config and model. ``force``: run at settings that
+    disagree with the model card (see :func:`wsipipe.run.names.with_card_resolution`)."""
+    weights, cfg = run_model(model_path, cfg, force)
     weights = weights.resolve()
     out_dir = Path(out_dir).resolve()
     runner = DaskRunner(client)

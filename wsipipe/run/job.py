@@ -63,7 +63,7 @@ class SlideJob:
 
     def model(self):
         if self.net is not None:
-            return self.net, self.info
+            return with_card(self.net, self.info)
         try:
             mtime = self.weights.stat().st_mtime_ns
         except OSError:
@@ -90,7 +90,15 @@ class Stage:
 def _cached_model(path: str, mtime_ns: int, arch: str | None, num_classes: int | None):
     from wsipipe.models.model import load_model
 
-    return load_model(path, arch, num_classes)
+    return with_card(*load_model(path, arch, num_classes))
+
+
+def with_card(net: Any, info: Any) -> tuple[Any, Any]:
+    """``(net, info)`` with the model card beside the weights attached to ``info`` when its loader
+    attached none (inference follows ``info.card``: normalisation, stain, class names)."""
+    from wsipipe.models.carded import with_model_card
+
+    return net, with_model_card(info)
 
 
 # ---------------------------------------------------------------------------- the stages
@@ -212,7 +220,7 @@ def run_job(job: SlideJob, runner: Runner = direct, skip_done: bool = False, log
         if held.waited_s:
             logger.info("slide=%s stage=lock: waited %.1f s for another run writing it", job.name, held.waited_s)
         if skip_done:
-            done = done_outputs(job.slide, job.slide_dir.parent, job.cfg, job.info)
+            done = done_outputs(job.slide, job.slide_dir.parent, job.cfg, with_card(None, job.info)[1])
             if done is not None:
                 logger.info("slide=%s stage=check: outputs up to date, skipped", job.name)
                 return SlideResult.make(job.slide, "skipped", name=job.name, out_dir=job.slide_dir, summary=done[1],

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from wsipipe.config import PipelineConfig
-from wsipipe.errors import ConfigError
+from wsipipe.errors import ConfigError, ModelCardConflict
+
+log = logging.getLogger(__name__)
 
 
 def slide_output_name(slide_path: Path, identity: str) -> str:
@@ -49,11 +54,77 @@ def with_card_threshold(cfg: PipelineConfig, weights: Path) -> PipelineConfig:
     return cfg.model_copy(update={"stitch": cfg.stitch.model_copy(update={"threshold": threshold})})
 
 
-def run_model(model: str | Path | None, cfg: PipelineConfig) -> tuple[Path, PipelineConfig]:
+def with_card_resolution(cfg: PipelineConfig, weights: Path, force: bool = False) -> PipelineConfig:
+    """``cfg`` with ``tile.mpp`` and ``tile.patch_size`` from the model card beside ``weights``
+    where the configuration leaves them unset (a YAML file, ``--set`` or ``--mpp`` sets them), so
+    the slide is cut as the model was trained. A set value that disagrees with the card (mpp
+    beyond ``tile.mpp_tolerance``, any other patch size) is a :class:`ModelCardConflict` naming
+    both values and the card, before any work; ``force`` runs with it, logged (the infer stage
+    records the departure and the summary flags it for review)."""
+    from wsipipe.models.card import CARD_FILE, card_beside, validation_message
+    from wsipipe.models.expected import departure_words, departures
+
+    card = card_beside(weights)
+    if card is None:
+        return cfg
+    where = Path(weights).parent / CARD_FILE
+    tile = cfg.tile
+    given = {name: getattr(tile, name) for name in tile.model_fields_set}
+    from_card = {name: value for name, value in (("mpp", card.mpp), ("patch_size", card.patch_size))
+                 if value is not None and name not in given}
+    if from_card:
+        try:  # validated: a card's mpp may lie outside what the tiler takes
+            tile = type(tile).model_validate({**given, **from_card})
+        except ValidationError as exc:
+            raise ConfigError(where, f"the model card's resolution cannot be tiled: {validation_message(exc)}") from None
+        cfg = cfg.model_copy(update={"tile": tile})
+    found = departures(card, tile.mpp, tile.patch_size, tile.mpp_tolerance)
+    if found and not force:
+        raise ModelCardConflict(
+            where, f"{departure_words(found)}; leave {' and '.join(d.setting for d in found)} unset to run as the model "
+            "was trained, or pass --force to run as set (the slide is flagged for review)",
+        )
+    if found:
+        log.warning("%s: %s; running as set (--force), the slide is flagged for review", where, departure_words(found))
+    return cfg
+
+
+def run_model(model: str | Path | None, cfg: PipelineConfig, force: bool = False) -> tuple[Path, PipelineConfig]:
     """The weights a run uses (:func:`weights_path`) and ``cfg`` with their card's threshold
-    (:func:`with_card_threshold`)."""
+    (:func:`with_card_threshold`), resolution and patch size (:func:`with_card_resolution`;
+    ``force``: run at set values that disagree with the card)."""
     weights = weights_path(model, cfg)
-    return weights, with_card_threshold(cfg, weights)
+    return weights, with_card_resolution(with_card_threshold(cfg, weights), weights, force)
+
+
+def check_store_card(store_path: str | Path, info: Any, force: bool = False) -> None:
+    """``wsipipe infer``'s rule: a store tiled at another resolution or patch size than the model's
+    card says (``info``: its :class:`~wsipipe.models.identity.ModelInfo`) is a
+    :class:`ModelCardConflict` naming both values and the card, unless ``force`` (then the infer
+    stage records the departure and the summary flags it). A store that cannot be opened is left
+    to the infer stage, which says why."""
+    from wsipipe.errors import StoreError
+    from wsipipe.models.card import CARD_FILE
+    from wsipipe.models.carded import model_card
+    from wsipipe.models.expected import departure_words
+    from wsipipe.models.identity import store_departures
+    from wsipipe.tiles import store
+
+    card = model_card(info)
+    if card is None or force:
+        return
+    try:
+        found = store_departures(store.open_store(store_path), card)
+    except StoreError:
+        return
+    if found:
+        beside = Path(info.path).parent / CARD_FILE if info.path else None
+        where = beside if beside is not None and beside.is_file() else info.path
+        raise ModelCardConflict(
+            where, f"{departure_words(found, f'the patches of {store_path} are')}; tile the slide again at the card's "
+            "(leave tile.mpp and tile.patch_size unset with --model), or pass --force to classify them anyway "
+            "(flagged for review)",
+        )
 
 
 class ResolutionConflict(ConfigError):

@@ -60,7 +60,7 @@ def run_slide(
     folder holding a result made with another level-0 resolution is refused
     (:class:`~wsipipe.run.names.ResolutionConflict`) unless ``force``."""
     slide_path = Path(slide_path)
-    weights, cfg = run_model(model_path, cfg)
+    weights, cfg = run_model(model_path, cfg, force)
     slide_dir = output_dir(slide_path, out_dir, cfg, guard=not force)  # an unreadable slide fails here, before torch loads
     from wsipipe.models.inference import resolve_device, resolve_precision
     from wsipipe.models.model import load_model
@@ -171,7 +171,7 @@ def run_slides(
     from wsipipe.models.inference import resolve_device, resolve_precision
     from wsipipe.models.model import load_model
 
-    weights, cfg = run_model(model_path, cfg)
+    weights, cfg = run_model(model_path, cfg, force)
     net, info = load_model(weights, cfg.model.arch, cfg.model.num_classes)
     resolve_precision(cfg.inference.precision, resolve_device(cfg.inference.device))
     paths = [Path(s) for s in slides]

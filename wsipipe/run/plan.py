@@ -44,9 +44,11 @@ def decide(
 ) -> list[SlideResult | None]:
     """:func:`decided_row` for each slide, in order, each with its own manifest settings
     (``settings``, from :func:`wsipipe.run.archive.archive_settings`) on top of ``cfg``."""
+    from wsipipe.models.carded import with_model_card
     from wsipipe.run.archive import slide_config
 
     settings = settings or {}
+    info = with_model_card(info)  # the done-check compares the infer identity, which holds the card's input
     return [decided_row(slide, out_root, slide_config(cfg, settings.get(slide)), info, force) for slide in slides]
 
 
@@ -89,9 +91,11 @@ def dry_run(
 ) -> list[tuple[Path, str]]:
     """What a run would do with each slide, without writing anything: (slide, ``would process
     (new)`` / ``would process (changed: ...)`` / ``would skip (up to date)`` / ``would fail (...)``)."""
+    from wsipipe.models.carded import with_model_card
     from wsipipe.run.archive import slide_config
 
     settings = settings or {}
+    info = with_model_card(info)
     out: list[tuple[Path, str]] = []
     for slide, row in zip(slides, decide(slides, out_root, cfg, info, settings, force), strict=True):
         if row is None:
