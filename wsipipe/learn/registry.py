@@ -57,23 +57,6 @@ def register(root: str | Path, trained_dir: str | Path) -> str:
     return version
 
 
-def card_threshold(weights: str | Path) -> float | None:
-    """The decision threshold of the model card beside ``weights`` (``card.json``, as
-    ``wsipipe train --out`` and the registry lay them out), if that card describes these very
-    weights (same sha256) and holds one; else None."""
-    card_path = Path(weights).parent / "card.json"
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, ValueError):
-        return None
-    threshold = card.get("threshold") if isinstance(card, dict) else None
-    if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        return None
-    if card.get("weights_sha256") != file_sha256(weights):
-        return None
-    return float(threshold)
-
-
 def entry(root: str | Path, version: str) -> dict:
     root = Path(root)
     folder = root / version

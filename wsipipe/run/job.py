@@ -65,7 +65,9 @@ class SlideJob:
         if self.net is not None:
             return with_card(self.net, self.info)
         try:
-            mtime = self.weights.stat().st_mtime_ns
+            # A model folder's own mtime does not change when a file in it is rewritten.
+            files = [p for p in self.weights.iterdir() if p.is_file()] if self.weights.is_dir() else [self.weights]
+            mtime = max((p.stat().st_mtime_ns for p in files), default=0)
         except OSError:
             mtime = 0  # load_model names the missing file
         return _cached_model(str(self.weights), mtime, self.cfg.model.arch, self.cfg.model.num_classes)

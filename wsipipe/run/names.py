@@ -44,11 +44,12 @@ def with_card_threshold(cfg: PipelineConfig, weights: Path) -> PipelineConfig:
     """``cfg`` with ``stitch.threshold`` from the model card next to ``weights`` when the
     configuration leaves it unset (a value set in YAML, an override or ``--threshold`` wins).
     The threshold then is part of the stitch stage's identity: a new card threshold restitches."""
-    from wsipipe.learn.registry import card_threshold
+    from wsipipe.models.carded import card_of
 
     if cfg.stitch.threshold is not None:
         return cfg
-    threshold = card_threshold(weights)
+    found = card_of(weights)
+    threshold = found[0].threshold if found else None
     if threshold is None:
         return cfg
     return cfg.model_copy(update={"stitch": cfg.stitch.model_copy(update={"threshold": threshold})})
@@ -61,13 +62,14 @@ def with_card_resolution(cfg: PipelineConfig, weights: Path, force: bool = False
     beyond ``tile.mpp_tolerance``, any other patch size) is a :class:`ModelCardConflict` naming
     both values and the card, before any work; ``force`` runs with it, logged (the infer stage
     records the departure and the summary flags it for review)."""
-    from wsipipe.models.card import CARD_FILE, card_beside, validation_message
+    from wsipipe.models.card import validation_message
+    from wsipipe.models.carded import card_of
     from wsipipe.models.expected import departure_words, departures
 
-    card = card_beside(weights)
-    if card is None:
+    found_card = card_of(weights)
+    if found_card is None:
         return cfg
-    where = Path(weights).parent / CARD_FILE
+    card, where = found_card
     tile = cfg.tile
     given = {name: getattr(tile, name) for name in tile.model_fields_set}
     from_card = {name: value for name, value in (("mpp", card.mpp), ("patch_size", card.patch_size))
