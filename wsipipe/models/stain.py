@@ -13,6 +13,7 @@ deviation in CIELAB.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,7 +92,12 @@ def _apply_reinhard(rgb: np.ndarray, params: dict) -> np.ndarray:
     lab = rgb2lab(rgb)
     mean, std = lab.reshape(-1, 3).mean(0), lab.reshape(-1, 3).std(0)
     out = (lab - mean) / np.maximum(std, 1e-6) * np.asarray(params["std"]) + np.asarray(params["mean"])
-    return (np.clip(lab2rgb(out), 0, 1) * 255).round().astype(np.uint8)
+    with warnings.catch_warnings():
+        # Matched statistics push a few pixels outside the RGB gamut; they are clipped just below,
+        # and skimage's per-patch warning about it would repeat for every patch of a slide.
+        warnings.filterwarnings("ignore", message=".*negative Z values.*")
+        rgb_out = lab2rgb(out)
+    return (np.clip(rgb_out, 0, 1) * 255).round().astype(np.uint8)
 
 
 _APPLY = {"macenko": _apply_macenko, "reinhard": _apply_reinhard}
