@@ -24,7 +24,7 @@ from wsipipe.learn.encoders import load_encoder_spec
 from wsipipe.models.embed import embed_store, read_features
 from wsipipe.models.inference import to_tensor
 from wsipipe.models.model import build_model, save_weights
-from wsipipe.slides.synth import write_synthetic_slide
+from wsipipe.slides.synth import make_layout, write_synthetic_slide
 from wsipipe.tiles import store
 from wsipipe.tiles.tiling import tile_slide
 
@@ -33,6 +33,13 @@ SETTINGS = {"tile.mpp": 2.0, "tile.patch_size": 64, "tile.chunk_patches": 8, "in
             "inference.precision": "fp32", "inference.batch_size": 8, "dask.num_workers": 1,
             "export.ome_zarr": False, "mil.epochs": 25}
 N_SLIDES = 8
+
+
+def _slide(path: Path, seed: int, n_tumor: int):
+    """A 1.5 x 1.1 mm generated slide with one tissue piece; its own layout per seed but shared
+    textures (the texture bank is cached by seed and is most of a small slide's generation time)."""
+    layout = make_layout(1500, 1100, 1.0, seed, n_tissue=1, n_tumor=n_tumor)
+    return write_synthetic_slide(path, 1500, 1100, mpp=1.0, seed=7, layout=layout)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,7 @@ def slides(tmp_path_factory, one_torch_thread):
     paths, stores, labels = [], [], []
     for i in range(N_SLIDES):
         tumor = i % 2
-        s = write_synthetic_slide(root / f"s{i}.svs", 1500, 1100, mpp=1.0, seed=200 + i, n_tissue=1, n_tumor=tumor)
+        s = _slide(root / f"s{i}.svs", 200 + i, tumor)
         out = root / f"s{i}.zarr"
         tile_slide(s.path, out, cfg)
         embed_store(out, encoder, identity, cfg.inference)
@@ -70,6 +77,7 @@ def trained(slides):
     return {"dir": out, "card": card}
 
 
+@pytest.mark.slow
 def test_n_tumor_zero_gives_a_tumor_free_slide(slides):
     import json
 
@@ -98,7 +106,7 @@ def test_features_equal_the_encoders_output_on_the_same_patches(slides):
     torch.manual_seed(1)
     other = slides["root"] / "other.safetensors"
     save_weights(build_model("resnet18", 1), other, "resnet18", 1)
-    enc2, id2 = load_encoder_spec(f"torchvision:resnet18", other)
+    enc2, id2 = load_encoder_spec("torchvision:resnet18", other)
     copy = slides["root"] / "copy.zarr"
     shutil.copytree(path, copy)
     stats = embed_store(copy, enc2, id2, slides["cfg"].inference)
@@ -234,7 +242,7 @@ def test_run_with_mil_writes_attention_summary_and_report(slides, trained, tmp_p
     from tests.test_report import probe
     from wsipipe.run.pipeline import run_slide
 
-    slide = write_synthetic_slide(tmp_path / "new.svs", 1500, 1100, mpp=1.0, seed=299, n_tissue=1, n_tumor=1)
+    slide = _slide(tmp_path / "new.svs", 299, 1)
     cfg = load_config(None, {**SETTINGS, "mil.model": str(trained["dir"])})
     result = run_slide(slide.path, tmp_path / "out", cfg, slides["weights"])
     out = result.out_dir

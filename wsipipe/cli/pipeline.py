@@ -176,10 +176,7 @@ def run(
         "tile.mpp": mpp, "mpp_override": mpp_override, "mpp_default": mpp_default, "stitch.threshold": threshold,
         "inference.device": device, "dask.scheduler_address": scheduler, "mil.model": mil,
     })
-    if cfg.mil.model is not None:  # a wrong folder fails before any slide is touched
-        from wsipipe.models.mil import read_mil_card
-
-        read_mil_card(cfg.mil.model)
+    _check_mil(cfg)
     # A path that is not there is a typo, not a bad slide: fail before any work.
     missing = [p for p in slides if not p.exists()]
     if missing:
@@ -224,6 +221,14 @@ def run(
     if failed:
         err.print(f"[red]{failed} of {len(slides)} slides failed[/]")
         raise typer.Exit(EXIT_ERROR)
+
+
+def _check_mil(cfg) -> None:
+    """A wrong ``--mil`` folder fails before any slide is touched."""
+    if cfg.mil.model is not None:
+        from wsipipe.models.mil import read_mil_card
+
+        read_mil_card(cfg.mil.model)
 
 
 def _run_one(slide: Path, out: Path, cfg, model: Path | None, force: bool, json_rows: bool) -> None:

@@ -30,7 +30,8 @@ from wsipipe.errors import StoreError, TrainingDataError
 from wsipipe.learn.metrics import binary_auc, choose_threshold
 from wsipipe.models import embed
 from wsipipe.models.identity import file_sha256
-from wsipipe.models.mil import GatedAttentionMIL, ModelCard, predict, save_mil
+from wsipipe.models.card import ModelCard
+from wsipipe.models.mil import GatedAttentionMIL, predict, save_mil
 from wsipipe.tiles import store
 
 log = logging.getLogger(__name__)
@@ -69,19 +70,13 @@ def _store_keys(path: Path) -> set[str]:
     return keys
 
 
-def read_labels(
-    csv_path: str | Path, stores: Sequence[str | Path], positive: str | None = None
-) -> tuple[list[tuple[int, str, Path, str, str]], list[str], str]:
-    """Rows of ``csv_path`` matched to stores: (row number, slide, store, label text, group);
-    the two class names (negative, positive) and the positive one. A missing column, a slide
-    matching no store (or several), or a label set that is not two classes is a
-    TrainingDataError naming the CSV and the row."""
-    csv_path = Path(csv_path)
+def _read_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
     try:
         with csv_path.open(newline="") as fh:
             reader = csv.DictReader(fh)
             columns = [c.strip() for c in (reader.fieldnames or [])]
-            raw = list(reader)
+            raw = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str) or v is None}
+                   for row in reader]
     except OSError as exc:
         raise TrainingDataError(csv_path, f"cannot read the labels: {exc.strerror or exc}") from None
     except (csv.Error, UnicodeDecodeError) as exc:
@@ -89,45 +84,62 @@ def read_labels(
     for column in ("slide", "label"):
         if column not in columns:
             raise TrainingDataError(csv_path, f"no '{column}' column (columns: {', '.join(columns) or 'none'})")
+    return columns, raw
+
+
+def _match(csv_path: Path, number: int, slide: str, index: dict[str, list[Path]], n_stores: int) -> Path:
+    """The one store a CSV row's slide names (a path to a store is taken as it is)."""
+    candidate = Path(slide) if Path(slide).is_absolute() else csv_path.parent / slide
+    matches = index.get(slide) or index.get(str(candidate.resolve())) or (
+        [candidate] if (candidate / "zarr.json").is_file() else [])
+    found = list(dict.fromkeys(p.resolve() for p in matches))
+    if not found:
+        raise TrainingDataError(csv_path, f"row {number}: slide {slide!r} matches none of the {n_stores} stores given")
+    if len(found) > 1:
+        raise TrainingDataError(csv_path, f"row {number}: slide {slide!r} matches {len(found)} stores; give its store path")
+    return found[0]
+
+
+def _classes(csv_path: Path, names: list[str], positive: str | None) -> tuple[list[str], str]:
+    """(negative, positive) class names: 0/1, or two names (the positive one given, else the last sorted)."""
+    if len(names) != 2:
+        which = f"only {names[0]!r}" if len(names) == 1 else f"{len(names)}: {', '.join(names[:5])}"
+        raise TrainingDataError(csv_path, f"labels must be two classes (present/absent), found {which}")
+    pos = positive or ("1" if set(names) == {"0", "1"} else names[-1])
+    if pos not in names:
+        raise TrainingDataError(csv_path, f"positive class {pos!r} is not one of the labels {names}")
+    return [n for n in names if n != pos] + [pos], pos
+
+
+def read_labels(
+    csv_path: str | Path, stores: Sequence[str | Path], positive: str | None = None
+) -> tuple[list[tuple[int, str, Path, str, str]], list[str], str]:
+    """Rows of ``csv_path`` matched to stores: (row number, slide, store, label text, group);
+    the two class names (negative, positive) and the positive one. A missing column, a slide
+    matching no store (or several, or labelled twice), or a label set that is not two classes
+    is a TrainingDataError naming the CSV and the row."""
+    csv_path = Path(csv_path)
+    columns, raw = _read_csv(csv_path)
     has_patient = "patient" in columns
     index: dict[str, list[Path]] = {}
     for s in stores:
         for key in _store_keys(Path(s)):
             index.setdefault(key, []).append(Path(s))
     rows = []
+    seen: dict[Path, int] = {}
     for number, row in enumerate(raw, start=2):  # line 1 is the header
-        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         slide, label = row.get("slide", ""), row.get("label", "")
         if not slide or not label:
             raise TrainingDataError(csv_path, f"row {number}: empty slide or label")
-        candidate = Path(slide) if Path(slide).is_absolute() else csv_path.parent / slide
-        matches = index.get(slide) or index.get(str(candidate.resolve())) or (
-            [candidate] if (candidate / "zarr.json").is_file() else [])
-        matches = list(dict.fromkeys(p.resolve() for p in matches))
-        if not matches:
-            raise TrainingDataError(csv_path, f"row {number}: slide {slide!r} matches none of the {len(stores)} stores given")
-        if len(matches) > 1:
-            raise TrainingDataError(csv_path, f"row {number}: slide {slide!r} matches {len(matches)} stores; give its store path")
-        group = (row.get("patient") or "") if has_patient else ""
-        rows.append((number, slide, matches[0], label, group or f"slide:{matches[0]}"))
-    if not rows:
-        raise TrainingDataError(csv_path, "no labelled slides")
-    seen = {}
-    for number, slide, path, _, _ in rows:
+        path = _match(csv_path, number, slide, index, len(stores))
         if path in seen:
             raise TrainingDataError(csv_path, f"row {number}: slide {slide!r} is labelled again (first in row {seen[path]})")
         seen[path] = number
-    names = sorted({r[3] for r in rows})
-    if len(names) != 2:
-        which = f"only {names[0]!r}" if len(names) == 1 else f"{len(names)}: {', '.join(names[:5])}"
-        raise TrainingDataError(csv_path, f"labels must be two classes (present/absent), found {which}")
-    if set(names) == {"0", "1"}:
-        pos = positive or "1"
-    else:
-        pos = positive or names[-1]
-    if pos not in names:
-        raise TrainingDataError(csv_path, f"positive class {pos!r} is not one of the labels {names}")
-    classes = [n for n in names if n != pos] + [pos]
+        group = row.get("patient", "") if has_patient else ""
+        rows.append((number, slide, path, label, group or f"slide:{path}"))
+    if not rows:
+        raise TrainingDataError(csv_path, "no labelled slides")
+    classes, pos = _classes(csv_path, sorted({r[3] for r in rows}), positive)
     return rows, classes, pos
 
 
@@ -180,7 +192,7 @@ def folds_by_group(labels: np.ndarray, groups: Sequence[str], k: int, seed: int)
     group_label: dict[str, int] = {}
     for g, y in zip(groups, labels, strict=True):
         group_label[g] = max(group_label.get(g, 0), int(y))
-    order = []
+    order: list[str] = []
     for y in (1, 0):  # positives first: the scarcer class in most slide sets lands evenly
         names = sorted(g for g, v in group_label.items() if v == y)
         order.extend(names[i] for i in rng.permutation(len(names)))
@@ -200,8 +212,9 @@ def fit(bags: Sequence[Bag], cfg: MilConfig, progress: Callable[[int, int], None
     model.mean.copy_(torch.from_numpy(stacked.mean(axis=0)))
     model.std.copy_(torch.from_numpy(np.maximum(stacked.std(axis=0), 1e-3)))
     labels = np.array([b.label for b in bags])
-    pos_weight = torch.tensor(max(1.0, (labels == 0).sum() / max(1, (labels == 1).sum())))
-    neg_weight = torch.tensor(max(1.0, (labels == 1).sum() / max(1, (labels == 0).sum())))
+    # Balance the classes: the rarer one weighs the ratio of the counts.
+    weight = {1: max(1.0, float((labels == 0).sum()) / max(1, int((labels == 1).sum()))),
+              0: max(1.0, float((labels == 1).sum()) / max(1, int((labels == 0).sum())))}
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     tensors = [torch.from_numpy(b.features) for b in bags]
     model.train()
@@ -212,7 +225,7 @@ def fit(bags: Sequence[Bag], cfg: MilConfig, progress: Callable[[int, int], None
                 x = x[torch.from_numpy(rng.choice(len(x), cfg.max_patches, replace=False))]
             logit, _ = model(x)
             y = torch.tensor(float(bags[i].label))
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y) * (pos_weight if bags[i].label else neg_weight)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y) * weight[bags[i].label]
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -175,11 +175,12 @@ def forward_with_backoff(
     net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, limit: BatchLimit,
     output: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Probabilities (or ``output`` of the model's output: embeddings, say) for the batch ``x``, in slices of at most ``limit.size``. On an out-of-memory
-    error (CUDA or any other device: torch.cuda.OutOfMemoryError is torch.OutOfMemoryError) the
-    slice is halved and retried, and the smaller size is kept for the batches that follow; a
-    single patch that still does not fit re-raises. Each patch's result does not depend on
-    the slicing (eval mode: no batch statistics)."""
+    """Probabilities for the batch ``x`` (``output``: another function of the model's output, such
+    as embeddings), in slices of at most ``limit.size``. On an out-of-memory error (CUDA or any
+    other device: torch.cuda.OutOfMemoryError is torch.OutOfMemoryError) the slice is halved
+    and retried, and the smaller size is kept for the batches that follow; a single patch that
+    still does not fit re-raises. Each patch's result does not depend on the slicing (eval
+    mode: no batch statistics)."""
     outs = []
     start = 0
     while start < len(x):

@@ -42,6 +42,8 @@ class GatedAttentionMIL(nn.Module):
     def __init__(self, dim: int, hidden: int = 128, attention: int = 64, dropout: float = 0.25):
         super().__init__()
         self.dim, self.hidden, self.attention_dim = dim, hidden, attention
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
         self.embed = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))
