@@ -26,7 +26,11 @@ def embed(
     from wsipipe.learn.encoders import load_encoder_spec
     from wsipipe.models.embed import embed_store
 
+    from wsipipe.tiles import store
+
     cfg = load_config(config, overrides, **{"inference.batch_size": batch_size, "inference.device": device})
+    for path in stores:  # a mistyped store fails before the encoder loads
+        store.open_store(path, mode="r")
     net, identity = load_encoder_spec(encoder, weights)
     done: dict[str, Path] = {}
     with progress() as update:

@@ -149,6 +149,8 @@ def load_bags(
     """The labelled slides with their features, the class names and the encoder every store's
     features share; a store without complete features, or with another encoder's, is a
     TrainingDataError naming the CSV row."""
+    for path in stores:
+        store.open_store(path, mode="r")  # a StoreError naming a store that is not there
     rows, classes, pos = read_labels(csv_path, stores, positive)
     bags: list[Bag] = []
     encoder: dict[str, Any] | None = None
