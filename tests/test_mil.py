@@ -261,3 +261,30 @@ def test_run_with_mil_writes_attention_summary_and_report(slides, trained, tmp_p
                 label: document.getElementById("mil-label").textContent.trim()};""")
     assert found["loaded"] and found["heat"] and found["label"] == mil["label"]
     assert float(found["p"]) == pytest.approx(mil["probability"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_encoder_specs_load_local_weights_only(tmp_path, one_torch_thread):
+    from safetensors.torch import save_file
+
+    from wsipipe.errors import ModelLoadError
+    from wsipipe.learn.pretrain import FORMAT, build_encoder
+
+    body, dim = build_encoder("resnet18")
+    folder = tmp_path / "simclr"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in body.state_dict().items()}, str(folder / "encoder.safetensors"),
+              metadata={"format": FORMAT, "arch": "resnet18"})
+    _, identity = load_encoder_spec(folder)
+    assert identity["kind"] == "pretrain" and identity["dim"] == dim == 512
+    # A timm model filled from a classifier's file: its head is dropped, the pooled features kept.
+    import timm
+
+    head = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp_path / "timm.safetensors"))
+    _, identity = load_encoder_spec("timm:resnet18", tmp_path / "timm.safetensors")
+    assert identity["kind"] == "timm" and identity["dim"] == 512
+    with pytest.raises(ModelLoadError, match="--weights"):
+        load_encoder_spec("torchvision:resnet18")
+    with pytest.raises(ModelLoadError, match="encoder not found"):
+        load_encoder_spec(tmp_path / "nothing.safetensors")
