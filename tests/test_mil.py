@@ -176,7 +176,8 @@ def test_embedding_resumes_after_kill_9_with_identical_features(slides, tmp_path
 
 
 @pytest.mark.slow
-def test_mil_learns_tumor_present_from_slide_labels(slides, trained):
+def test_mil_learns_tumor_present_from_slide_labels(slides, trained, tmp_path):
+    from wsipipe.learn.registry import register
     from wsipipe.models.mil import load_mil, predict
 
     card = trained["card"]
@@ -192,6 +193,7 @@ def test_mil_learns_tumor_present_from_slide_labels(slides, trained):
     assert min(np.array(probs)[labels == 1]) > max(np.array(probs)[labels == 0])
     attention = predict(model, read_features(slides["stores"][1])).attention
     assert attention.shape[0] == read_features(slides["stores"][1]).shape[0] and abs(float(attention.sum()) - 1) < 1e-4
+    assert register(tmp_path / "registry", trained["dir"]) == "v0001"  # the registry takes MIL folders as they are
 
 
 def test_patient_folds_keep_a_patients_slides_together():
@@ -243,7 +245,7 @@ def test_run_with_mil_writes_attention_summary_and_report(slides, trained, tmp_p
     from wsipipe.run.pipeline import run_slide
 
     slide = _slide(tmp_path / "new.svs", 299, 1)
-    cfg = load_config(None, {**SETTINGS, "mil.model": str(trained["dir"])})
+    cfg = load_config(None, {**SETTINGS, "mil.model": str(trained["dir"]), "export.ome_zarr": True})
     result = run_slide(slide.path, tmp_path / "out", cfg, slides["weights"])
     out = result.out_dir
     summary = json.loads((out / "summary.json").read_text())
@@ -252,6 +254,11 @@ def test_run_with_mil_writes_attention_summary_and_report(slides, trained, tmp_p
     assert mil["model_sha256"] == trained["card"]["weights_sha256"] and mil["encoder"]["dim"] == 512
     assert mil["label"] in ("normal", "tumor") and 0.0 <= mil["probability"] <= 1.0
     assert (out / "attention.png").stat().st_size > 1000 and np.load(out / "attention.npy").ndim == 2
+    import zarr
+
+    ome = zarr.open_group(str(out / "attention.ome.zarr"), mode="r")
+    assert ome.attrs["ome"]["multiscales"][0]["name"] == "attention"
+    assert ome["0"].shape == np.load(out / "heatmap.npy").shape == np.load(out / "attention.npy").shape
     group = store.open_store(out / "patches.zarr")
     assert store.is_complete(group, store.STAGE_EMBED)
     found = probe(out / "report.html", tmp_path, """

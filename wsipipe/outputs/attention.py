@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from wsipipe.files import write_atomic
+from wsipipe.files import temp_dir_beside, write_atomic
 from wsipipe.outputs.figures import (
     Background, HeatmapGrid, draw_background, figure_png, heatmap_cmap, read_background, scale_bar,
 )
@@ -24,6 +24,7 @@ from wsipipe.outputs.stitch import CHUNK_PATCHES, HeatmapAccumulator, _npy_bytes
 from wsipipe.tiles import store
 
 ATTENTION_FILES = {"attention_png": "attention.png", "attention": "attention.npy"}
+OME_ZARR_NAME = "attention.ome.zarr"
 
 
 def stitch_attention(group: zarr.Group, store_path: Path, attention: np.ndarray, chunk_patches: int = CHUNK_PATCHES) -> np.ndarray:
@@ -64,10 +65,33 @@ def attention_figure(background: Background, grid: HeatmapGrid, slide_mpp: float
     return fig
 
 
+def write_attention_omezarr(path: Path, values: np.ndarray, cell_l0: float, origin_l0, mpp: float, provenance: dict) -> Path:
+    """The attention grid as an OME-Zarr image on the heatmap's grid and µm scale (same
+    transforms as heatmap.ome.zarr, so napari overlays the two); written beside, then renamed."""
+    import shutil
+
+    from wsipipe.outputs.omezarr import NGFF_VERSION, _replace_dir, _write_levels, downsample_mean, multiscales_attrs, pyramid
+
+    tmp = temp_dir_beside(path)
+    try:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        levels = pyramid(np.asarray(values, dtype=np.float32), downsample_mean)
+        _write_levels(root, levels, np.nan)
+        root.attrs["ome"] = {"version": NGFF_VERSION, **multiscales_attrs("attention", len(levels), cell_l0, origin_l0, mpp)}
+        root.attrs["wsipipe"] = dict(provenance)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 def write_attention(
     store_path: str | Path, out_dir: str | Path, attention: np.ndarray, probability: float, label: str,
+    ome_zarr: bool = False, provenance: dict | None = None,
 ) -> dict[str, str]:
-    """attention.npy and attention.png in ``out_dir``; returns their names by kind."""
+    """attention.npy and attention.png (and ``ome_zarr``: attention.ome.zarr) in ``out_dir``;
+    returns their names by kind."""
     store_path, out_dir = Path(store_path), Path(out_dir)
     group = store.open_store(store_path, mode="r")
     values = stitch_attention(group, store_path, attention)
@@ -84,4 +108,9 @@ def write_attention(
     fig = attention_figure(background, grid, inputs.slide_mpp, f"{name}: MIL {label} (p = {probability:.3f}): attention")
     write_atomic(out_dir / ATTENTION_FILES["attention"], _npy_bytes(values))
     write_atomic(out_dir / ATTENTION_FILES["attention_png"], figure_png(fig))
-    return dict(ATTENTION_FILES)
+    files = dict(ATTENTION_FILES)
+    if ome_zarr:
+        write_attention_omezarr(out_dir / OME_ZARR_NAME, values, inputs.stride_l0, inputs.origin, inputs.slide_mpp,
+                                provenance or {})
+        files["attention_ome_zarr"] = OME_ZARR_NAME
+    return files

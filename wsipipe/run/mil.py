@@ -55,10 +55,11 @@ def _check_resolution(group, card, store_path: Path) -> None:
 
 def apply_mil(
     store_path: str | Path, slide_dir: str | Path, model_dir: str | Path, cfg: InferenceConfig | None = None,
-    progress: Progress | None = None, slide_path=None, readers: int | None = None,
+    progress: Progress | None = None, slide_path=None, readers: int | None = None, ome_zarr: bool = False,
 ) -> dict[str, Any]:
     """Slide probability and attention map of the MIL model in ``model_dir`` for a classified,
-    stitched slide; writes attention.png / attention.npy and adds ``mil`` to summary.json.
+    stitched slide; writes attention.png / attention.npy (``ome_zarr``: attention.ome.zarr too)
+    and adds ``mil`` to summary.json.
     Returns the ``mil`` section, with ``embedded`` (patches embedded now; 0 = features reused)."""
     from wsipipe.outputs.attention import write_attention
 
@@ -83,7 +84,8 @@ def apply_mil(
     threshold = float(card.threshold if card.threshold is not None else 0.5)
     classes = card.classes or ["negative", "positive"]
     label = classes[1] if result.probability >= threshold else classes[0]
-    files = write_attention(store_path, slide_dir, attention, result.probability, label)
+    files = write_attention(store_path, slide_dir, attention, result.probability, label, ome_zarr,
+                            {"model_sha256": card.weights_sha256, "probability": result.probability})
     section = {
         "probability": round(result.probability, 6), "label": label, "threshold": threshold,
         "model_sha256": card.weights_sha256, "model": str(model_dir),
