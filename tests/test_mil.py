@@ -112,6 +112,19 @@ def test_features_equal_the_encoders_output_on_the_same_patches(slides):
     stats = embed_store(copy, enc2, id2, slides["cfg"].inference)
     assert not stats["skipped"] and stats["computed"] == len(patches)
     assert id2["kind"] == "torchvision" and not np.allclose(read_features(copy), features)
+    # The command: same features as the library call, from the classifier file.
+    from typer.testing import CliRunner
+
+    from wsipipe.cli import app
+
+    again = slides["root"] / "again.zarr"
+    shutil.copytree(path, again)
+    shutil.rmtree(again / store.FEATURES)
+    store.set_stage(store.open_store(again, mode="r+"), store.STAGE_EMBED, {}, False)
+    result = CliRunner().invoke(app, ["embed", str(again), "--encoder", str(slides["weights"]), "--device", "cpu",
+                                      "--batch-size", "8", "--set", "inference.precision=fp32"])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(read_features(again, slides["identity"]), features)
 
 
 KILLED_RUN = """

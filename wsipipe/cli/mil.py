@@ -36,12 +36,18 @@ def embed(
     with progress() as update:
         for path in stores:
             with writing_outputs(path):
-                stats = embed_store(path, net, identity, cfg.inference, progress=one(f"embed {path.parent.name or path.name}"[:40], update))
+                stats = embed_store(path, net, identity, cfg.inference, progress=one(_bar_name(path), update))
             done[f"features ({stats['n']} x {stats['dim']}{', already there' if stats['skipped'] else ''})"
                  if len(stores) == 1 else f"{path} ({stats['n']} x {stats['dim']})"] = path
     console.print(f"encoder {identity['kind']} {identity['arch']} ({identity['sha256'][:12]}), {identity['dim']} features per patch",
                   highlight=False)
     print_paths(done)
+
+
+def _bar_name(path: Path) -> str:
+    """A store's bar: its name, or its slide folder's for a `wsipipe run` store (all named patches.zarr)."""
+    name = path.resolve().parent.name if path.name == "patches.zarr" else path.name
+    return f"embed {name[:32]}"
 
 
 mil_app = typer.Typer(help="Slide-level attention-MIL models: train.")
