@@ -112,6 +112,12 @@ def test_features_equal_the_encoders_output_on_the_same_patches(slides):
     stats = embed_store(copy, enc2, id2, slides["cfg"].inference)
     assert not stats["skipped"] and stats["computed"] == len(patches)
     assert id2["kind"] == "torchvision" and not np.allclose(read_features(copy), features)
+    # A store without stored patches: read from the slide, the same features.
+    fused = slides["root"] / "fused.zarr"
+    cfg = load_config(None, {**SETTINGS, "tile.store_patches": False})
+    tile_slide(slides["paths"][1], fused, cfg)
+    embed_store(fused, slides["encoder"], slides["identity"], cfg.inference)
+    assert np.array_equal(read_features(fused), features)
     # The command: same features as the library call, from the classifier file.
     from typer.testing import CliRunner
 

@@ -140,6 +140,8 @@ def embed_store(
 
     if waiting or any(i < len(slices) for i in store.pending_chunks(flags)):
         raise StoreError(store_path, "embedding left chunks unwritten; rerun to resume")
+    if source is not None:
+        fused.finish(group, source, n)  # as inference: the corrupt-tile policy, and the slide's tiles let go
     seconds = time.perf_counter() - t0
     extra = {k: v for k, v in encoder_id.items() if k not in IDENTITY_KEYS}
     store.set_stage(
