@@ -287,6 +287,10 @@ def test_run_with_mil_writes_attention_summary_and_report(slides, trained, tmp_p
                 label: document.getElementById("mil-label").textContent.trim()};""")
     assert found["loaded"] and found["heat"] and found["label"] == mil["label"]
     assert float(found["p"]) == pytest.approx(mil["probability"], abs=1e-4)
+    # A rerun finds everything done: nothing rewritten.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "summary.json", out / "attention.png")}
+    again = run_slide(slide.path, tmp_path / "out", cfg, slides["weights"])
+    assert again.status == "skipped" and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
 @pytest.mark.slow

@@ -148,7 +148,8 @@ def mil(job: SlideJob) -> StageOutcome:
     section = apply_mil(job.store, job.slide_dir, job.cfg.mil.model, job.cfg.inference, progress=job.bar("embed"),
                         slide_path=job.slide, readers=job.cfg.dask.num_workers, ome_zarr=job.cfg.export.ome_zarr)
     note = f"MIL {section['label']} (p {section['probability']:.3f}), {section['embedded']} patches embedded"
-    return StageOutcome(summary=load_summary(job.slide_dir).as_dict(), note=note)
+    return StageOutcome(skipped=section["skipped"], summary=load_summary(job.slide_dir).as_dict(),
+                        note=note + (" (already done)" if section["skipped"] else ""))
 
 
 def report(job: SlideJob) -> StageOutcome:

@@ -68,6 +68,9 @@ def apply_mil(
     entry = card_encoder(card)
     group = store.open_store(store_path, mode="r")
     _check_resolution(group, card, store_path)
+    done = _done(slide_dir, store_path, card.weights_sha256, entry)
+    if done is not None:
+        return {**done, "embedded": 0, "skipped": True}
     embedded = 0
     if not embed.has_features(store_path, entry):
         encoder, identity = load_mil_encoder(model_dir, entry)
@@ -94,7 +97,22 @@ def apply_mil(
         "cv_auc": ((card.model_extra or {}).get("cv") or {}).get("held_out_auc"),
     }
     _add_to_summary(slide_dir / SUMMARY_NAME, section)
-    return {**section, "embedded": embedded}
+    return {**section, "embedded": embedded, "skipped": False}
+
+
+def _done(slide_dir: Path, store_path: Path, model_sha256: str | None, entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary's ``mil`` section when it is this model's over the store's current features and
+    its files are there (a rerun then writes nothing); else None."""
+    try:
+        section = json.loads((slide_dir / SUMMARY_NAME).read_text()).get("mil")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(section, dict) or section.get("model_sha256") != model_sha256:
+        return None
+    if section.get("encoder") != {k: entry.get(k) for k in embed.IDENTITY_KEYS} or not embed.has_features(store_path, entry):
+        return None
+    files = section.get("files") or {}
+    return section if files and all((slide_dir / name).exists() for name in files.values()) else None
 
 
 def _add_to_summary(path: Path, section: dict[str, Any]) -> None:
