@@ -272,7 +272,7 @@ def test_slide_deployment_reuses_complete_stages(deployed_runs):
     run = _api(env, f"/flow_runs/{one}")
     assert run["state"]["type"] == "COMPLETED"
     tasks = _api(env, "/task_runs/filter", {"flow_runs": {"id": {"any_": [one]}}, "limit": 50})
-    assert sorted(t["name"].split()[0] for t in tasks) == ["infer", "report", "stitch", "tile"]
+    assert sorted(t["name"].split()[0] for t in tasks) == ["infer", "mil", "report", "stitch", "tile"]
     assert all(t["state"]["type"] == "COMPLETED" for t in tasks)
     assert all(p.stat().st_mtime_ns == t for p, t in deployed_runs["stamps"].items())  # nothing recomputed
     (key,) = [k for k in _flow_run_artifacts(env, one) if k.startswith("wsipipe-slide-generated")]

@@ -322,6 +322,21 @@ class ExportConfig(_Section):
     validate_geojson: bool = Field(True, description="Check tumor.geojson against QuPath's schema and its polygons.")
 
 
+class MilConfig(_Section):
+    """Slide-level attention-MIL models from patch features (`wsipipe mil train`, `wsipipe run --mil`)."""
+
+    model: Path | None = Field(None, description="MIL model folder applied after stitching (`run --mil`); None = none.")
+    folds: int = Field(5, ge=2, le=50, description="Cross-validation folds (by patient when the labels name them, else by slide).")
+    epochs: int = Field(40, ge=1, le=10000, description="Passes over the training slides (one slide per step).")
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    hidden: int = Field(128, ge=4, le=8192, description="Width of the patch embedding inside the MIL model.")
+    attention: int = Field(64, ge=4, le=8192, description="Width of the gated attention layer.")
+    dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    max_patches: int = Field(1024, ge=8, description="Training draws at most this many patches of a slide per step.")
+    seed: int = 0
+
+
 class PipelineConfig(_Section):
     tissue: TissueConfig = Field(default_factory=TissueConfig)
     tile: TileConfig = Field(default_factory=TileConfig)
@@ -335,6 +350,7 @@ class PipelineConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     qc: QCConfig = Field(default_factory=QCConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    mil: MilConfig = Field(default_factory=MilConfig)
     mpp_override: float | None = Field(None, gt=0.01, le=1000.0, description="Force the slide's level-0 mpp.")
     mpp_default: float | None = Field(
         None, gt=0.01, le=1000.0,

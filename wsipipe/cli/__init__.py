@@ -1,5 +1,6 @@
 """Command line: ``wsipipe synth | tile | infer | stitch | run | demo | archive | report | config show``
-(slides to outputs, :mod:`wsipipe.cli.pipeline`) and ``patches | augment | pretrain | train | models`` (building
+(slides to outputs, :mod:`wsipipe.cli.pipeline`), ``embed | mil train`` (slide-level models,
+:mod:`wsipipe.cli.mil`) and ``patches | augment | pretrain | train | models`` (building
 models, :mod:`wsipipe.cli.learn`); shared helpers in :mod:`wsipipe.cli.console`.
 
 What a user sees when something goes wrong (:class:`WsipipeGroup`):
@@ -21,7 +22,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from wsipipe.cli import learn, pipeline
+from wsipipe.cli import learn, mil, pipeline
 from wsipipe.cli.console import (
     ERROR_PREFIX, EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NO_TISSUE, Flags, configure_logging, err, error_line, help_when_bare,
 )
@@ -108,9 +109,10 @@ def _main(
     help_when_bare(ctx)
 
 
-for _command in (*pipeline.COMMANDS, *learn.COMMANDS):
+for _command in (*pipeline.COMMANDS, *mil.COMMANDS, *learn.COMMANDS):
     app.command()(_command)
 app.add_typer(learn.models_app, name="models")
+app.add_typer(mil.mil_app, name="mil")
 app.add_typer(pipeline.config_app, name="config")
 
 

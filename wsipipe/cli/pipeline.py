@@ -167,6 +167,9 @@ def run(
         False, "--json", help="Print one JSON object per slide on stdout (and nothing else there); progress stays on stderr.",
     ),
     dry_run: bool = DryRunOpt,
+    mil: Path | None = typer.Option(
+        None, "--mil", help="MIL model folder (`wsipipe mil train`): slide probability and attention map after stitching (mil.model).",
+    ),
     overrides: list[str] = SetOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
@@ -176,8 +179,9 @@ def run(
 
     cfg = load_config(config, overrides, **{
         "tile.mpp": mpp, "mpp_override": mpp_override, "mpp_default": mpp_default, "stitch.threshold": threshold,
-        "inference.device": device, "dask.scheduler_address": scheduler,
+        "inference.device": device, "dask.scheduler_address": scheduler, "mil.model": mil,
     })
+    _check_mil(cfg)
     # A path that is not there is a typo, not a bad slide: fail before any work.
     missing = [p for p in slides if not p.exists()]
     if missing:
@@ -222,6 +226,14 @@ def run(
     if failed:
         err.print(f"[red]{failed} of {len(slides)} slides failed[/]")
         raise typer.Exit(EXIT_ERROR)
+
+
+def _check_mil(cfg) -> None:
+    """A wrong ``--mil`` folder fails before any slide is touched."""
+    if cfg.mil.model is not None:
+        from wsipipe.models.mil import read_mil_card
+
+        read_mil_card(cfg.mil.model)
 
 
 def _run_one(slide: Path, out: Path, cfg, model: Path | None, force: bool, json_rows: bool) -> None:

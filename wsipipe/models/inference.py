@@ -244,18 +244,22 @@ class BatchLimit:
     backoffs: int = 0
 
 
-def forward_with_backoff(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, limit: BatchLimit) -> torch.Tensor:
-    """Probabilities for the batch ``x``, in slices of at most ``limit.size``. On an out-of-memory
-    error (CUDA or any other device: torch.cuda.OutOfMemoryError is torch.OutOfMemoryError) the
-    slice is halved and retried, and the smaller size is kept for the batches that follow; a
-    single patch that still does not fit re-raises. Each patch's result does not depend on
-    the slicing (eval mode: no batch statistics)."""
+def forward_with_backoff(
+    net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, limit: BatchLimit,
+    output: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Probabilities for the batch ``x`` (``output``: another function of the model's output, such
+    as embeddings), in slices of at most ``limit.size``. On an out-of-memory error (CUDA or any
+    other device: torch.cuda.OutOfMemoryError is torch.OutOfMemoryError) the slice is halved
+    and retried, and the smaller size is kept for the batches that follow; a single patch that
+    still does not fit re-raises. Each patch's result does not depend on the slicing (eval
+    mode: no batch statistics)."""
     outs = []
     start = 0
     while start < len(x):
         size = min(limit.size, len(x) - start)
         try:
-            outs.append(_probabilities(net(x[start : start + size])))
+            outs.append((output or _probabilities)(net(x[start : start + size])))
             start += size
             continue
         except torch.OutOfMemoryError:

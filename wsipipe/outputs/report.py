@@ -548,7 +548,17 @@ def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None, 
         "top_patches": _patch_cards(group, top, probs, tissue=tissue_fraction),
         "gallery": gallery,
         "flagged_patches": _patch_cards(group, [i for i, _ in flagged], probs, dict(flagged), tissue=tissue_fraction),
+        "mil": _mil_view(slide_dir, summary),
     }
+
+
+def _mil_view(slide_dir: Path, summary: Any) -> dict[str, Any] | None:
+    """The slide-level (MIL) model's call and attention map, when ``wsipipe run --mil`` added them."""
+    section = (summary.model_extra or {}).get("mil")
+    if not isinstance(section, dict):
+        return None
+    png = slide_dir / str((section.get("files") or {}).get("attention_png", "attention.png"))
+    return {**section, "attention_src": data_uri(png.read_bytes(), "image/png") if png.is_file() else None}
 
 
 def _qc_flagged(

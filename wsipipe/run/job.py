@@ -147,13 +147,31 @@ def stitch(job: SlideJob) -> StageOutcome:
     return StageOutcome(summary=summary.as_dict(), note=note)
 
 
+def mil(job: SlideJob) -> StageOutcome:
+    """The slide-level MIL model of ``mil.model`` (none: nothing to do): embeds the patches with
+    its encoder unless the store has them, writes attention.png and summary.json's ``mil``."""
+    if job.cfg.mil.model is None:
+        return StageOutcome(note="no MIL model")
+    from wsipipe.outputs.summary import load_summary
+    from wsipipe.run.mil import apply_mil
+
+    section = apply_mil(job.store, job.slide_dir, job.cfg.mil.model, job.cfg.inference, progress=job.bar("embed"),
+                        slide_path=job.slide, readers=job.cfg.dask.num_workers, ome_zarr=job.cfg.export.ome_zarr)
+    note = f"MIL {section['label']} (p {section['probability']:.3f}), {section['embedded']} patches embedded"
+    return StageOutcome(skipped=section["skipped"], summary=load_summary(job.slide_dir).as_dict(),
+                        note=note + (" (already done)" if section["skipped"] else ""))
+
+
 def report(job: SlideJob) -> StageOutcome:
     from wsipipe.outputs.report import write_slide_report
 
     return StageOutcome(note=str(write_slide_report(job.slide_dir, job.cfg.qc, only_if_changed=True)))
 
 
-STAGES: tuple[Stage, ...] = (Stage("tile", tile), Stage("infer", infer, accelerator=True), Stage("stitch", stitch), Stage("report", report))
+STAGES: tuple[Stage, ...] = (
+    Stage("tile", tile), Stage("infer", infer, accelerator=True), Stage("stitch", stitch),
+    Stage("mil", mil, accelerator=True), Stage("report", report),
+)
 
 
 def run_stage(stage: Stage, job: SlideJob) -> StageOutcome:

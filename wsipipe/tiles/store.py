@@ -9,6 +9,7 @@ group (``<name>.zarr``)::
     grid_ij            (N, 2) int32          (row, col) in the tiling grid           GRID_IJ
     tissue_fraction    (N,) float32          tissue share of each patch              TISSUE_FRACTION
     probabilities      (N,) or (N, C) float32   written by inference                 PROBABILITIES
+    features           (N, D) float16        patch embeddings, written by `wsipipe embed`  FEATURES
     thumbnail          (h, w, 3) uint8       slide overview at tile["thumb_downsample"]  THUMBNAIL
     tissue_mask        (h', w') bool         tissue detection mask                   TISSUE_MASK
     corrupt            (N,) bool             tile data did not decode (on_corrupt_tile: skip)  CORRUPT
@@ -29,7 +30,7 @@ group (``<name>.zarr``)::
     }
 
 Stages (keys of ``stages``): ``tile`` (STAGE_TILE), ``infer`` (STAGE_INFER),
-``stitch`` (STAGE_STITCH). A stage is complete only when its entry says so with the
+``stitch`` (STAGE_STITCH), and the optional ``embed`` (STAGE_EMBED: patch embeddings). A stage is complete only when its entry says so with the
 same identity; the marker is written last, after every chunk of the stage is on disk.
 """
 
@@ -51,6 +52,7 @@ COORDS = "coords"
 GRID_IJ = "grid_ij"
 TISSUE_FRACTION = "tissue_fraction"
 PROBABILITIES = "probabilities"
+FEATURES = "features"
 THUMBNAIL = "thumbnail"
 TISSUE_MASK = "tissue_mask"
 CORRUPT = "corrupt"
@@ -62,7 +64,7 @@ PROGRESS_GROUP = "_progress"
 
 # Every array of a slide's group, in the order of docs/store-layout.md; ``_progress/<stage>`` stands for one per stage.
 LAYOUT: tuple[str, ...] = (
-    PATCHES, COORDS, GRID_IJ, TISSUE_FRACTION, PROBABILITIES, THUMBNAIL, TISSUE_MASK, CORRUPT,
+    PATCHES, COORDS, GRID_IJ, TISSUE_FRACTION, PROBABILITIES, FEATURES, THUMBNAIL, TISSUE_MASK, CORRUPT,
     QC_MEASURES, LABELS, GROUPS, f"{PROGRESS_GROUP}/<stage>",
 )
 
@@ -80,6 +82,8 @@ STAGE_TILE = "tile"
 STAGE_INFER = "infer"
 STAGE_STITCH = "stitch"
 STAGES: tuple[str, ...] = (STAGE_TILE, STAGE_INFER, STAGE_STITCH)
+# Optional, outside the slide job's chain: patch embeddings for slide-level (MIL) models.
+STAGE_EMBED = "embed"
 
 
 def progress_name(stage: str) -> str:
