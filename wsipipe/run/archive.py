@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from wsipipe.config import PipelineConfig
-from wsipipe.errors import ConfigError, MissingMppError, StoreError
+from wsipipe.errors import ConfigError, MissingMppError, StoreError, WsipipeError
 from wsipipe.run.names import slide_output_name
 from wsipipe.run.rows import STATUSES, SlideResult, error_line
 
@@ -241,7 +241,22 @@ def done_outputs(
     summary = existing_outputs(group, slide_dir, cfg.stitch, cfg.qc, cfg.export)
     if summary is None or not (slide_dir / REPORT_NAME).is_file():  # the report is written last
         return None
+    if cfg.mil.model is not None and not _mil_done(summary, Path(cfg.mil.model)):
+        return None
     return slide_dir, summary
+
+
+def _mil_done(summary: dict, model_dir: Path) -> bool:
+    """Whether the summary holds the slide-level result of the MIL model in ``model_dir`` (a slide
+    finished before a MIL model was set still needs its ``mil`` stage). Its card only: no torch."""
+    from wsipipe.models.card import CARD_FILE, read_card
+
+    try:
+        card = read_card(model_dir / CARD_FILE)
+    except WsipipeError:
+        return False  # the mil stage names what is wrong with the folder
+    section = summary.get("mil")
+    return isinstance(section, dict) and section.get("model_sha256") == card.weights_sha256
 
 
 # --------------------------------------------------------------------------- result rows
