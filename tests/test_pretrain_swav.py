@@ -128,8 +128,9 @@ def test_swav_through_the_command_line(labelled_slides, tmp_path):
                       " swav_prototypes: 16, swav_freeze_steps: 1, swav_small_crops: 1, swav_small_crop: 16,"
                       " checkpoint_every: 50, device: cpu, precision: fp32}\n")
     stores, out = labelled_slides["stores"], tmp_path / "enc"
+    probes = [arg for s in stores for arg in ("--probe", str(s))]
     res = CliRunner().invoke(app, ["pretrain", str(stores[0]), "--out", str(out), "--method", "swav", "--steps", "3",
-                                   "--probe", *[str(s) for s in stores], "--config", str(config)], env={"COLUMNS": "400"})
+                                   *probes, "--config", str(config)], env={"COLUMNS": "400"})
     assert res.exit_code == 0, res.stdout + res.stderr
     assert "after 3 steps (resumed from 0)" in res.stdout and "linear probe: accuracy" in res.stdout, res.stdout
     meta = json.loads((out / "checkpoint.json").read_text())

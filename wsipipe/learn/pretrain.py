@@ -198,7 +198,10 @@ class SwAV(nn.Module):
             self.prototypes.weight.grad = None  # AdamW skips parameters without a gradient
 
     def after_step(self, step: int, total: int) -> None:
-        self.normalize_prototypes()
+        """``step`` steps are done: put the prototypes back on the unit sphere if they moved
+        (renormalising unmoved ones would still change their last bits)."""
+        if step > self.freeze_steps:
+            self.normalize_prototypes()
 
 
 class PatchStream:
