@@ -290,7 +290,9 @@ def pretrain(
     dtype = resolve_precision(cfg.precision, dev)
     torch.manual_seed(cfg.seed)
     encoder, dim = build_encoder(cfg.arch)
-    net = {"simclr": SimCLR, "byol": BYOL, "swav": SwAV}[cfg.method](encoder, dim, cfg).to(dev)
+    methods: dict[str, type[SimCLR | BYOL | SwAV]] = {"simclr": SimCLR, "byol": BYOL, "swav": SwAV}
+    net = methods[cfg.method](encoder, dim, cfg)
+    net.to(dev)  # in place: a module's to() moves its own parameters
     small_views = _small_views(cfg, aug or AugmentConfig(), patch)
     params = net.trainable() if isinstance(net, BYOL) else list(net.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-6)
@@ -311,12 +313,12 @@ def pretrain(
         raw = stream.batch(cfg.batch_size, seed)
         v1 = to_tensor(views(raw, 2 * seed), dev)
         v2 = to_tensor(views(raw, 2 * seed + 1), dev)
-        # Seeds of their own, above every full view's (2 * seed + 1 < 2**40 for any run).
+        # Seeds of their own, above the full views' (2 * seed + 1 < 2**40 while cfg.seed < 500 000).
         small = [to_tensor(small_views(raw, 2**40 + seed * 16 + k), dev)
                  for k in range(cfg.swav_small_crops)] if small_views else []
         try:
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                loss = net.loss(v1, v2, small) if small else net.loss(v1, v2)
+                loss = net.loss(v1, v2, small) if isinstance(net, SwAV) else net.loss(v1, v2)
         except (AssertionError, RuntimeError) as exc:  # torchvision asserts input sizes (ViT: 224 px)
             if step > start or "out of memory" in str(exc):
                 raise
