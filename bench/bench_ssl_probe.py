@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--arch", default="shufflenet_v2_x0_5")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--swav-temperatures", default="0.2,0.5", help="one SwAV run per temperature (comma-separated)")
+    ap.add_argument("--methods", default="simclr,byol,swav", help="methods to pretrain (comma-separated)")
     ap.add_argument("--seed", type=int, default=0, help="pretraining seed (the same for every method)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
@@ -70,8 +71,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     random_encoder, _ = build_encoder(args.arch)
     rows = [{"encoder": "random init", "steps": 0, **linear_probe(random_encoder, probe_train, probe_test)}]
-    runs = [("simclr", {}), ("byol", {})]
-    runs += [("swav", {"temperature": float(t)}) for t in args.swav_temperatures.split(",") if t.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    runs: list[tuple[str, dict]] = [(m, {}) for m in methods if m != "swav"]
+    if "swav" in methods:
+        runs += [("swav", {"temperature": float(t)}) for t in args.swav_temperatures.split(",") if t.strip()]
     for method, extra in runs:
         pc = PretrainConfig(method=method, arch=args.arch, steps=args.steps, batch_size=args.batch_size, crop=48,
                             hidden_dim=256, projection_dim=64, checkpoint_every=args.steps, seed=args.seed,

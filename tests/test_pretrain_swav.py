@@ -65,10 +65,16 @@ def test_sinkhorn_codes_are_doubly_stochastic(batch, k):
 
 @pytest.mark.slow
 def test_swav_loss_falls(labelled_slides, tmp_path):
-    result = pretrain(labelled_slides["stores"], tmp_path / "swav", _cfg(steps=40, checkpoint_every=40))
+    # Default temperature (SwAV's 0.5). Over seeds 0-2 the mean of the last 10 of 100 steps
+    # was 0.13-0.32 below that of the first 10 (step-to-step noise about 0.05).
+    result = pretrain(labelled_slides["stores"], tmp_path / "swav", _cfg(steps=100, checkpoint_every=100, lr=3e-3))
     losses = np.array(result.losses)
-    assert len(losses) == 40 and np.isfinite(losses).all()
-    assert losses[-8:].mean() < losses[:8].mean() - 0.05, losses.round(3)
+    assert len(losses) == 100 and np.isfinite(losses).all()
+    assert losses[-10:].mean() < losses[:10].mean() - 0.05, losses.round(3)
+    # Cross entropy is at least the entropy of the codes, ln K for uniform codes: below it, the
+    # patches are not all spread evenly over every prototype (SwAV's trivial solution).
+    assert losses[-10:].mean() < np.log(32) - 0.05, losses.round(3)
+    assert json.loads((tmp_path / "swav" / "checkpoint.json").read_text())["config"]["temperature"] == 0.5
     # the prototypes leave every step on the unit sphere
     torch.testing.assert_close(_prototypes(tmp_path / "swav").norm(dim=1), torch.ones(32))
 

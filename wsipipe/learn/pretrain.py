@@ -82,7 +82,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class SimCLR(nn.Module):
     def __init__(self, encoder: nn.Module, dim: int, cfg: PretrainConfig):
         super().__init__()
-        self.encoder, self.projector, self.temperature = encoder, mlp(dim, cfg.hidden_dim, cfg.projection_dim), cfg.temperature
+        self.encoder, self.projector, self.temperature = encoder, mlp(dim, cfg.hidden_dim, cfg.projection_dim), cfg.effective_temperature()
 
     def loss(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
         z1, z2 = self.projector(self.encoder(torch.cat([v1, v2]))).chunk(2)
@@ -163,7 +163,7 @@ class SwAV(nn.Module):
         self.encoder = encoder
         self.projector = mlp(dim, cfg.hidden_dim, cfg.projection_dim)
         self.prototypes = nn.Linear(cfg.projection_dim, cfg.swav_prototypes, bias=False)
-        self.temperature, self.epsilon = cfg.temperature, cfg.swav_epsilon
+        self.temperature, self.epsilon = cfg.effective_temperature(), cfg.swav_epsilon
         self.iterations, self.freeze_steps = cfg.swav_sinkhorn_iterations, cfg.swav_freeze_steps
         self.normalize_prototypes()
 
@@ -281,6 +281,7 @@ def pretrain(
     the checkpoint and starts over at step 0 (overwriting it). ``stop_after`` ends the run
     early (as an interruption would) after that many steps in total."""
     out_dir = Path(out_dir)
+    cfg = cfg.resolved()  # the checkpoint records the temperature the run used
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputWriteError(out_dir, "is a file: the checkpoint needs a folder")
     stream = PatchStream(stores)
