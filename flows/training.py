@@ -56,7 +56,7 @@ def augment_flow(store: str, out: str, copies: int = 1, preview: str | None = No
 @flow(name="wsipipe-pretrain")
 def pretrain_flow(stores: list[str], out: str, probe_stores: list[str] | None = None,
                   config: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
-    """SimCLR / BYOL pretraining (resumes from ``out``), then an optional linear probe."""
+    """SimCLR / BYOL / SwAV pretraining (resumes from ``out``), then an optional linear probe."""
     from wsipipe.learn.pretrain import pretrain, probe_on_sets
 
     cfg = load_config(config, overrides)

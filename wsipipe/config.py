@@ -232,20 +232,45 @@ class AugmentConfig(_Section):
 class PretrainConfig(_Section):
     """Self-supervised pretraining of an encoder (wsipipe.learn.pretrain)."""
 
-    method: Literal["simclr", "byol"] = "simclr"
+    method: Literal["simclr", "byol", "swav"] = "simclr"
     arch: str = Field("resnet18", pattern=r"^[a-z][a-z0-9_]*$")
     steps: int = Field(200, ge=1)
     batch_size: int = Field(64, ge=2, le=4096)
     lr: float = Field(1e-3, gt=0.0)
-    temperature: float = Field(0.2, gt=0.0, le=10.0, description="NT-Xent temperature (SimCLR).")
+    temperature: float | None = Field(
+        None, gt=0.0, le=10.0,
+        description="Softmax temperature: NT-Xent (SimCLR, default 0.2), swapped prediction (SwAV, default 0.5); unset = the method's.",
+    )
     ema: float = Field(0.99, ge=0.0, lt=1.0, description="Target-network EMA momentum (BYOL).")
     projection_dim: int = Field(128, ge=8, le=8192)
     hidden_dim: int = Field(512, ge=8, le=16384)
     crop: int = Field(96, ge=8, le=4096, description="Views are random crops of this edge.")
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints (resume point).")
+    # SwAV's prototypes: a few dozen suit patch-scale data, where a batch holds fewer images
+    # than ImageNet's 3000 prototypes could be spread over.
+    swav_prototypes: int = Field(64, ge=2, le=65536, description="Number of learnable prototypes (SwAV).")
+    swav_epsilon: float = Field(0.05, gt=0.0, le=10.0, description="Sinkhorn-Knopp entropy weight: smaller is sharper (SwAV).")
+    swav_sinkhorn_iterations: int = Field(3, ge=1, le=100, description="Sinkhorn-Knopp normalisation rounds (SwAV).")
+    swav_freeze_steps: int = Field(20, ge=0, description="Prototypes stay fixed for this many first steps (SwAV).")
+    swav_small_crops: int = Field(0, ge=0, le=16, description="Extra small views per patch, multi-crop (SwAV; 0 = two views).")
+    swav_small_crop: int = Field(48, ge=8, le=4096, description="Edge of the small views, px, at most `crop` (SwAV).")
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    def effective_temperature(self) -> float:
+        """``temperature``, or the method's own when unset. SwAV's is higher
+        because at 0.2 its codes fell to uniform (every patch on every prototype, a useless
+        encoder) in one of three 300-step runs on generated slides, and at 0.5 in none
+        (bench/bench_ssl_probe.py). BYOL uses no temperature; its 0.2 keeps checkpoints
+        written when 0.2 was everyone's default resumable."""
+        if self.temperature is not None:
+            return self.temperature
+        return 0.5 if self.method == "swav" else 0.2
+
+    def resolved(self) -> PretrainConfig:
+        """This config with ``temperature`` set (what a checkpoint records)."""
+        return self.model_copy(update={"temperature": self.effective_temperature()})
 
 
 class TrainConfig(_Section):

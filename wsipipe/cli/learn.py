@@ -74,7 +74,7 @@ def augment(
 def pretrain(
     stores: list[Path] = typer.Argument(..., help="Patch stores (any number; labels are ignored)."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder (resumes when it holds one)."),
-    method: str | None = typer.Option(None, help="simclr or byol (default pretrain.method)."),
+    method: str | None = typer.Option(None, help="simclr, byol or swav (default pretrain.method)."),
     steps: int | None = typer.Option(None, help="Training steps."),
     arch: str | None = typer.Option(None, help="torchvision architecture of the encoder."),
     probe: list[Path] = typer.Option([], help="Labelled stores for a linear probe after training (split by slide; "
@@ -83,7 +83,7 @@ def pretrain(
                                  "(needed when the method, architecture, other settings or stores differ from it)."),
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Contrastive pretraining (SimCLR / BYOL) of a patch encoder; resumes up to --steps; optional linear probe."""
+    """Self-supervised pretraining (SimCLR / BYOL / SwAV) of a patch encoder; resumes up to --steps; optional linear probe."""
     from wsipipe.learn.pretrain import check_probe_sets, pretrain as run_pretrain, probe_on_sets
 
     cfg = load_config(config, **{"pretrain.method": method, "pretrain.steps": steps, "pretrain.arch": arch})

@@ -1,5 +1,5 @@
-"""Contrastive pretraining of a patch encoder: SimCLR and BYOL, on unlabelled patches
-streamed from any number of Zarr stores; checkpoints that resume; a linear probe.
+"""Self-supervised pretraining of a patch encoder: SimCLR, BYOL and SwAV, on unlabelled
+patches streamed from any number of Zarr stores; checkpoints that resume; a linear probe.
 
     result = pretrain(["a.zarr", "b.zarr"], "runs/simclr", cfg.pretrain, cfg.augment)
     encoder, meta = load_encoder("runs/simclr")          # safetensors + JSON, never pickle
@@ -82,7 +82,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class SimCLR(nn.Module):
     def __init__(self, encoder: nn.Module, dim: int, cfg: PretrainConfig):
         super().__init__()
-        self.encoder, self.projector, self.temperature = encoder, mlp(dim, cfg.hidden_dim, cfg.projection_dim), cfg.temperature
+        self.encoder, self.projector, self.temperature = encoder, mlp(dim, cfg.hidden_dim, cfg.projection_dim), cfg.effective_temperature()
 
     def loss(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
         z1, z2 = self.projector(self.encoder(torch.cat([v1, v2]))).chunk(2)
@@ -121,6 +121,87 @@ class BYOL(nn.Module):
 
     def trainable(self):
         return [p for n, p in self.named_parameters() if not n.startswith("target_")]
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """SwAV's soft codes: (B, K) prototype scores -> (B, K) assignments, each row a
+    distribution over the K prototypes (sums to 1) and each prototype given an equal share of
+    the batch (columns sum to B / K), as far as ``iterations`` rounds of Sinkhorn-Knopp get.
+
+    The equal share is what keeps every image from landing on one prototype (the collapse a
+    plain argmax would allow). ``exp(scores / epsilon)`` is scaled alternately so its
+    prototype sums and then its image sums reach their marginals; the last scaling is the
+    per-image one, so rows are exact and columns approximate after few rounds."""
+    logits = scores.detach().float() / epsilon
+    # A constant shift leaves the normalised result unchanged and keeps exp() finite.
+    q = torch.exp(logits - logits.max()).T  # (K, B)
+    k, b = q.shape
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k  # each prototype: 1/K of the mass
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b  # each image: 1/B of the mass
+    return (q * b).T
+
+
+def swapped_prediction(codes: torch.Tensor, scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross entropy between one view's codes and another view's softmax over prototypes."""
+    return -(codes * F.log_softmax(scores.float() / temperature, dim=1)).sum(dim=1).mean()
+
+
+class SwAV(nn.Module):
+    """Online clustering: views of one patch must predict each other's prototype codes.
+
+    Codes come from the two full-size views only (as in the paper: small crops see too little
+    of the patch to assign it); every view, small crops included, predicts the codes of each
+    full-size view other than itself."""
+
+    def __init__(self, encoder: nn.Module, dim: int, cfg: PretrainConfig):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = mlp(dim, cfg.hidden_dim, cfg.projection_dim)
+        self.prototypes = nn.Linear(cfg.projection_dim, cfg.swav_prototypes, bias=False)
+        self.temperature, self.epsilon = cfg.effective_temperature(), cfg.swav_epsilon
+        self.iterations, self.freeze_steps = cfg.swav_sinkhorn_iterations, cfg.swav_freeze_steps
+        self.normalize_prototypes()
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        w = self.prototypes.weight
+        w.copy_(F.normalize(w, dim=1))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.projector(self.encoder(x))
+        # Scores are cosines scaled by 1/epsilon (20 at the default) before exp(): in fp32.
+        with torch.autocast(z.device.type, enabled=False):
+            return self.prototypes(F.normalize(z.float(), dim=1))
+
+    def loss(self, v1: torch.Tensor, v2: torch.Tensor, small: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        full = self.scores(torch.cat([v1, v2])).chunk(2)
+        views = [*full, *(self.scores(torch.cat(list(small))).chunk(len(small)) if small else ())]
+        total, terms = torch.zeros((), device=v1.device), 0
+        for i, target in enumerate(full):
+            codes = sinkhorn(target, self.epsilon, self.iterations)
+            for j, pred in enumerate(views):
+                if j != i:
+                    total = total + swapped_prediction(codes, pred, self.temperature)
+                    terms += 1
+        return total / terms
+
+    def before_update(self, step: int) -> None:
+        """Called between backward and the optimiser step of step ``step`` (0-based): the
+        prototypes take no update during the first ``freeze_steps`` steps, while the
+        features are still random and would drag them anywhere."""
+        if step < self.freeze_steps:
+            self.prototypes.weight.grad = None  # AdamW skips parameters without a gradient
+
+    def after_step(self, step: int, total: int) -> None:
+        """``step`` steps are done: put the prototypes back on the unit sphere if they moved
+        (renormalising unmoved ones would still change their last bits)."""
+        if step > self.freeze_steps:
+            self.normalize_prototypes()
 
 
 class PatchStream:
@@ -175,6 +256,18 @@ def _view_config(aug: AugmentConfig, crop: int, patch: int) -> AugmentConfig:
                                   "hed_sigma": max(aug.hed_sigma, 0.1), "blur_p": max(aug.blur_p, 0.3)})
 
 
+def _small_views(cfg: PretrainConfig, aug: AugmentConfig, patch: int) -> Augmenter | None:
+    """SwAV's multi-crop views: random crops of ``swav_small_crop`` px at the patch's own
+    resolution (a smaller field of view, not a zoom: magnification carries meaning in
+    pathology), with the full views' colour changes. None without small crops."""
+    if cfg.method != "swav" or not cfg.swav_small_crops:
+        return None
+    if cfg.swav_small_crop > cfg.crop:
+        raise ConfigError(None, f"pretrain.swav_small_crop {cfg.swav_small_crop} is larger than pretrain.crop {cfg.crop}: "
+                          "small crops must not exceed the full views")
+    return Augmenter(_view_config(aug, cfg.swav_small_crop, patch))
+
+
 def pretrain(
     stores: Sequence[str | Path], out_dir: str | Path, cfg: PretrainConfig, aug: AugmentConfig | None = None,
     progress: PretrainProgress | None = None, stop_after: int | None = None, restart: bool = False,
@@ -188,6 +281,7 @@ def pretrain(
     the checkpoint and starts over at step 0 (overwriting it). ``stop_after`` ends the run
     early (as an interruption would) after that many steps in total."""
     out_dir = Path(out_dir)
+    cfg = cfg.resolved()  # the checkpoint records the temperature the run used
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputWriteError(out_dir, "is a file: the checkpoint needs a folder")
     stream = PatchStream(stores)
@@ -197,7 +291,10 @@ def pretrain(
     dtype = resolve_precision(cfg.precision, dev)
     torch.manual_seed(cfg.seed)
     encoder, dim = build_encoder(cfg.arch)
-    net = (SimCLR if cfg.method == "simclr" else BYOL)(encoder, dim, cfg).to(dev)
+    methods: dict[str, type[SimCLR | BYOL | SwAV]] = {"simclr": SimCLR, "byol": BYOL, "swav": SwAV}
+    net = methods[cfg.method](encoder, dim, cfg)
+    net.to(dev)  # in place: a module's to() moves its own parameters
+    small_views = _small_views(cfg, aug or AugmentConfig(), patch)
     params = net.trainable() if isinstance(net, BYOL) else list(net.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-6)
     config = cfg.model_dump(mode="json")
@@ -217,9 +314,12 @@ def pretrain(
         raw = stream.batch(cfg.batch_size, seed)
         v1 = to_tensor(views(raw, 2 * seed), dev)
         v2 = to_tensor(views(raw, 2 * seed + 1), dev)
+        # Seeds of their own, above the full views' (2 * seed + 1 < 2**40 while cfg.seed < 500 000).
+        small = [to_tensor(small_views(raw, 2**40 + seed * 16 + k), dev)
+                 for k in range(cfg.swav_small_crops)] if small_views else []
         try:
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                loss = net.loss(v1, v2)
+                loss = net.loss(v1, v2, small) if isinstance(net, SwAV) else net.loss(v1, v2)
         except (AssertionError, RuntimeError) as exc:  # torchvision asserts input sizes (ViT: 224 px)
             if step > start or "out of memory" in str(exc):
                 raise
@@ -227,6 +327,8 @@ def pretrain(
                               f"(pretrain.crop {cfg.crop}, patches {patch} px): {str(exc)[:200]}") from None
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if isinstance(net, SwAV):
+            net.before_update(step)
         opt.step()
         net.after_step(step + 1, cfg.steps)
         losses.append(float(loss.detach()))
@@ -253,8 +355,12 @@ def _read_meta(meta_path: Path) -> dict:
 def _check_resumable(meta_path: Path, meta: dict, config: dict, data: dict) -> None:
     """A :class:`ConfigError` naming every difference that forbids resuming from ``meta``."""
     old = meta["config"]
-    diffs = [f"{k} {old.get(k)!r} in the checkpoint, {config.get(k)!r} now" for k in sorted(set(old) | set(config))
-             if k not in RUN_CONTROL and old.get(k) != config.get(k)]
+    # A setting added since the checkpoint was written changes nothing while it keeps its
+    # default (the SwAV settings, for a SimCLR or BYOL checkpoint of an earlier version).
+    defaults = PretrainConfig().model_dump(mode="json")
+    old = {**{k: v for k, v in defaults.items() if k not in old and config.get(k) == v}, **old}
+    diffs = [f"{k} {repr(old[k]) + ' in' if k in old else 'not in'} the checkpoint, {config.get(k)!r} now"
+             for k in sorted(set(old) | set(config)) if k not in RUN_CONTROL and old.get(k) != config.get(k)]
     before = (meta.get("data") or {}).get("stores")
     if (meta.get("data") or {}).get("hash") != data["hash"]:
         diffs.append(f"stores {[s[1] for s in before or []]} in the checkpoint, {[s[1] for s in data['stores']]} now "
