@@ -38,12 +38,14 @@ from torch import nn
 from wsipipe.tiles import store
 from wsipipe.config import InferenceConfig
 from wsipipe.errors import ConfigError, StoreError
+from wsipipe.models import domain as ood
 from wsipipe.models import fused
 from wsipipe.models.identity import infer_identity
 from wsipipe.models.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 from wsipipe.tiles.tiling import reads_from_slide, slide_source
 
 STAGE = store.STAGE_INFER
+OOD_DISTANCE = ood.DISTANCE_ARRAY
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
@@ -236,9 +238,12 @@ def infer_store(
     source = slide_source(group, store_path, slide_path) if from_slide else None  # a missing slide, too
     net = prepare_model(model, device)
     run = torch.compile(net, dynamic=False) if cfg.compile else net
+    reference, tap, domain_note = _domain_check(info, net)
+    if tap is not None:
+        run = tap.wrap(run)  # the features of the same forward pass that gives the logits
     chunk = fused.chunk_patches(group) if patches is None else max(1, int(patches.chunks[0]))
     slices = store.chunk_slices(n, chunk)
-    probs, flags = _outputs(group, identity, info, n, chunk, len(slices))
+    probs, flags, distances = _outputs(group, identity, info, n, chunk, len(slices), distances=tap is not None)
     todo = [i for i in store.pending_chunks(flags) if i < len(slices)]
     units = _units(todo, slices, per_unit=-(-cfg.batch_size // chunk))
     computed = sum(u.stop - u.start for u in units)
@@ -249,6 +254,7 @@ def infer_store(
     limit = BatchLimit(cfg.batch_size)
     waiting = collections.deque(units)  # units whose probabilities are not all written yet
     outs: list[torch.Tensor] = []  # probabilities computed but not yet written, in stream order
+    feats: list[torch.Tensor] = []  # their features, when the domain is checked
     buffered = produced = 0
     stream: Generator[np.ndarray, None, None]
     if source is not None:
@@ -264,10 +270,13 @@ def infer_store(
     )
     # closing: on an error the prefetch thread stops now, not when the traceback is freed; then the
     # stream, and with it any reader threads.
-    with contextlib.closing(stream), contextlib.closing(batches), torch.inference_mode(), _autocast(device, dtype):
+    with tap or contextlib.nullcontext(), contextlib.closing(stream), contextlib.closing(batches), \
+            torch.inference_mode(), _autocast(device, dtype):
         for host in batches:
             # [:...] drops the outputs of a padded last batch
             outs.append(forward_with_backoff(run, device_batch(host, device), limit)[: computed - produced])
+            if tap is not None:
+                feats.append(_taken(tap)[: len(outs[-1])])
             produced += len(outs[-1])
             buffered += len(outs[-1])
             # One device->host sync per unit, not per batch.
@@ -276,6 +285,10 @@ def infer_store(
                 size = unit.stop - unit.start
                 flat = torch.cat(outs)
                 probs[unit.start : unit.stop] = flat[:size].cpu().numpy()
+                if distances is not None and reference is not None:
+                    feat = torch.cat(feats)
+                    distances[unit.start : unit.stop] = ood.domain_distances(feat[:size].cpu().numpy(), reference)
+                    feats = [feat[size:]] if len(feat) > size else []
                 flags[unit.first : unit.last] = True  # after the data: a flagged chunk is on disk
                 outs, buffered = ([flat[size:]] if len(flat) > size else []), len(flat) - size
                 done += size
@@ -293,28 +306,34 @@ def infer_store(
         batch_size=limit.size, oom_backoffs=limit.backoffs, compiled=cfg.compile,
         patches_from="store" if source is None else "slide",
         model={"sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes,
-               "path": str(info.path) if info.path else None},
+               "path": str(info.path) if info.path else None,
+               "training_data": info.card.training_data if info.card is not None else None},
+        domain={"checked": True, **ood.reference(reference)} if reference is not None else {"checked": False, "reason": domain_note},
     )
     return {"skipped": False, "n": n, "computed": computed, "seconds": seconds,
             "images_per_s": computed / seconds if computed and seconds else None}
 
 
 def _outputs(
-    group: zarr.Group, identity: dict[str, Any], info: ModelInfo, n: int, chunk: int, n_chunks: int
-) -> tuple[zarr.Array, zarr.Array]:
-    """The probabilities array and per-chunk done flags: the previous run's to resume, or fresh."""
+    group: zarr.Group, identity: dict[str, Any], info: ModelInfo, n: int, chunk: int, n_chunks: int,
+    distances: bool = False,
+) -> tuple[zarr.Array, zarr.Array, zarr.Array | None]:
+    """The probabilities array, the per-patch domain distances (when ``distances``) and the
+    per-chunk done flags: the previous run's to resume, or fresh."""
     shape = (n,) if info.num_classes == 1 else (n, info.num_classes)
     entry = store.stage_entry(group, STAGE) or {}
     old = store.optional_array(group, store.PROBABILITIES)
+    old_dist = store.optional_array(group, OOD_DISTANCE)
     resumable = (
         entry.get("identity") == identity
         and old is not None
         and old.shape == shape
         and old.chunks[0] == chunk
         and old.attrs.get("model_sha256") == info.sha256
+        and (not distances or (old_dist is not None and old_dist.shape == (n,) and old_dist.chunks[0] == chunk))
     )
     if resumable and old is not None:  # (repeated for the type checker)
-        return old, store.progress_array(group, STAGE, n_chunks)
+        return old, store.progress_array(group, STAGE, n_chunks), old_dist if distances else None
     # Order matters for a crash between steps: forget old flags first (the old complete
     # marker still describes the old, untouched probabilities), then claim the stage with
     # the new identity, and only then replace the array.
@@ -325,7 +344,49 @@ def _outputs(
         overwrite=True, dimension_names=["patch"] if len(shape) == 1 else ["patch", "class"],
         attributes={"model_sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes},
     )
-    return probs, flags
+    if not distances:
+        _drop(group, OOD_DISTANCE)
+        return probs, flags, None
+    return probs, flags, _distance_array(group, n, chunk, info)
+
+
+def _distance_array(group: zarr.Group, n: int, chunk: int, info: ModelInfo) -> zarr.Array:
+    """A fresh ``ood_distance`` array beside the probabilities, same chunks (models.domain)."""
+    return group.create_array(
+        OOD_DISTANCE, shape=(n,), chunks=(chunk,), dtype="float32", fill_value=float("nan"), overwrite=True,
+        dimension_names=["patch"], attributes={"model_sha256": info.sha256, "distance": ood.DISTANCE_KIND},
+    )
+
+
+def _drop(group: zarr.Group, name: str) -> None:
+    """Remove a previous model's array, so no reader pairs it with the new probabilities."""
+    if name in group:
+        del group[name]
+
+
+def _domain_check(info: ModelInfo, net: nn.Module) -> tuple[dict[str, Any] | None, ood.FeatureTap | None, str | None]:
+    """(the card's training domain, a feature tap on ``net``, None) when the out-of-domain check
+    can run; else (None, None, why not)."""
+    card = info.card
+    if card is None:
+        return None, None, "the model has no card describing its training data"
+    if not card.domain:
+        return None, None, "the model card records no training domain"
+    layer = ood.feature_layer(net)
+    if layer is None:
+        return None, None, "the model has no classification layer to read its features from"
+    width = getattr(layer, "in_features", None) or getattr(layer, "in_channels", None)
+    dim = card.domain.get("dim")
+    if width and dim and int(width) != int(dim):
+        return None, None, f"the card's training domain has {dim} features, the model's classification layer {width}"
+    return ood.unpacked(card.domain), ood.FeatureTap(layer), None
+
+
+def _taken(tap: ood.FeatureTap) -> torch.Tensor:
+    feats = tap.take()
+    if feats is None:  # wrap() raises first; this keeps the type checker sure
+        raise RuntimeError("the feature tap recorded nothing for a batch")
+    return feats
 
 
 def _units(todo: list[int], slices: list[slice], per_unit: int) -> list[_Unit]:

@@ -48,6 +48,8 @@ from wsipipe.outputs.summary import (
     FileScale, HeatmapInfo, ModelRef, Provenance, QCFlag, QCSection, SlideScore, SlideSummary, SummaryError, SummarySlide, load_summary,
     summary_json,
 )
+from wsipipe.outputs.summary import domain_section
+from wsipipe.models.domain import DISTANCE_ARRAY
 from wsipipe.outputs.summary import SUMMARY_NAME
 
 log = logging.getLogger(__name__)
@@ -535,6 +537,8 @@ class StitchInputs:
     background: Callable[[slice], np.ndarray] | None = None
     # Level-0 tissue the tumor regions are clipped to; None = the store records no outline.
     tissue: MultiPolygon | None = None
+    # Each patch's distance from the model's training domain (models.domain); None = not checked.
+    distances: zarr.Array | None = None
 
     @property
     def n(self) -> int:
@@ -563,6 +567,7 @@ class Accumulated:
     scores: dict[str, Any]
     n_tumor_patches: int
     excluded: dict[str, int] | None = None  # patches not analysed, by reason; None = not checked
+    distances: np.ndarray | None = None  # the analysed patches' domain distances; None = none stored
 
 
 @dataclass
@@ -621,6 +626,7 @@ def read_inputs(group: zarr.Group, store_path: Path) -> StitchInputs:
         grid_ij=store.array(group, store.GRID_IJ), probabilities=store.array(group, store.PROBABILITIES),
         corrupt=store.optional_array(group, store.CORRUPT),
         background=_background_reader(group), tissue=read_tissue_region(group, thumb_ds, slide_mpp),
+        distances=store.optional_array(group, DISTANCE_ARRAY),
     )
     n, n_probs = inputs.n, int(inputs.probabilities.shape[0])
     if n_probs != n:
@@ -699,6 +705,7 @@ def accumulate(
     heat = HeatmapAccumulator(inputs.grid_shape, inputs.cells_per_patch)
     score = ScoreAccumulator(cfg.top_k, cfg.top_k_fraction)
     n_tumor_patches = n_glass = 0
+    kept_distances: list[np.ndarray] = []  # 4 bytes per analysed patch: far below the grid
     for sl in store.chunk_slices(n, step):
         ij = np.asarray(inputs.grid_ij[sl])
         p = _tumor_column(np.asarray(inputs.probabilities[sl], dtype=np.float32), cfg.class_index, store_path)
@@ -711,6 +718,8 @@ def accumulate(
             n_glass += int(np.count_nonzero(glass))
             keep &= ~glass
         ij, p = ij[keep], p[keep]
+        if inputs.distances is not None:
+            kept_distances.append(np.asarray(inputs.distances[sl], dtype=np.float32)[keep])
         _checked_probabilities(p, sl, store_path)
         try:
             heat.add(ij, p)
@@ -726,7 +735,8 @@ def accumulate(
             f"stitch.max_background={cfg.max_background:g}); nothing to stitch",
         )
     excluded = None if inputs.background is None else {"mostly_background": n_glass}
-    return Accumulated(heat.result(), score.result(), n_tumor_patches, excluded)
+    distances = np.concatenate(kept_distances) if inputs.distances is not None and kept_distances else None
+    return Accumulated(heat.result(), score.result(), n_tumor_patches, excluded, distances)
 
 
 def _min_tumor_cells(cfg: StitchConfig, inputs: StitchInputs) -> int:
@@ -878,6 +888,12 @@ def summarise(
             f"the slide is called {regions.decision}",
         ))
         qc_section.needs_review = True
+    domain, domain_flag = domain_section(
+        (stages.get(store.STAGE_INFER) or {}).get("domain"), acc.distances, qc_cfg.ood_fraction
+    )
+    if domain_flag is not None:
+        qc_section.flags.append(domain_flag)
+        qc_section.needs_review = True
     return SlideSummary(
         version=__version__,
         slide=SummarySlide(
@@ -888,7 +904,7 @@ def summarise(
         store=str(inputs.store_path),
         provenance=Provenance(
             config_hash=_config_hashes(stages, identity),
-            model=ModelRef(sha256=model.get("sha256"), arch=model.get("arch")),
+            model=ModelRef(sha256=model.get("sha256"), arch=model.get("arch"), training_data=model.get("training_data")),
             stitch_identity=identity_hash,
         ),
         config=identity["stitch_config"],
@@ -920,6 +936,7 @@ def summarise(
         file_scales=file_scales(inputs),
         qc=qc_section,
         exports=exports,  # outputs for other tools (directories included), by kind
+        domain=domain,
     )
 
 

@@ -63,12 +63,13 @@ class SlideJob:
 
     def model(self):
         if self.net is not None:
-            return self.net, self.info
+            return self.net, _with_card(self.info)
         try:
             mtime = self.weights.stat().st_mtime_ns
         except OSError:
             mtime = 0  # load_model names the missing file
-        return _cached_model(str(self.weights), mtime, self.cfg.model.arch, self.cfg.model.num_classes)
+        net, info = _cached_model(str(self.weights), mtime, self.cfg.model.arch, self.cfg.model.num_classes)
+        return net, _with_card(info)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,17 @@ class Stage:
     name: str
     run: Callable[[SlideJob], StageOutcome]
     accelerator: bool = False  # inference: the GPU worker / the GPU concurrency tag
+
+
+def _with_card(info):
+    """``info`` with the card.json beside its weights (what the model expects, its training domain)."""
+    from dataclasses import replace
+
+    from wsipipe.models.card import card_beside
+
+    if info is None or info.card is not None or info.path is None:
+        return info
+    return replace(info, card=card_beside(info.path, info.sha256))
 
 
 @functools.lru_cache(maxsize=2)

@@ -1,0 +1,188 @@
+"""The out-of-domain check: the feature reference (pure numpy), the feature tap, per-patch
+distances stored by inference in a real Zarr store, the summary block and QC flag, and the
+demo model flagging real slides it never saw (the slow acceptance test)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from wsipipe.config import InferenceConfig
+from wsipipe.models.card import ModelCard
+from wsipipe.models.domain import (
+    FeatureTap, domain_distances, feature_layer, fit_domain, reference, slide_domain, unpacked,
+)
+from wsipipe.models.inference import forward_with_backoff, BatchLimit, infer_store, predict_patches
+from wsipipe.models.model import build_model, save_weights
+from wsipipe.outputs.summary import DomainSection, domain_section
+from wsipipe.tiles import store
+
+CPU = torch.device("cpu")
+FP32 = InferenceConfig(batch_size=5, precision="fp32", device="cpu", prefetch_batches=2)
+
+
+def gaussian(n, dim=48, shift=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    scales = np.linspace(3.0, 0.2, dim)  # an anisotropic cloud: the principal directions matter
+    return (rng.normal(size=(n, dim)) * scales + shift).astype(np.float32)
+
+
+def test_fit_domain_is_compact_json_with_held_out_quantiles():
+    train = gaussian(2000)
+    domain = fit_domain(train, components=8, seed=1)
+    text = json.dumps(domain)
+    assert len(text) < 20_000 and json.loads(text) == domain
+    assert domain["n_fit"] + domain["n_held_out"] == 2000 and domain["n_held_out"] == 400
+    q = domain["quantiles"]
+    assert q["p50"] < q["p90"] < q["p95"] < q["p99"] <= q["max"]
+    assert 0.8 < q["p50"] < 1.2  # a training patch lies near 1
+    fresh = domain_distances(gaussian(4000, seed=2), domain)  # new patches from the same cloud
+    assert fresh.dtype == np.float32 and fresh.shape == (4000,)
+    assert 0.003 < float(np.mean(fresh > q["p99"])) < 0.03  # held-out p99 is not optimistic
+    far = domain_distances(gaussian(500, shift=2.0, seed=3), domain)
+    assert float(np.mean(far > q["p99"])) > 0.95
+    # decoded once or every call: the same distances
+    np.testing.assert_array_equal(domain_distances(train[:50], unpacked(domain)), domain_distances(train[:50], domain))
+
+
+def test_fit_domain_with_few_patches_keeps_a_residual():
+    """Fewer patches than feature dimensions (a small training slide): distances stay finite and
+    held-out patches near 1, not blown up by a residual variance fitted to zero."""
+    domain = fit_domain(gaussian(60, dim=512), seed=0)
+    assert len(np.frombuffer(__import__("base64").b64decode(domain["eigenvalues"]["base64"]), "<f4")) <= 12
+    assert domain["quantiles"]["p50"] < 3.0
+
+
+def test_slide_domain_counts_beyond_p99_and_the_flag_fraction():
+    domain = {"quantiles": {"p50": 1.0, "p99": 2.0}}
+    d = np.array([0.5, 1.0, 2.5, 3.0, np.nan, 4.0], dtype=np.float32)
+    out = slide_domain(d, domain, fraction=0.5)
+    assert (out["n_patches"], out["n_beyond"]) == (5, 3) and out["fraction_beyond"] == pytest.approx(0.6)
+    assert out["out_of_domain"] and out["median_distance"] == pytest.approx(2.5)
+    assert not slide_domain(d, domain, fraction=0.6)["out_of_domain"]  # more than the fraction, not equal
+    assert not slide_domain(np.array([]), domain, 0.5)["out_of_domain"]
+
+
+def test_domain_section_and_flag():
+    entry = {"checked": True, **reference({"quantiles": {"p50": 1.0, "p99": 2.0}})}
+    section, flag = domain_section(entry, np.array([3.0, 3.0, 3.0, 1.0]), 0.5)
+    assert section.checked and section.out_of_domain and section.fraction_beyond == 0.75
+    assert flag is not None and flag.code == "out_of_domain" and flag.severity == "review"
+    assert "75% of patches" in flag.message and "training domain" in flag.message
+    section, flag = domain_section(entry, np.array([1.0, 1.0, 3.0]), 0.5)
+    assert section.checked and not section.out_of_domain and flag is None
+    section, flag = domain_section({"checked": False, "reason": "the model has no card"}, None, 0.5)
+    assert not section.checked and section.reason == "the model has no card" and flag is None
+    assert DomainSection().reason is None and domain_section(None, None, 0.5)[0].reason  # older stores say why
+
+
+def test_feature_tap_is_the_classifier_input_of_the_same_pass():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 1).eval()
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad(), FeatureTap.attach(model) as tap:
+        logits = tap.wrap(model)(x)
+        feats = tap.take()
+        assert feats is not None and feats.shape == (6, 512) and feats.dtype == torch.float32
+        torch.testing.assert_close(model.fc(feats), logits)
+        assert tap.take() is None  # taken once
+    assert not model.fc._forward_pre_hooks  # closed: the caller's model carries no hook
+
+
+def test_feature_tap_keeps_nothing_of_a_failed_pass():
+    """An out-of-memory slice that is retried smaller leaves no features behind: the features
+    stay aligned with the probabilities."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 1).eval()
+    calls = []
+
+    def flaky(x):
+        calls.append(len(x))
+        out = model(x)  # the hook fires, then the "allocation" fails
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("simulated")
+        return out
+
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad(), FeatureTap.attach(model) as tap:
+        probs = forward_with_backoff(tap.wrap(flaky), x, BatchLimit(8))
+        feats = tap.take()
+    assert calls == [8, 4, 4] and probs.shape == (8,) and feats is not None and feats.shape == (8, 512)
+    torch.testing.assert_close(torch.sigmoid(model.fc(feats)[:, 0]), probs)
+
+
+def test_feature_layer_of_timm_torchvision_and_torchscript():
+    import timm
+
+    vit = build_model("vit_b_16", 2)
+    assert feature_layer(vit) is vit.heads.head
+    t = timm.create_model("resnet18", pretrained=False, num_classes=1)
+    assert feature_layer(t) is t.get_classifier()
+    headless = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    assert feature_layer(headless) is None  # an Identity head: nothing to tap
+    scripted = torch.jit.script(build_model("resnet18", 1).eval())
+    assert feature_layer(scripted) is None and FeatureTap.attach(scripted) is None
+
+
+def _store(path, n=23, chunk=8, seed=0, size=32):
+    rng = np.random.default_rng(seed)
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("patches", data=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), chunks=(chunk, size, size, 3))
+    group.create_array("coords", data=np.zeros((n, 2), dtype=np.int64), chunks=(n, 2))
+    store.set_stage(group, "tile", {"slide": "hand-built", "config": str(seed)}, True, n_patches=n)
+    return path
+
+
+def _model_with_domain(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet18", 1).eval()
+    info = save_weights(model, tmp_path / "m.safetensors", "resnet18", 1)
+    patches = np.random.default_rng(5).integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
+    from wsipipe.learn.train import training_domain
+
+    domain = training_domain(model, patches, device="cpu")
+    card = ModelCard(arch="resnet18", num_classes=1, classes=["normal", "tumor"], weights_sha256=info.sha256,
+                     training_data="noise patches", domain=domain)
+    return model, replace(info, card=card)
+
+
+def test_inference_stores_distances_beside_probabilities_and_resumes(tmp_path):
+    path = _store(tmp_path / "s.zarr")
+    model, info = _model_with_domain(tmp_path)
+    infer_store(path, model, info, FP32)
+    group = store.open_store(path, mode="r+")
+    dist, probs = group["ood_distance"], group["probabilities"]
+    assert dist.shape == (23,) and dist.dtype == np.float32 and dist.chunks == probs.chunks
+    patches = group["patches"][:]
+    np.testing.assert_allclose(probs[:], predict_patches(model, patches, CPU), atol=1e-6)  # the same pass, unchanged
+    with torch.no_grad(), FeatureTap.attach(model) as tap:
+        tap.wrap(model)(torch.from_numpy(((patches / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]))
+                                         .astype(np.float32)).permute(0, 3, 1, 2))
+        feats = tap.take()
+    assert feats is not None
+    np.testing.assert_allclose(dist[:], domain_distances(feats.numpy(), info.card.domain), rtol=1e-4)
+    entry = store.stage_entry(group, "infer")
+    assert entry["domain"]["checked"] and entry["domain"]["quantiles"]["p99"] == info.card.domain["quantiles"]["p99"]
+    assert entry["model"]["training_data"] == "noise patches"
+    assert not model.fc._forward_pre_hooks
+
+    # An interrupted run: chunks 1 and 2 lost (flags cleared, values wiped); only they are recomputed.
+    before = dist[:].copy()
+    flags = group["_progress/infer"]
+    flags[1:3] = False
+    dist[8:24] = np.nan
+    store.set_stage(group, "infer", entry["identity"], False)
+    stats = infer_store(path, model, info, FP32)
+    assert stats["computed"] == 15
+    np.testing.assert_allclose(store.open_store(path)["ood_distance"][:], before, rtol=1e-5)
+
+    # A model without a card: no distances, and the stage says why.
+    infer_store(_store(tmp_path / "t.zarr"), model, replace(info, card=None), FP32)
+    group = store.open_store(tmp_path / "t.zarr")
+    assert "ood_distance" not in group
+    assert store.stage_entry(group, "infer")["domain"] == {"checked": False, "reason": "the model has no card describing its training data"}

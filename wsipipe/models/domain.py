@@ -1,0 +1,251 @@
+"""The out-of-domain check: how far a slide's patches lie from the model's training patches
+in the model's own feature space.
+
+A classifier trained on one kind of tissue (or on generated slides) still answers on any other,
+often with full confidence. What it saw in training is summarised, once, in feature space: the
+penultimate-layer features (the input of the classification layer) of training patches, as a
+mean, the top principal components with their variances, and the variance left outside them
+(:func:`fit_domain`). A patch's distance (:func:`domain_distances`) is its Mahalanobis distance
+in that subspace plus its residual outside it, scaled so that a training patch lies near 1. The
+distances of training patches *held out of the fit* give the quantiles, so p99 is what a new
+in-domain patch reaches, not what the fitted ones do. A slide is out of domain when more than
+a set fraction of its analysed patches lie beyond p99 (:func:`slide_domain`).
+
+The features come from the same forward pass that gives the logits: :class:`FeatureTap` is a
+forward pre-hook on the classification layer. Models without a known one (TorchScript, an
+exported program) have no tap, and the check is reported as unavailable for them.
+
+Everything but the tap is numpy: ``summary.json`` readers and stitching never load torch here.
+
+    tap = FeatureTap.attach(model)              # None: no classification layer known
+    logits = tap.wrap(model)(x); feats = tap.take()
+    domain = fit_domain(feats_of_training_patches)           # into the model card
+    d = domain_distances(feats, domain)                      # (N,) per patch, stored by inference
+    slide_domain(d, domain, fraction=0.5)                    # {"fraction_beyond": ..., "out_of_domain": ...}
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+DOMAIN_FORMAT = "wsipipe-domain-1"
+DISTANCE_KIND = "pca-mahalanobis+residual"
+DISTANCE_ARRAY = "ood_distance"  # the store's (N,) float32 per-patch distances, beside probabilities
+MAX_COMPONENTS = 32
+HELD_OUT = 0.2  # share of the training patches kept out of the fit for the distance quantiles
+QUANTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "max": 100.0}
+# Variance floor, relative to the mean component variance: a feature channel that never fires
+# on the training patches (a dead ReLU) would otherwise turn any activation into an infinite distance.
+_FLOOR = 1e-3
+
+
+# --------------------------------------------------------------------------- the feature tap
+
+
+def feature_layer(model: Any) -> nn.Module | None:
+    """The classification layer whose input is the penultimate features; None when unknown.
+
+    timm models name it (``get_classifier()``); torchvision families are found by
+    :func:`wsipipe.models.model._head`; a TorchScript module or an exported program takes no hooks."""
+    import torch
+    from torch import nn
+
+    if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        return None
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            layer = get()
+        except Exception:  # a wrapper whose get_classifier needs more than the model: no tap
+            layer = None
+        # timm hands back an Identity when the model was built without a head: nothing to tap.
+        if isinstance(layer, nn.Module) and any(True for _ in layer.parameters()):
+            return layer
+    from wsipipe.models.model import _head
+
+    try:
+        parent, name = _head(model)
+    except ValueError:
+        return None
+    layer = getattr(parent, name)
+    return layer if isinstance(layer, nn.Module) else None
+
+
+def pool_features(x: torch.Tensor) -> torch.Tensor:
+    """(N, D) float32 from a classification layer's input: (N, D) as is, (N, D, H, W) averaged
+    over space (a 1x1-conv head), (N, T, D) averaged over tokens."""
+    if x.ndim == 4:
+        x = x.mean(dim=(2, 3))
+    elif x.ndim == 3:
+        x = x.mean(dim=1)
+    elif x.ndim != 2:
+        x = x.reshape(x.shape[0], -1)
+    return x.detach().float()
+
+
+class FeatureTap:
+    """Penultimate features of every successful forward pass of a model, in call order.
+
+    A forward pre-hook on the classification layer records its input; :meth:`wrap` keeps a
+    call's features only when the call returns, so a forward pass that fails (out of memory,
+    retried smaller) leaves nothing behind and features stay aligned with the logits."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self._pending: torch.Tensor | None = None
+        self._parts: list[torch.Tensor] = []
+        self._handle = layer.register_forward_pre_hook(self._hook)
+
+    @classmethod
+    def attach(cls, model: Any) -> FeatureTap | None:
+        layer = feature_layer(model)
+        return None if layer is None else cls(layer)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        if args:
+            self._pending = pool_features(args[0])
+
+    def wrap(self, net: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def tapped(x: torch.Tensor) -> torch.Tensor:
+            self._pending = None
+            out = net(x)
+            if self._pending is None or len(self._pending) != len(x):
+                raise RuntimeError("the feature tap saw no classification-layer input for this batch")
+            self._parts.append(self._pending)
+            self._pending = None
+            return out
+
+        return tapped
+
+    def take(self) -> torch.Tensor | None:
+        """The features recorded since the last take, concatenated (on the model's device)."""
+        import torch
+
+        parts, self._parts = self._parts, []
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def close(self) -> None:
+        self._handle.remove()
+        self._parts, self._pending = [], None
+
+    def __enter__(self) -> FeatureTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+def _pack(a: np.ndarray) -> dict[str, Any]:
+    # float32 little-endian in base64: a quarter the size of the same numbers as JSON text, exact.
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return {"dtype": "float32", "shape": list(a.shape), "base64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def _unpack(value: Any) -> np.ndarray:
+    if isinstance(value, dict):
+        data = np.frombuffer(base64.b64decode(value["base64"]), dtype="<f4")
+        return data.reshape([int(s) for s in value["shape"]]).astype(np.float32)
+    return np.asarray(value, dtype=np.float32)
+
+
+def fit_domain(
+    features: np.ndarray, components: int = MAX_COMPONENTS, held_out: float = HELD_OUT, seed: int = 0,
+    layer: str | None = None,
+) -> dict[str, Any]:
+    """A compact, JSON-able description of training ``features`` (N, D).
+
+    The fit (mean, top ``components`` principal directions and their variances, the mean
+    variance left in the other directions) uses all but a random ``held_out`` share of the
+    patches; the distance quantiles are those of the held-out patches."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 10:
+        raise ValueError(f"need (N, D) features of at least 10 patches, got shape {x.shape}")
+    n, dim = x.shape
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = min(max(int(round(n * held_out)), 5), n - 5)
+    held, fit = x[order[:n_held]], x[order[n_held:]]
+    mean = fit.mean(axis=0)
+    centred = fit - mean
+    # Eigen-decomposition of the covariance through the SVD of the centred data (N x D, small).
+    _, sing, vt = np.linalg.svd(centred, full_matrices=False)
+    var = sing**2 / max(len(fit) - 1, 1)
+    total = float(var.sum())
+    # At most a quarter as many directions as fitted patches: with k near their number the fit
+    # spans them exactly, the variance left outside is ~0, and every new patch looks infinitely far.
+    k = int(max(1, min(components, len(fit) // 4, len(var), dim - 1 if dim > 1 else 1)))
+    floor = _FLOOR * (total / dim if total > 0 else 1.0)
+    eig = np.maximum(var[:k], floor)
+    rest = dim - k
+    residual = max(float(var[k:].sum()) / rest, floor) if rest > 0 else floor
+    domain: dict[str, Any] = {
+        "format": DOMAIN_FORMAT, "distance": DISTANCE_KIND, "layer": layer, "dim": int(dim),
+        "n_fit": int(len(fit)), "n_held_out": int(n_held),
+        "mean": _pack(mean), "components": _pack(vt[:k]), "eigenvalues": _pack(eig),
+        "residual_variance": float(residual),
+    }
+    d = domain_distances(held, domain)
+    domain["quantiles"] = {name: float(np.percentile(d, q)) for name, q in QUANTILES.items()}
+    return domain
+
+
+def unpacked(domain: dict[str, Any]) -> dict[str, Any]:
+    """``domain`` with its arrays decoded once (for a caller computing distances batch after batch)."""
+    return {**domain, **{k: _unpack(domain[k]) for k in ("mean", "components", "eigenvalues")}}
+
+
+def domain_distances(features: np.ndarray, domain: dict[str, Any]) -> np.ndarray:
+    """(N,) float32: each patch's distance from the training patches.
+
+    ``sqrt((sum_k z_k² / λ_k + |residual|² / σ²_rest) / D)``, with ``z`` the centred features in
+    the principal directions and the residual what those directions leave; each term counts in
+    units of the training spread along it, so a typical training patch lies near 1."""
+    x = np.asarray(features, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"need (N, D) features, got shape {x.shape}")
+    mean, comps, eig = (_unpack(domain[k]) for k in ("mean", "components", "eigenvalues"))
+    if x.shape[1] != mean.shape[0]:
+        raise ValueError(f"features have {x.shape[1]} dimensions, the domain {mean.shape[0]}")
+    c = x - mean
+    z = c @ comps.T
+    inside = (z * z / eig).sum(axis=1)
+    residual = np.maximum((c * c).sum(axis=1) - (z * z).sum(axis=1), 0.0)
+    d2 = inside + residual / float(domain["residual_variance"])
+    return np.sqrt(d2 / float(domain.get("dim") or mean.shape[0])).astype(np.float32)
+
+
+def reference(domain: dict[str, Any]) -> dict[str, Any]:
+    """What a slide's check needs of ``domain``: its distance quantiles (kept with the store, small)."""
+    return {"format": domain.get("format"), "distance": domain.get("distance"), "layer": domain.get("layer"),
+            "quantiles": dict(domain.get("quantiles") or {})}
+
+
+def slide_domain(distances: np.ndarray, domain: dict[str, Any], fraction: float) -> dict[str, Any]:
+    """The share of a slide's analysed patches beyond the training p99, and whether it exceeds ``fraction``.
+
+    ``domain``: a :func:`fit_domain` result or its :func:`reference`. NaN distances (patches
+    not classified) are left out."""
+    d = np.asarray(distances, dtype=np.float64).ravel()
+    d = d[np.isfinite(d)]
+    p99 = float(domain["quantiles"]["p99"])
+    n = int(d.size)
+    beyond = int(np.count_nonzero(d > p99))
+    share = beyond / n if n else 0.0
+    return {
+        "n_patches": n, "n_beyond": beyond, "fraction_beyond": share, "p99_distance": p99,
+        "median_distance": float(np.median(d)) if n else None,
+        "training_median_distance": float(domain["quantiles"].get("p50", np.nan)),
+        "flag_fraction": float(fraction), "out_of_domain": bool(n and share > fraction),
+    }
