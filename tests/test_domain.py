@@ -15,7 +15,7 @@ import zarr
 from wsipipe.config import InferenceConfig
 from wsipipe.models.card import ModelCard
 from wsipipe.models.domain import (
-    FeatureTap, domain_distances, feature_layer, fit_domain, reference, slide_domain, unpacked,
+    FeatureTap, domain_distances, feature_layer, fit_domain, reference, slide_domain, unpacked, view_widths,
 )
 from wsipipe.models.inference import forward_with_backoff, BatchLimit, infer_store, predict_patches
 from wsipipe.models.model import build_model, save_weights
@@ -34,7 +34,8 @@ def gaussian(n, dim=48, shift=0.0, seed=0):
 
 def test_fit_domain_is_compact_json_with_held_out_quantiles():
     train = gaussian(2000)
-    domain = fit_domain(train, components=8, seed=1)
+    domain = fit_domain(train, views=[("head", 40), ("early", 8)], components=8, seed=1)
+    assert [v["name"] for v in domain["views"]] == ["head", "early"]
     text = json.dumps(domain)
     assert len(text) < 20_000 and json.loads(text) == domain
     assert domain["n_fit"] + domain["n_held_out"] == 2000 and domain["n_held_out"] == 400
@@ -54,7 +55,7 @@ def test_fit_domain_with_few_patches_keeps_a_residual():
     """Fewer patches than feature dimensions (a small training slide): distances stay finite and
     held-out patches near 1, not blown up by a residual variance fitted to zero."""
     domain = fit_domain(gaussian(60, dim=512), seed=0)
-    assert len(np.frombuffer(__import__("base64").b64decode(domain["eigenvalues"]["base64"]), "<f4")) <= 12
+    assert domain["views"][0]["eigenvalues"]["shape"][0] <= 12
     assert domain["quantiles"]["p50"] < 3.0
 
 
@@ -88,10 +89,14 @@ def test_feature_tap_is_the_classifier_input_of_the_same_pass():
     with torch.no_grad(), FeatureTap.attach(model) as tap:
         logits = tap.wrap(model)(x)
         feats = tap.take()
-        assert feats is not None and feats.shape == (6, 512) and feats.dtype == torch.float32
-        torch.testing.assert_close(model.fc(feats), logits)
+        # the classifier's input, then layer1's 64 channel means and deviations
+        assert tap.views == ["head", "early"] and tap.early is model.layer1
+        assert feats is not None and feats.shape == (6, 512 + 128) and feats.dtype == torch.float32
+        torch.testing.assert_close(model.fc(feats[:, :512]), logits)
+        early = model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))
+        torch.testing.assert_close(feats[:, 512:576], early.mean(dim=(2, 3)))
         assert tap.take() is None  # taken once
-    assert not model.fc._forward_pre_hooks  # closed: the caller's model carries no hook
+    assert not model.fc._forward_pre_hooks and not model.layer1._forward_hooks  # closed: the caller's model carries no hook
 
 
 def test_feature_tap_keeps_nothing_of_a_failed_pass():
@@ -112,17 +117,19 @@ def test_feature_tap_keeps_nothing_of_a_failed_pass():
     with torch.no_grad(), FeatureTap.attach(model) as tap:
         probs = forward_with_backoff(tap.wrap(flaky), x, BatchLimit(8))
         feats = tap.take()
-    assert calls == [8, 4, 4] and probs.shape == (8,) and feats is not None and feats.shape == (8, 512)
-    torch.testing.assert_close(torch.sigmoid(model.fc(feats)[:, 0]), probs)
+    assert calls == [8, 4, 4] and probs.shape == (8,) and feats is not None and feats.shape == (8, 640)
+    torch.testing.assert_close(torch.sigmoid(model.fc(feats[:, :512])[:, 0]), probs)
 
 
 def test_feature_layer_of_timm_torchvision_and_torchscript():
     import timm
 
     vit = build_model("vit_b_16", 2)
-    assert feature_layer(vit) is vit.heads.head
+    assert feature_layer(vit) is vit.heads.head and view_widths(vit) == [("head", 768)]  # no convolutions to read early
+    effnet = build_model("efficientnet_b0", 1)
+    assert view_widths(effnet) is not None and view_widths(effnet)[0] == ("head", 1280)
     t = timm.create_model("resnet18", pretrained=False, num_classes=1)
-    assert feature_layer(t) is t.get_classifier()
+    assert feature_layer(t) is t.get_classifier() and view_widths(t) == [("head", 512), ("early", 128)]
     headless = timm.create_model("resnet18", pretrained=False, num_classes=0)
     assert feature_layer(headless) is None  # an Identity head: nothing to tap
     scripted = torch.jit.script(build_model("resnet18", 1).eval())

@@ -410,7 +410,7 @@ def training_domain(
     penultimate features on (up to ``limit`` of) its training ``patches``, as inference computes
     them (eval mode, the same input normalisation); None when the model has no classification
     layer to tap or there are too few patches."""
-    from wsipipe.models.domain import FeatureTap, fit_domain
+    from wsipipe.models.domain import FeatureTap, fit_domain, view_widths
 
     if len(patches) < 10:
         return None
@@ -429,7 +429,7 @@ def training_domain(
             if feats is not None:
                 parts.append(feats.cpu().numpy())
     layer = next((name for name, m in model.named_modules() if m is tap.layer), None)
-    return fit_domain(np.concatenate(parts), seed=seed, layer=layer)
+    return fit_domain(np.concatenate(parts), views=view_widths(model), seed=seed, layer=layer)
 
 
 def store_provenance(stores: list) -> dict[str, Any]:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 DOMAIN_FORMAT = "wsipipe-domain-1"
-DISTANCE_KIND = "pca-mahalanobis+residual"
+DISTANCE_KIND = "max-over-views(pca-mahalanobis+residual / held-out median)"
 DISTANCE_ARRAY = "ood_distance"  # the store's (N,) float32 per-patch distances, beside probabilities
 MAX_COMPONENTS = 32
 HELD_OUT = 0.2  # share of the training patches kept out of the fit for the distance quantiles
@@ -79,6 +79,41 @@ def feature_layer(model: Any) -> nn.Module | None:
     return layer if isinstance(layer, nn.Module) else None
 
 
+def early_layer(model: Any) -> nn.Module | None:
+    """An early block whose output statistics describe the input's colour and texture: a ResNet's
+    ``layer1`` (torchvision and timm), else the Conv2d a quarter of the way through the model's
+    convolutions; None for a model without convolutions (a ViT: its head features only)."""
+    from torch import nn
+
+    block = getattr(model, "layer1", None)
+    if isinstance(block, nn.Module) and _last_conv(block) is not None:
+        return block
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return convs[len(convs) // 4] if len(convs) >= 4 else None
+
+
+def _last_conv(module: nn.Module) -> nn.Module | None:
+    from torch import nn
+
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1] if convs else None
+
+
+def view_widths(model: Any) -> list[tuple[str, int]] | None:
+    """The feature views a tap on ``model`` records, (name, width) in column order, known without
+    running it; None when there is no tap (see :func:`feature_layer`)."""
+    head = feature_layer(model)
+    if head is None:
+        return None
+    width = getattr(head, "in_features", None) or getattr(head, "in_channels", None)
+    views = [("head", int(width or 0))]
+    early = early_layer(model)
+    conv = None if early is None else _last_conv(early)
+    if conv is not None:
+        views.append(("early", 2 * int(getattr(conv, "out_channels", 0))))
+    return views
+
+
 def pool_features(x: torch.Tensor) -> torch.Tensor:
     """(N, D) float32 from a classification layer's input: (N, D) as is, (N, D, H, W) averaged
     over space (a 1x1-conv head), (N, T, D) averaged over tokens."""
@@ -91,36 +126,65 @@ def pool_features(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float()
 
 
+def channel_statistics(x: torch.Tensor) -> torch.Tensor:
+    """(N, 2C) float32: each channel's mean and standard deviation over space of (N, C, H, W)."""
+    import torch
+
+    x = x.detach().float()
+    return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3), correction=0)], dim=1)
+
+
 class FeatureTap:
-    """Penultimate features of every successful forward pass of a model, in call order.
+    """Features of every successful forward pass of a model, in call order, as (N, D) rows:
+    the penultimate features (the input of the classification layer, a forward pre-hook) and,
+    where the model has one, the channel means and deviations of an early block's output
+    (:func:`early_layer`, a forward hook), side by side (:attr:`views`).
 
-    A forward pre-hook on the classification layer records its input; :meth:`wrap` keeps a
-    call's features only when the call returns, so a forward pass that fails (out of memory,
-    retried smaller) leaves nothing behind and features stay aligned with the logits."""
+    Why both: a classifier's penultimate features are trained to separate its classes and are
+    blind to much else; on the demo model (trained on generated slides) they put only 55-58 % of
+    the real CMU-1 and TCGA patches beyond the training p99, and none of TCGA at 1 µm/px, while
+    the early block's statistics (stain, texture) put 100 % there (BENCHMARKS.md).
 
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
-        self._pending: torch.Tensor | None = None
+    :meth:`wrap` keeps a call's features only when the call returns, so a forward pass that fails
+    (out of memory, retried smaller) leaves nothing behind and features stay aligned with the logits."""
+
+    def __init__(self, layer: nn.Module, early: nn.Module | None = None):
+        self.layer, self.early = layer, early
+        self._head: torch.Tensor | None = None
+        self._early: torch.Tensor | None = None
         self._parts: list[torch.Tensor] = []
-        self._handle = layer.register_forward_pre_hook(self._hook)
+        self._handles = [layer.register_forward_pre_hook(self._hook)]
+        if early is not None:
+            self._handles.append(early.register_forward_hook(self._early_hook))
 
     @classmethod
     def attach(cls, model: Any) -> FeatureTap | None:
         layer = feature_layer(model)
-        return None if layer is None else cls(layer)
+        return None if layer is None else cls(layer, early_layer(model))
+
+    @property
+    def views(self) -> list[str]:
+        return ["head"] if self.early is None else ["head", "early"]
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
         if args:
-            self._pending = pool_features(args[0])
+            self._head = pool_features(args[0])
+
+    def _early_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if hasattr(output, "ndim") and output.ndim == 4:
+            self._early = channel_statistics(output)
 
     def wrap(self, net: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        import torch
+
         def tapped(x: torch.Tensor) -> torch.Tensor:
-            self._pending = None
+            self._head = self._early = None
             out = net(x)
-            if self._pending is None or len(self._pending) != len(x):
+            head, early = self._head, self._early
+            if head is None or len(head) != len(x) or (self.early is not None and (early is None or len(early) != len(x))):
                 raise RuntimeError("the feature tap saw no classification-layer input for this batch")
-            self._parts.append(self._pending)
-            self._pending = None
+            self._parts.append(head if early is None else torch.cat([head, early], dim=1))
+            self._head = self._early = None
             return out
 
         return tapped
@@ -135,8 +199,9 @@ class FeatureTap:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def close(self) -> None:
-        self._handle.remove()
-        self._parts, self._pending = [], None
+        for handle in self._handles:
+            handle.remove()
+        self._parts, self._head, self._early = [], None, None
 
     def __enter__(self) -> FeatureTap:
         return self
@@ -162,25 +227,47 @@ def _unpack(value: Any) -> np.ndarray:
 
 
 def fit_domain(
-    features: np.ndarray, components: int = MAX_COMPONENTS, held_out: float = HELD_OUT, seed: int = 0,
-    layer: str | None = None,
+    features: np.ndarray, views: list[tuple[str, int]] | None = None, components: int = MAX_COMPONENTS,
+    held_out: float = HELD_OUT, seed: int = 0, layer: str | None = None,
 ) -> dict[str, Any]:
     """A compact, JSON-able description of training ``features`` (N, D).
 
-    The fit (mean, top ``components`` principal directions and their variances, the mean
-    variance left in the other directions) uses all but a random ``held_out`` share of the
-    patches; the distance quantiles are those of the held-out patches."""
+    ``views``: (name, width) column blocks of ``features`` fitted separately (default: one,
+    "head"), as :class:`FeatureTap` records them. Per view, the fit (mean, top ``components``
+    principal directions and their variances, the mean variance left in the other directions)
+    uses all but a random ``held_out`` share of the patches; each view's distance is divided by
+    its median on the held-out patches, and a patch's distance is the largest over the views.
+    The quantiles are those of the held-out patches' distances."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or len(x) < 10:
         raise ValueError(f"need (N, D) features of at least 10 patches, got shape {x.shape}")
     n, dim = x.shape
+    views = views or [("head", dim)]
+    if sum(w for _, w in views) != dim:
+        raise ValueError(f"views {views} do not add up to the {dim} feature columns")
     order = np.random.default_rng(seed).permutation(n)
     n_held = min(max(int(round(n * held_out)), 5), n - 5)
     held, fit = x[order[:n_held]], x[order[n_held:]]
+    fitted, col = [], 0
+    for name, width in views:
+        view = {"name": name, "start": col, "stop": col + width, **_fit_view(fit[:, col : col + width], components)}
+        view["scale"] = max(float(np.median(_view_distances(held[:, col : col + width], view))), 1e-12)
+        fitted.append(view)
+        col += width
+    domain: dict[str, Any] = {
+        "format": DOMAIN_FORMAT, "distance": DISTANCE_KIND, "layer": layer, "dim": int(dim),
+        "n_fit": int(len(fit)), "n_held_out": int(n_held), "views": fitted,
+    }
+    d = domain_distances(held, domain)
+    domain["quantiles"] = {name: float(np.percentile(d, q)) for name, q in QUANTILES.items()}
+    return domain
+
+
+def _fit_view(fit: np.ndarray, components: int) -> dict[str, Any]:
+    dim = fit.shape[1]
     mean = fit.mean(axis=0)
-    centred = fit - mean
     # Eigen-decomposition of the covariance through the SVD of the centred data (N x D, small).
-    _, sing, vt = np.linalg.svd(centred, full_matrices=False)
+    _, sing, vt = np.linalg.svd(fit - mean, full_matrices=False)
     var = sing**2 / max(len(fit) - 1, 1)
     total = float(var.sum())
     # At most a quarter as many directions as fitted patches: with k near their number the fit
@@ -190,40 +277,39 @@ def fit_domain(
     eig = np.maximum(var[:k], floor)
     rest = dim - k
     residual = max(float(var[k:].sum()) / rest, floor) if rest > 0 else floor
-    domain: dict[str, Any] = {
-        "format": DOMAIN_FORMAT, "distance": DISTANCE_KIND, "layer": layer, "dim": int(dim),
-        "n_fit": int(len(fit)), "n_held_out": int(n_held),
-        "mean": _pack(mean), "components": _pack(vt[:k]), "eigenvalues": _pack(eig),
-        "residual_variance": float(residual),
-    }
-    d = domain_distances(held, domain)
-    domain["quantiles"] = {name: float(np.percentile(d, q)) for name, q in QUANTILES.items()}
-    return domain
+    return {"dim": int(dim), "mean": _pack(mean), "components": _pack(vt[:k]), "eigenvalues": _pack(eig),
+            "residual_variance": float(residual)}
 
 
 def unpacked(domain: dict[str, Any]) -> dict[str, Any]:
     """``domain`` with its arrays decoded once (for a caller computing distances batch after batch)."""
-    return {**domain, **{k: _unpack(domain[k]) for k in ("mean", "components", "eigenvalues")}}
+    views = [{**v, **{k: _unpack(v[k]) for k in ("mean", "components", "eigenvalues")}} for v in domain["views"]]
+    return {**domain, "views": views}
 
 
-def domain_distances(features: np.ndarray, domain: dict[str, Any]) -> np.ndarray:
-    """(N,) float32: each patch's distance from the training patches.
-
-    ``sqrt((sum_k z_k² / λ_k + |residual|² / σ²_rest) / D)``, with ``z`` the centred features in
-    the principal directions and the residual what those directions leave; each term counts in
-    units of the training spread along it, so a typical training patch lies near 1."""
-    x = np.asarray(features, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"need (N, D) features, got shape {x.shape}")
-    mean, comps, eig = (_unpack(domain[k]) for k in ("mean", "components", "eigenvalues"))
-    if x.shape[1] != mean.shape[0]:
-        raise ValueError(f"features have {x.shape[1]} dimensions, the domain {mean.shape[0]}")
-    c = x - mean
+def _view_distances(x: np.ndarray, view: dict[str, Any]) -> np.ndarray:
+    """``sqrt((sum_k z_k² / λ_k + |residual|² / σ²_rest) / D)``, with ``z`` the centred features in
+    the principal directions and the residual what those directions leave: each term counts in
+    units of the training spread along it."""
+    mean, comps, eig = (_unpack(view[k]) for k in ("mean", "components", "eigenvalues"))
+    c = np.asarray(x, dtype=np.float32) - mean
     z = c @ comps.T
     inside = (z * z / eig).sum(axis=1)
     residual = np.maximum((c * c).sum(axis=1) - (z * z).sum(axis=1), 0.0)
-    d2 = inside + residual / float(domain["residual_variance"])
-    return np.sqrt(d2 / float(domain.get("dim") or mean.shape[0])).astype(np.float32)
+    return np.sqrt((inside + residual / float(view["residual_variance"])) / float(view["dim"]))
+
+
+def domain_distances(features: np.ndarray, domain: dict[str, Any]) -> np.ndarray:
+    """(N,) float32: each patch's distance from the training patches, the largest over the views
+    of the view's distance in units of its held-out median (a typical training patch lies near 1)."""
+    x = np.asarray(features, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != int(domain["dim"]):
+        raise ValueError(f"need (N, {domain['dim']}) features, got shape {x.shape}")
+    out = np.zeros(len(x), dtype=np.float32)
+    for view in domain["views"]:
+        d = _view_distances(x[:, int(view["start"]) : int(view["stop"])], view) / float(view.get("scale", 1.0))
+        np.maximum(out, d, out=out)
+    return out
 
 
 def reference(domain: dict[str, Any]) -> dict[str, Any]:

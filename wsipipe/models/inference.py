@@ -372,14 +372,13 @@ def _domain_check(info: ModelInfo, net: nn.Module) -> tuple[dict[str, Any] | Non
         return None, None, "the model has no card describing its training data"
     if not card.domain:
         return None, None, "the model card records no training domain"
-    layer = ood.feature_layer(net)
-    if layer is None:
+    views = ood.view_widths(net)
+    if views is None:
         return None, None, "the model has no classification layer to read its features from"
-    width = getattr(layer, "in_features", None) or getattr(layer, "in_channels", None)
-    dim = card.domain.get("dim")
-    if width and dim and int(width) != int(dim):
-        return None, None, f"the card's training domain has {dim} features, the model's classification layer {width}"
-    return ood.unpacked(card.domain), ood.FeatureTap(layer), None
+    recorded = [(v.get("name"), int(v["stop"]) - int(v["start"])) for v in card.domain.get("views") or []]
+    if recorded != views:
+        return None, None, f"the card's training domain has feature views {recorded}, the model gives {views}"
+    return ood.unpacked(card.domain), ood.FeatureTap.attach(net), None
 
 
 def _taken(tap: ood.FeatureTap) -> torch.Tensor:
