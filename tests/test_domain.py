@@ -193,3 +193,71 @@ def test_inference_stores_distances_beside_probabilities_and_resumes(tmp_path):
     group = store.open_store(tmp_path / "t.zarr")
     assert "ood_distance" not in group
     assert store.stage_entry(group, "infer")["domain"] == {"checked": False, "reason": "the model has no card describing its training data"}
+
+
+def test_report_domain_note_says_when_no_check_was_possible():
+    from wsipipe.outputs.report import domain_note
+
+    note = domain_note(DomainSection(reason="the model has no card describing its training data"), None)
+    assert not note["warn"] and note["text"] == (
+        "no out-of-domain check was possible: the model has no card describing its training data")
+    assert note["trained"].startswith("trained on: not recorded")
+    flagged = DomainSection(checked=True, fraction_beyond=0.87, out_of_domain=True)
+    note = domain_note(flagged, "generated slides: a.svs")
+    assert note["warn"] and note["text"] == (
+        "outside the model's training domain: 87% of patches beyond its training range — review")
+    assert note["trained"] == "trained on: generated slides: a.svs"
+
+
+@pytest.mark.slow
+def test_demo_model_flags_real_slides_and_not_a_held_out_generated_one(tmp_path, slides_dir, one_torch_thread):
+    """A demo-style model (fitted on one generated slide, as `make demo` does, at 1 µm/px and
+    64-px patches to stay small) calls real skin and a TCGA scan tumor-or-not with confidence;
+    the out-of-domain check flags both, and not a generated slide with another seed. The
+    report shows it next to the decision, with what the model was trained on."""
+    from test_report import probe
+
+    from wsipipe.config import load_config
+    from wsipipe.models.card import read_card
+    from wsipipe.run.pipeline import run_slide, train_demo_model
+    from wsipipe.slides.synth import write_synthetic_slide
+
+    cfg = load_config(None, {"tile.mpp": 1.0, "tile.patch_size": 64, "inference.device": "cpu",
+                             "inference.precision": "fp32", "export.ome_zarr": False})
+    train = write_synthetic_slide(tmp_path / "train.svs", 6000, 4500, mpp=0.5, seed=1)
+    held = write_synthetic_slide(tmp_path / "held.svs", 4000, 3000, mpp=0.5, seed=7)
+    weights = train_demo_model(train.path, train.geojson_path, tmp_path / "model", cfg, epochs=3)
+    card = read_card(tmp_path / "model" / "card.json")
+    assert card.training_data == "generated slides: train.svs (synthetic H&E-like, wsipipe.slides.synth)"
+    assert (card.mpp, card.patch_size, card.classes, card.num_classes) == (1.0, 64, ["normal", "tumor"], 1)
+    assert card.domain is not None and [v["name"] for v in card.domain["views"]] == ["head", "early"]
+
+    summaries = {}
+    for name, path, override in (("held", held.path, None), ("cmu", slides_dir / "cmu-1-small-region.svs", None),
+                                 ("tcga", slides_dir / "tcga-cr-7395-01a-01-ts1.svs", 0.25)):
+        run_cfg = cfg.model_copy(update={"mpp_override": override}) if override else cfg
+        summaries[name] = run_slide(path, tmp_path / "out", run_cfg, weights)
+    domains = {k: r.summary["domain"] for k, r in summaries.items()}
+    print({k: (d["fraction_beyond"], d["median_distance"]) for k, d in domains.items()})
+    assert all(d["checked"] for d in domains.values())
+    for name in ("cmu", "tcga"):
+        assert domains[name]["out_of_domain"] and domains[name]["fraction_beyond"] > 0.9, (name, domains[name])
+        flags = {f["code"]: f for f in summaries[name].summary["qc"]["flags"]}
+        assert flags["out_of_domain"]["severity"] == "review" and summaries[name].summary["qc"]["needs_review"]
+    assert not domains["held"]["out_of_domain"] and domains["held"]["fraction_beyond"] < 0.3
+    assert "out_of_domain" not in {f["code"] for f in summaries["held"].summary["qc"]["flags"]}
+    assert summaries["cmu"].summary["provenance"]["model"]["training_data"] == card.training_data
+
+    shown = probe(summaries["cmu"].out_dir / "report.html", tmp_path, """
+        return {note: document.getElementById("domain-note").textContent,
+                trained: document.getElementById("domain-trained").textContent,
+                warn: document.getElementById("domain-card").classList.contains("warn"),
+                flag: !!document.querySelector('#qc-flags li[data-code="out_of_domain"]'),
+                provenance: document.getElementById("model-trained-on").textContent};""")
+    share = round(100 * domains["cmu"]["fraction_beyond"])
+    assert shown["note"] == f"outside the model's training domain: {share}% of patches beyond its training range — review"
+    assert shown["trained"] == f"trained on: {card.training_data}" and shown["provenance"] == card.training_data
+    assert shown["warn"] and shown["flag"]
+    held_note = probe(summaries["held"].out_dir / "report.html", tmp_path,
+                      'return document.getElementById("domain-note").textContent;')
+    assert held_note.startswith("within the model's training domain")
