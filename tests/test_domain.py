@@ -47,6 +47,9 @@ def test_fit_domain_is_compact_json_with_held_out_quantiles():
     assert 0.003 < float(np.mean(fresh > q["p99"])) < 0.03  # held-out p99 is not optimistic
     far = domain_distances(gaussian(500, shift=2.0, seed=3), domain)
     assert float(np.mean(far > q["p99"])) > 0.95
+    # a patch and its augmented copy (one group) fall on the same side of the held-out split
+    paired = fit_domain(np.concatenate([train[:500], train[:500] + 0.01]), groups=np.tile(np.arange(500), 2), seed=1)
+    assert paired["n_held_out"] == 200 and paired["n_fit"] == 800
     # decoded once or every call: the same distances
     np.testing.assert_array_equal(domain_distances(train[:50], unpacked(domain)), domain_distances(train[:50], domain))
 

@@ -228,7 +228,7 @@ def _unpack(value: Any) -> np.ndarray:
 
 def fit_domain(
     features: np.ndarray, views: list[tuple[str, int]] | None = None, components: int = MAX_COMPONENTS,
-    held_out: float = HELD_OUT, seed: int = 0, layer: str | None = None,
+    held_out: float = HELD_OUT, seed: int = 0, layer: str | None = None, groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """A compact, JSON-able description of training ``features`` (N, D).
 
@@ -237,7 +237,8 @@ def fit_domain(
     principal directions and their variances, the mean variance left in the other directions)
     uses all but a random ``held_out`` share of the patches; each view's distance is divided by
     its median on the held-out patches, and a patch's distance is the largest over the views.
-    The quantiles are those of the held-out patches' distances."""
+    The quantiles are those of the held-out patches' distances. ``groups`` (N,): rows of one
+    group (a patch and its augmented copies) go to the same side of the held-out split."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or len(x) < 10:
         raise ValueError(f"need (N, D) features of at least 10 patches, got shape {x.shape}")
@@ -245,9 +246,12 @@ def fit_domain(
     views = views or [("head", dim)]
     if sum(w for _, w in views) != dim:
         raise ValueError(f"views {views} do not add up to the {dim} feature columns")
-    order = np.random.default_rng(seed).permutation(n)
-    n_held = min(max(int(round(n * held_out)), 5), n - 5)
-    held, fit = x[order[:n_held]], x[order[n_held:]]
+    ids = np.arange(n) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    n_ids = int(ids.max()) + 1
+    order = np.random.default_rng(seed).permutation(n_ids)
+    n_held = min(max(int(round(n_ids * held_out)), 5), n_ids - 5)
+    is_held = np.isin(ids, order[:n_held])
+    held, fit = x[is_held], x[~is_held]
     fitted, col = [], 0
     for name, width in views:
         view = {"name": name, "start": col, "stop": col + width, **_fit_view(fit[:, col : col + width], components)}
@@ -256,7 +260,7 @@ def fit_domain(
         col += width
     domain: dict[str, Any] = {
         "format": DOMAIN_FORMAT, "distance": DISTANCE_KIND, "layer": layer, "dim": int(dim),
-        "n_fit": int(len(fit)), "n_held_out": int(n_held), "views": fitted,
+        "n_fit": int(len(fit)), "n_held_out": int(len(held)), "views": fitted,
     }
     d = domain_distances(held, domain)
     domain["quantiles"] = {name: float(np.percentile(d, q)) for name, q in QUANTILES.items()}

@@ -282,6 +282,8 @@ def write_demo_card(model, patches, sha256: str, arch: str, num_classes: int, ti
     """card.json beside the demo weights: what the model is and what it was trained on, with the
     training patches' feature-space reference that flags slides outside it."""
     from wsipipe.files import write_atomic
+    from wsipipe.config import AugmentConfig
+    from wsipipe.learn.augment import Augmenter
     from wsipipe.learn.train import training_domain
     from wsipipe.models.card import CARD_FILE, ModelCard
 
@@ -289,7 +291,8 @@ def write_demo_card(model, patches, sha256: str, arch: str, num_classes: int, ti
         arch=arch, num_classes=num_classes, classes=["normal", "tumor"] if num_classes == 1 else [],
         weights_sha256=sha256, mpp=float(tile["mpp"]), patch_size=int(tile["patch_size"]),
         training_data=f"generated slides: {slide_name} (synthetic H&E-like, wsipipe.slides.synth)",
-        domain=training_domain(model, patches, seed=seed),
+        # with the default augmentation's stain and colour range: other slides of the same kind vary that much
+        domain=training_domain(model, patches, seed=seed, augmenter=Augmenter(AugmentConfig())),
     )
     return write_atomic(work_dir / CARD_FILE, card.to_json())
 
