@@ -255,12 +255,14 @@ def test_demo_model_flags_real_slides_and_not_a_held_out_generated_one(tmp_path,
         return {note: document.getElementById("domain-note").textContent,
                 trained: document.getElementById("domain-trained").textContent,
                 warn: document.getElementById("domain-card").classList.contains("warn"),
+                beside: (document.getElementById("decision-domain") || {}).textContent,
                 flag: !!document.querySelector('#qc-flags li[data-code="out_of_domain"]'),
                 provenance: document.getElementById("model-trained-on").textContent};""")
     share = round(100 * domains["cmu"]["fraction_beyond"])
     assert shown["note"] == f"outside the model's training domain: {share}% of patches beyond its training range — review"
     assert shown["trained"] == f"trained on: {card.training_data}" and shown["provenance"] == card.training_data
-    assert shown["warn"] and shown["flag"]
-    held_note = probe(summaries["held"].out_dir / "report.html", tmp_path,
-                      'return document.getElementById("domain-note").textContent;')
-    assert held_note.startswith("within the model's training domain")
+    assert shown["warn"] and shown["flag"] and shown["beside"] == "⚠ outside the model's training domain — review"
+    held = probe(summaries["held"].out_dir / "report.html", tmp_path, """
+        return {note: document.getElementById("domain-note").textContent,
+                beside: !!document.getElementById("decision-domain")};""")
+    assert held["note"].startswith("within the model's training domain") and not held["beside"]
