@@ -2,18 +2,20 @@
 in the model's own feature space.
 
 A classifier trained on one kind of tissue (or on generated slides) still answers on any other,
-often with full confidence. What it saw in training is summarised, once, in feature space: the
-penultimate-layer features (the input of the classification layer) of training patches, as a
-mean, the top principal components with their variances, and the variance left outside them
-(:func:`fit_domain`). A patch's distance (:func:`domain_distances`) is its Mahalanobis distance
-in that subspace plus its residual outside it, scaled so that a training patch lies near 1. The
-distances of training patches *held out of the fit* give the quantiles, so p99 is what a new
-in-domain patch reaches, not what the fitted ones do. A slide is out of domain when more than
-a set fraction of its analysed patches lie beyond p99 (:func:`slide_domain`).
+often with full confidence. What it saw in training is summarised, once, in feature space, in two
+views: the penultimate features (the input of the classification layer) and the channel means
+and deviations of an early block's output (see :class:`FeatureTap` for why both). Per view:
+a mean, the top principal components with their variances, and the variance left outside them
+(:func:`fit_domain`). A patch's distance (:func:`domain_distances`) is, per view, its Mahalanobis
+distance in that subspace plus its residual outside it, scaled so that a training patch lies
+near 1, and the larger of the views. The distances of training patches *held out of the fit*
+give the quantiles, so p99 is what a new in-domain patch reaches, not what the fitted ones do.
+A slide is out of domain when more than a set fraction of its analysed patches lie beyond p99
+(:func:`slide_domain`).
 
-The features come from the same forward pass that gives the logits: :class:`FeatureTap` is a
-forward pre-hook on the classification layer. Models without a known one (TorchScript, an
-exported program) have no tap, and the check is reported as unavailable for them.
+The features come from the same forward pass that gives the logits: :class:`FeatureTap` hooks
+the classification layer and the early block. Models without a known classification layer
+(TorchScript, an exported program) have no tap, and the check is reported as unavailable.
 
 Everything but the tap is numpy: ``summary.json`` readers and stitching never load torch here.
 

@@ -218,6 +218,10 @@ def infer_store(
     re-tiled patches recompute everything. ``progress(done, total)`` is called as chunks
     land. Returns ``{"skipped", "n", "computed", "seconds", "images_per_s"}``.
 
+    When ``info.card`` holds a training ``domain`` (:mod:`wsipipe.models.domain`), each patch's
+    distance from it goes into ``ood_distance`` (N,) float32 from the same forward pass, same
+    chunks, under the same done flags; the stage records whether the check ran, or why not.
+
     A store tiled with ``tile.store_patches: false`` has no patches: they are read from the
     slide (``slide_path``, else the path recorded at tiling) on ``readers`` threads (default:
     one per core), with their QC measures and corrupt flags written as they are read; see
