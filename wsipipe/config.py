@@ -335,6 +335,11 @@ class QCConfig(_Section):
         "(info up to it); from 2x the focus check is left to that flag (upsampling blurs every patch).",
     )
     review_margin: float = Field(0.1, ge=0.0, le=0.5, description="Slide scores this close to the threshold need review.")
+    ood_fraction: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Flag the slide out_of_domain (review) when more than this fraction of its analysed patches lie "
+        "beyond the 99th percentile of the model's training patches' feature distance (its card's domain).",
+    )
     report_patches: int = Field(12, ge=0, le=200, description="Patches per gallery in the slide report.")
 
 

@@ -239,6 +239,9 @@ def infer_identity(group, info: ModelInfo) -> dict[str, Any]:
     if card is not None and card.classes:
         identity["classes"] = card.columns
         identity["positive_class"] = card.positive
+    if card is not None and card.domain:
+        # The per-patch out-of-domain distances are measured against the card's training domain.
+        identity["domain_sha256"] = hashlib.sha256(json.dumps(card.domain, sort_keys=True).encode()).hexdigest()[:16]
     departed = store_departures(group, card)
     if departed:  # patches cut at another resolution or size than the card's: a forced run, flagged
         identity[OVERRIDE_KEY] = departed

@@ -42,6 +42,7 @@ from torch import nn
 from wsipipe.tiles import store
 from wsipipe.config import InferenceConfig
 from wsipipe.errors import ConfigError, ModelLoadError, StoreError
+from wsipipe.models import domain as ood
 from wsipipe.models import fused
 from wsipipe.models.card import CARD_FILE, ModelCard
 from wsipipe.models.carded import with_model_card
@@ -52,6 +53,7 @@ from wsipipe.models.stain import StainNormaliser
 from wsipipe.tiles.tiling import reads_from_slide, slide_source
 
 STAGE = store.STAGE_INFER
+OOD_DISTANCE = ood.DISTANCE_ARRAY
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
@@ -293,6 +295,10 @@ def infer_store(
     re-tiled patches recompute everything. ``progress(done, total)`` is called as chunks
     land. Returns ``{"skipped", "n", "computed", "seconds", "images_per_s"}``.
 
+    When ``info.card`` holds a training ``domain`` (:mod:`wsipipe.models.domain`), each patch's
+    distance from it goes into ``ood_distance`` (N,) float32 from the same forward pass, same
+    chunks, under the same done flags; the stage records whether the check ran, or why not.
+
     A store tiled with ``tile.store_patches: false`` has no patches: they are read from the
     slide (``slide_path``, else the path recorded at tiling) on ``readers`` threads (default:
     one per core), with their QC measures and corrupt flags written as they are read; see
@@ -312,16 +318,16 @@ def infer_store(
     device = resolve_device(cfg.device)  # a bad setting fails before the store is touched
     dtype = resolve_precision(cfg.precision, device)
     spec = input_spec(info.card, _card_file(info))
-    departed = identity.get(OVERRIDE_KEY)  # in the identity: a forced run at other settings is never taken for a clean one
-    if departed:
-        log.warning("%s: patches at other settings than the model card's (%s); classifying anyway, flagged for review",
-                    store_path, departure_words(departed))
+    departed = _departed(identity, store_path)
     source = slide_source(group, store_path, slide_path) if from_slide else None  # a missing slide, too
     net = prepare_model(model, device)
     run = torch.compile(net, dynamic=False) if cfg.compile else net
+    reference, tap, domain_note = _domain_check(info, net)
+    if tap is not None:
+        run = tap.wrap(run)  # the features of the same forward pass that gives the logits
     chunk = fused.chunk_patches(group) if patches is None else max(1, int(patches.chunks[0]))
     slices = store.chunk_slices(n, chunk)
-    probs, flags = _outputs(group, identity, info, n, chunk, len(slices))
+    probs, flags, distances = _outputs(group, identity, info, n, chunk, len(slices), distances=tap is not None)
     todo = [i for i in store.pending_chunks(flags) if i < len(slices)]
     units = _units(todo, slices, per_unit=-(-cfg.batch_size // chunk))
     computed = sum(u.stop - u.start for u in units)
@@ -332,6 +338,7 @@ def infer_store(
     limit = BatchLimit(cfg.batch_size)
     waiting = collections.deque(units)  # units whose probabilities are not all written yet
     outs: list[torch.Tensor] = []  # probabilities computed but not yet written, in stream order
+    feats: list[torch.Tensor] = []  # their features, when the domain is checked
     buffered = produced = 0
     stream: Generator[np.ndarray, None, None]
     if source is not None:
@@ -347,10 +354,13 @@ def infer_store(
     )
     # closing: on an error the prefetch thread stops now, not when the traceback is freed; then the
     # stream, and with it any reader threads.
-    with contextlib.closing(stream), contextlib.closing(batches), torch.inference_mode(), _autocast(device, dtype):
+    with tap or contextlib.nullcontext(), contextlib.closing(stream), contextlib.closing(batches), \
+            torch.inference_mode(), _autocast(device, dtype):
         for host in batches:
             # [:...] drops the outputs of a padded last batch
             outs.append(forward_with_backoff(run, device_batch(host, device, spec), limit)[: computed - produced])
+            if tap is not None:
+                feats.append(_taken(tap)[: len(outs[-1])])
             produced += len(outs[-1])
             buffered += len(outs[-1])
             # One device->host sync per unit, not per batch.
@@ -359,6 +369,10 @@ def infer_store(
                 size = unit.stop - unit.start
                 flat = torch.cat(outs)
                 probs[unit.start : unit.stop] = flat[:size].cpu().numpy()
+                if distances is not None and reference is not None:
+                    feat = torch.cat(feats)
+                    distances[unit.start : unit.stop] = ood.domain_distances(feat[:size].cpu().numpy(), reference)
+                    feats = [feat[size:]] if len(feat) > size else []
                 flags[unit.first : unit.last] = True  # after the data: a flagged chunk is on disk
                 outs, buffered = ([flat[size:]] if len(flat) > size else []), len(flat) - size
                 done += size
@@ -376,29 +390,45 @@ def infer_store(
         batch_size=limit.size, oom_backoffs=limit.backoffs, compiled=cfg.compile,
         patches_from="store" if source is None else "slide",
         model={"sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes,
-               "path": str(info.path) if info.path else None},
+               "path": str(info.path) if info.path else None,
+               "training_data": info.card.training_data if info.card is not None else None},
+        domain={"checked": True, **ood.reference(reference)} if reference is not None else {"checked": False, "reason": domain_note},
         **({OVERRIDE_KEY: departed} if departed else {}),
     )
     return {"skipped": False, "n": n, "computed": computed, "seconds": seconds,
             "images_per_s": computed / seconds if computed and seconds else None}
 
 
+def _departed(identity: dict[str, Any], store_path) -> dict[str, Any] | None:
+    """The settings a forced run departs from the model card with (logged), else None. They are in
+    the identity: a forced run at other settings is never taken for a clean one."""
+    departed = identity.get(OVERRIDE_KEY)
+    if departed:
+        log.warning("%s: patches at other settings than the model card's (%s); classifying anyway, flagged for review",
+                    store_path, departure_words(departed))
+    return departed
+
+
 def _outputs(
-    group: zarr.Group, identity: dict[str, Any], info: ModelInfo, n: int, chunk: int, n_chunks: int
-) -> tuple[zarr.Array, zarr.Array]:
-    """The probabilities array and per-chunk done flags: the previous run's to resume, or fresh."""
+    group: zarr.Group, identity: dict[str, Any], info: ModelInfo, n: int, chunk: int, n_chunks: int,
+    distances: bool = False,
+) -> tuple[zarr.Array, zarr.Array, zarr.Array | None]:
+    """The probabilities array, the per-patch domain distances (when ``distances``) and the
+    per-chunk done flags: the previous run's to resume, or fresh."""
     shape = (n,) if info.num_classes == 1 else (n, info.num_classes)
     entry = store.stage_entry(group, STAGE) or {}
     old = store.optional_array(group, store.PROBABILITIES)
+    old_dist = store.optional_array(group, OOD_DISTANCE)
     resumable = (
         entry.get("identity") == identity
         and old is not None
         and old.shape == shape
         and old.chunks[0] == chunk
         and old.attrs.get("model_sha256") == info.sha256
+        and (not distances or (old_dist is not None and old_dist.shape == (n,) and old_dist.chunks[0] == chunk))
     )
     if resumable and old is not None:  # (repeated for the type checker)
-        return old, store.progress_array(group, STAGE, n_chunks)
+        return old, store.progress_array(group, STAGE, n_chunks), old_dist if distances else None
     # Order matters for a crash between steps: forget old flags first (the old complete
     # marker still describes the old, untouched probabilities), then claim the stage with
     # the new identity, and only then replace the array.
@@ -410,7 +440,48 @@ def _outputs(
         attributes={"model_sha256": info.sha256, "arch": info.arch, "num_classes": info.num_classes,
                     **_class_attrs(info.card)},
     )
-    return probs, flags
+    if not distances:
+        _drop(group, OOD_DISTANCE)
+        return probs, flags, None
+    return probs, flags, _distance_array(group, n, chunk, info)
+
+
+def _distance_array(group: zarr.Group, n: int, chunk: int, info: ModelInfo) -> zarr.Array:
+    """A fresh ``ood_distance`` array beside the probabilities, same chunks (models.domain)."""
+    return group.create_array(
+        OOD_DISTANCE, shape=(n,), chunks=(chunk,), dtype="float32", fill_value=float("nan"), overwrite=True,
+        dimension_names=["patch"], attributes={"model_sha256": info.sha256, "distance": ood.DISTANCE_KIND},
+    )
+
+
+def _drop(group: zarr.Group, name: str) -> None:
+    """Remove a previous model's array, so no reader pairs it with the new probabilities."""
+    if name in group:
+        del group[name]
+
+
+def _domain_check(info: ModelInfo, net: nn.Module) -> tuple[dict[str, Any] | None, ood.FeatureTap | None, str | None]:
+    """(the card's training domain, a feature tap on ``net``, None) when the out-of-domain check
+    can run; else (None, None, why not)."""
+    card = info.card
+    if card is None:
+        return None, None, "the model has no card describing its training data"
+    if not card.domain:
+        return None, None, "the model card records no training domain"
+    views = ood.view_widths(net)
+    if views is None:
+        return None, None, "the model has no classification layer to read its features from"
+    recorded = [(v.get("name"), int(v["stop"]) - int(v["start"])) for v in card.domain.get("views") or []]
+    if recorded != views:
+        return None, None, f"the card's training domain has feature views {recorded}, the model gives {views}"
+    return ood.unpacked(card.domain), ood.FeatureTap.attach(net), None
+
+
+def _taken(tap: ood.FeatureTap) -> torch.Tensor:
+    feats = tap.take()
+    if feats is None:  # wrap() raises first; this keeps the type checker sure
+        raise RuntimeError("the feature tap recorded nothing for a batch")
+    return feats
 
 
 def _class_attrs(card: ModelCard | None) -> dict[str, Any]:

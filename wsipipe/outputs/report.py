@@ -441,6 +441,24 @@ def resolution_note(mpp: float | None, source: str | None, file_value: tuple[boo
     }
 
 
+def domain_note(domain: Any, training_data: str | None) -> dict[str, Any]:
+    """The out-of-domain check shown beside the decision: ``warn`` when the slide lies outside the
+    model's training domain, a sentence with the share of patches beyond its training range, and
+    the model's provenance in words (its card's ``training_data``)."""
+    trained = f"trained on: {training_data}" if training_data else "trained on: not recorded (the model card does not say)"
+    if domain is None or not getattr(domain, "checked", False):
+        why = getattr(domain, "reason", None) or "the summary predates the check"
+        return {"warn": False, "checked": False, "value": "not checked", "text": f"no out-of-domain check was possible: {why}",
+                "trained": trained}
+    share = float(domain.fraction_beyond or 0.0)
+    if domain.out_of_domain:
+        text = f"outside the model's training domain: {share:.0%} of patches beyond its training range — review"
+    else:
+        text = f"within the model's training domain: {share:.0%} of patches beyond its training range"
+    return {"warn": bool(domain.out_of_domain), "checked": True, "value": "outside" if domain.out_of_domain else "within",
+            "text": text, "trained": trained, "share": share}
+
+
 def _scale_text(value: Any) -> str | None:
     """A file's scale as the summary gives it (a µm/px number, a record with ``um_per_px`` or
     a small dict), for people."""
@@ -528,6 +546,7 @@ def slide_report_context(slide_dir: str | Path, qc_cfg: QCConfig | None = None, 
         "score": summary.slide_score,
         "decision": summary.decision,
         "decision_reason": getattr(summary, "decision_reason", None),
+        "domain": domain_note(getattr(summary, "domain", None), summary.provenance.model.training_data),
         "resolution": resolution_note(mpp, slide.get("mpp_source"), file_mpp(slide, all_properties), slide.get("objective_power")),
         "threshold": summary.threshold,
         "tumor_area_mm2": summary.tumor_area_mm2,

@@ -49,6 +49,8 @@ from wsipipe.outputs.summary import (
     FileScale, HeatmapInfo, ModelRef, Provenance, QCFlag, QCSection, SlideScore, SlideSummary, SummaryError, SummarySlide, load_summary,
     summary_json,
 )
+from wsipipe.outputs.summary import domain_section
+from wsipipe.models.domain import DISTANCE_ARRAY
 from wsipipe.outputs.summary import SUMMARY_NAME
 
 log = logging.getLogger(__name__)
@@ -575,6 +577,8 @@ class StitchInputs:
     background: Callable[[slice], np.ndarray] | None = None
     # Level-0 tissue the tumor regions are clipped to; None = the store records no outline.
     tissue: MultiPolygon | None = None
+    # Each patch's distance from the model's training domain (models.domain); None = not checked.
+    distances: zarr.Array | None = None
 
     @property
     def n(self) -> int:
@@ -603,6 +607,7 @@ class Accumulated:
     scores: dict[str, Any]
     n_tumor_patches: int
     excluded: dict[str, int] | None = None  # patches not analysed, by reason; None = not checked
+    distances: np.ndarray | None = None  # the analysed patches' domain distances; None = none stored
 
 
 @dataclass
@@ -665,6 +670,7 @@ def read_inputs(group: zarr.Group, store_path: Path, cfg: StitchConfig | None = 
         corrupt=store.optional_array(group, store.CORRUPT),
         column=tumor_column(probabilities.attrs, tuple(probabilities.shape), cfg.tumor_class, cfg.class_index, store_path),
         background=_background_reader(group), tissue=read_tissue_region(group, thumb_ds, slide_mpp),
+        distances=store.optional_array(group, DISTANCE_ARRAY),
     )
     n, n_probs = inputs.n, int(inputs.probabilities.shape[0])
     if n_probs != n:
@@ -743,6 +749,7 @@ def accumulate(
     heat = HeatmapAccumulator(inputs.grid_shape, inputs.cells_per_patch)
     score = ScoreAccumulator(cfg.top_k, cfg.top_k_fraction)
     n_tumor_patches = n_glass = 0
+    kept_distances: list[np.ndarray] = []  # 4 bytes per analysed patch: far below the grid
     for sl in store.chunk_slices(n, step):
         ij = np.asarray(inputs.grid_ij[sl])
         p = inputs.column.of(np.asarray(inputs.probabilities[sl], dtype=np.float32))
@@ -755,6 +762,8 @@ def accumulate(
             n_glass += int(np.count_nonzero(glass))
             keep &= ~glass
         ij, p = ij[keep], p[keep]
+        if inputs.distances is not None:
+            kept_distances.append(np.asarray(inputs.distances[sl], dtype=np.float32)[keep])
         _checked_probabilities(p, sl, store_path)
         try:
             heat.add(ij, p)
@@ -770,7 +779,8 @@ def accumulate(
             f"stitch.max_background={cfg.max_background:g}); nothing to stitch",
         )
     excluded = None if inputs.background is None else {"mostly_background": n_glass}
-    return Accumulated(heat.result(), score.result(), n_tumor_patches, excluded)
+    distances = np.concatenate(kept_distances) if inputs.distances is not None and kept_distances else None
+    return Accumulated(heat.result(), score.result(), n_tumor_patches, excluded, distances)
 
 
 def _min_tumor_cells(cfg: StitchConfig, inputs: StitchInputs) -> int:
@@ -930,6 +940,12 @@ def summarise(
             message=f"patches classified at other settings than the model was trained at: {words}",
         ))
         qc_section.needs_review = True
+    domain, domain_flag = domain_section(
+        (stages.get(store.STAGE_INFER) or {}).get("domain"), acc.distances, qc_cfg.ood_fraction
+    )
+    if domain_flag is not None:
+        qc_section.flags.append(domain_flag)
+        qc_section.needs_review = True
     return SlideSummary(
         version=__version__,
         slide=SummarySlide(
@@ -940,7 +956,7 @@ def summarise(
         store=str(inputs.store_path),
         provenance=Provenance(
             config_hash=_config_hashes(stages, identity),
-            model=ModelRef(sha256=model.get("sha256"), arch=model.get("arch")),
+            model=ModelRef(sha256=model.get("sha256"), arch=model.get("arch"), training_data=model.get("training_data")),
             stitch_identity=identity_hash,
         ),
         config=identity["stitch_config"],
@@ -974,6 +990,7 @@ def summarise(
         exports=exports,  # outputs for other tools (directories included), by kind
         # The probability columns (None: the model names none) and the one read as tumor.
         classes=inputs.column.columns, tumor_class=inputs.column.name,
+        domain=domain,
     )
 
 

@@ -42,6 +42,7 @@ class SummarySlide(BaseModel):
 class ModelRef(BaseModel):
     sha256: str | None = None
     arch: str | None = None
+    training_data: str | None = None  # the model card's words on where its training patches came from
 
 
 class Provenance(BaseModel):
@@ -97,6 +98,56 @@ class QCSection(BaseModel):
     config: dict[str, Any] = {}  # the QCConfig the flags were computed with
 
 
+class DomainSection(BaseModel):
+    """``summary["domain"]``: how far the slide's analysed patches lie from the model's training
+    patches in its feature space (wsipipe.models.domain). ``checked`` False: ``reason`` says why not."""
+
+    checked: bool = False
+    reason: str | None = None
+    n_patches: int | None = None  # analysed patches with a distance
+    n_beyond: int | None = None  # ... beyond the training p99
+    fraction_beyond: Number | None = None
+    p99_distance: Number | None = None  # the training patches' (held out of the fit) 99th percentile
+    median_distance: Number | None = None  # this slide's
+    training_median_distance: Number | None = None
+    flag_fraction: Number | None = None  # qc.ood_fraction
+    out_of_domain: bool = False
+
+
+OUT_OF_DOMAIN = "out_of_domain"
+
+
+def domain_section(entry: dict[str, Any] | None, distances: Any, fraction: float) -> tuple[DomainSection, QCFlag | None]:
+    """The domain block and, when more than ``fraction`` of the analysed patches lie beyond the
+    training p99, the review flag ``out_of_domain``. ``entry``: the infer stage's ``domain``
+    record; ``distances``: the analysed patches' distances (None when the store has none)."""
+    from wsipipe.models.domain import slide_domain
+    from wsipipe.tiles.qc import REVIEW
+
+    entry = entry or {}
+    if not entry.get("checked"):
+        why = entry.get("reason") or "inference recorded no out-of-domain check (a store classified before it existed)"
+        return DomainSection(reason=why), None
+    if distances is None:
+        return DomainSection(reason="the store has no per-patch domain distances"), None
+    result = slide_domain(distances, entry, fraction)
+    if not result["n_patches"]:
+        return DomainSection(reason="no analysed patch has a domain distance"), None
+    section = DomainSection(
+        checked=True, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()},
+    )
+    if not section.out_of_domain:
+        return section, None
+    flag = QCFlag(
+        code=OUT_OF_DOMAIN, severity=REVIEW,
+        message=f"outside the model's training domain: {result['fraction_beyond']:.0%} of patches "
+        f"({result['n_beyond']} of {result['n_patches']}) lie beyond the 99th percentile of its training patches' "
+        f"feature distance (limit {fraction:.0%}); its probabilities here are unvalidated",
+        value=round(result["fraction_beyond"], 4), patches=result["n_beyond"],
+    )
+    return section, flag
+
+
 class SlideSummary(BaseModel):
     """Everything ``summary.json`` holds, in the order it is written."""
 
@@ -126,6 +177,7 @@ class SlideSummary(BaseModel):
     file_scales: dict[str, FileScale] = {}  # output kind (as in files) -> scale of that raster
     qc: QCSection = QCSection()
     exports: dict[str, str] = {}  # outputs for other tools, kind -> name
+    domain: DomainSection = DomainSection()  # the out-of-domain check (wsipipe.models.domain)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON-ready dict (what stitch_store has always returned)."""

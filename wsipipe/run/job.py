@@ -70,7 +70,7 @@ class SlideJob:
             mtime = max((p.stat().st_mtime_ns for p in files), default=0)
         except OSError:
             mtime = 0  # load_model names the missing file
-        return _cached_model(str(self.weights), mtime, self.cfg.model.arch, self.cfg.model.num_classes)
+        return with_card(*_cached_model(str(self.weights), mtime, self.cfg.model.arch, self.cfg.model.num_classes))
 
 
 @dataclass(frozen=True)

@@ -271,8 +271,30 @@ def train_demo_model(
     )
     arch = cfg.model.arch_for_training
     weights = work_dir / f"demo-{arch}.safetensors"
-    save_weights(model, weights, arch, cfg.model.num_classes or 1, {"trained_on": slide_path.name})
+    num_classes = cfg.model.num_classes or 1
+    info = save_weights(model, weights, arch, num_classes, {"trained_on": slide_path.name})
+    write_demo_card(model, patches, info.sha256, arch, num_classes, meta, slide_path.name, work_dir, cfg.train.seed)
     return weights
+
+
+def write_demo_card(model, patches, sha256: str, arch: str, num_classes: int, tile: dict, slide_name: str,
+                    work_dir: Path, seed: int = 0) -> Path:
+    """card.json beside the demo weights: what the model is and what it was trained on, with the
+    training patches' feature-space reference that flags slides outside it."""
+    from wsipipe.files import write_atomic
+    from wsipipe.config import AugmentConfig
+    from wsipipe.learn.augment import Augmenter
+    from wsipipe.learn.train import training_domain
+    from wsipipe.models.card import CARD_FILE, ModelCard
+
+    card = ModelCard(
+        arch=arch, num_classes=num_classes, classes=["normal", "tumor"] if num_classes == 1 else [],
+        weights_sha256=sha256, mpp=float(tile["mpp"]), patch_size=int(tile["patch_size"]),
+        training_data=f"generated slides: {slide_name} (synthetic H&E-like, wsipipe.slides.synth)",
+        # with the default augmentation's stain and colour range: other slides of the same kind vary that much
+        domain=training_domain(model, patches, seed=seed, augmenter=Augmenter(AugmentConfig())),
+    )
+    return write_atomic(work_dir / CARD_FILE, card.to_json())
 
 
 def run_demo(out_dir: str | Path, cfg: PipelineConfig, progress: StageProgress | None = None, size=(12000, 9000)) -> SlideOutputs:
