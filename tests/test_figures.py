@@ -139,6 +139,19 @@ def test_background_is_read_from_the_slide_at_the_shown_size(cmu1):
         assert png.size == (1500, round(fig.get_figheight() * 150))
 
 
+def test_background_of_a_slide_without_file_mpp_is_read_from_the_slide(tmp_path, slides_dir, caplog):
+    """The TCGA file states no resolution: tiled with --mpp-default, its figures still read the slide."""
+    path = tmp_path / "tcga.zarr"
+    tile_slide(slides_dir / "tcga-cr-7395-01a-01-ts1.svs", path,
+               load_config(None, {"mpp_default": 0.25, "tile.mpp": 2.0, "tile.patch_size": 64}))
+    group = store.open_store(path)
+    meta = store.meta(group)
+    with caplog.at_level(logging.WARNING, logger="wsipipe.outputs.figures"):
+        bg = read_background(np.asarray(group["thumbnail"][...]), meta["tile"]["thumb_downsample"], meta["slide"], meta["tile"])
+    assert bg.source == "slide" and max(bg.rgb.shape[:2]) > 1000, caplog.text
+    assert "cannot read the slide" not in caplog.text
+
+
 def test_heatmap_png_tells_analysed_negative_from_unanalysed_tissue(cmu1, tmp_path):
     grid, tumor = cmu1["grid"], cmu1["tumor"]
     bg = _background(cmu1)

@@ -152,7 +152,9 @@ def read_background(
         log.warning("%s: slide file not found; %s (%d px)", path or "(no slide path in the store)", why, max(stored.rgb.shape[:2]))
         return stored
     try:
-        with open_slide(path, tile.get("mpp_override")) as opened:
+        # Opened at the level-0 mpp the store records, whatever gave it (file, override or
+        # --mpp-default): a slide whose file states none still opens for its pixels.
+        with open_slide(path, slide.get("mpp") or tile.get("mpp_override")) as opened:
             if slide.get("identity") and opened.identity != slide["identity"]:
                 log.warning("%s: not the slide that was tiled (its identity differs); %s", path, why)
                 return stored
