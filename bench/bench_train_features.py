@@ -7,12 +7,13 @@
 2. Attention MIL (`wsipipe mil train` defaults, cross-validated by slide) on an archive of
    generated slides labelled only tumor present / absent, with tumors smaller than a patch
    (40-80 µm radius, as `bench_mil.py --tumor-radius 40 80`), embedded by: a random-init ResNet18,
-   a random-init ShuffleNetV2-0.5, SimCLR, BYOL and SwAV ShuffleNets pretrained briefly on the
-   archive's own stores (labels unused), and the supervised pixel classifier of (1) (its
-   penultimate layer). CV is repeated over --mil-seeds (fold draws and MIL initialisation).
+   SimCLR, BYOL and SwAV ResNet18s pretrained briefly on the archive's own stores (labels unused;
+   --arch for another architecture, whose random init is then a row too), and the supervised
+   pixel classifier of (1) (its penultimate layer). CV is repeated over --mil-seeds (fold draws
+   and MIL initialisation).
 
     python bench/bench_train_features.py               # ~12 min on 2 busy cores, CPU, one torch thread
-    python bench/bench_train_features.py --slides 32 --steps 300 --work /tmp/btf
+    python bench/bench_train_features.py --arch shufflenet_v2_x0_5 --steps 150 --work /tmp/btf
 
 Labelled stores: four generated slides (5000 x 3750 at 0.5 µm/px, two tissue pieces and two
 planted tumors each, seeds 31-34), tiled into 64-px patches at 1 µm/px and labelled Normal /
@@ -73,7 +74,7 @@ def pretrained(work: Path, stores: list[Path], method: str, args, cfg) -> Path:
     from wsipipe.config import PretrainConfig
     from wsipipe.learn.pretrain import pretrain
 
-    folder = work / f"pretrain-{method}"
+    folder = work / f"pretrain-{method}-{args.arch}"
     pc = PretrainConfig(method=method, arch=args.arch, steps=args.steps, batch_size=32, crop=48, hidden_dim=256,
                         projection_dim=64, checkpoint_every=args.steps, seed=0, device=args.device, precision="fp32", lr=1e-3)
     pretrain(stores, folder, pc, cfg.augment)  # resumes (does nothing) when --work already holds it
@@ -107,7 +108,7 @@ def mil_rows(stores, slides, labels, encoders: dict[str, str], cfg, seeds: list[
         runs = []
         for seed in seeds:
             t0 = time.perf_counter()
-            card = train_mil(stores, labels_csv, work / f"mil-{name.split()[0]}-{seed}", cfg.mil.model_copy(update={"seed": seed}),
+            card = train_mil(stores, labels_csv, work / f"mil-{name.split()[0]}-{identity['sha256'][:8]}-{seed}", cfg.mil.model_copy(update={"seed": seed}),
                              positive="present")
             runs.append({"seed": seed, "auc_mean": card["cv"]["auc_mean"], "auc_std": card["cv"]["auc_std"],
                          "held_out_auc": card["cv"]["held_out_auc"], "seconds": round(time.perf_counter() - t0, 1)})
@@ -127,8 +128,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slides", type=int, default=24, help="slides in the MIL archive (half with tumor)")
-    ap.add_argument("--steps", type=int, default=150, help="pretraining steps per self-supervised method")
-    ap.add_argument("--arch", default="shufflenet_v2_x0_5", help="architecture of the pretrained encoders")
+    ap.add_argument("--steps", type=int, default=200, help="pretraining steps per self-supervised method")
+    ap.add_argument("--arch", default="resnet18", help="architecture of the pretrained encoders (and of a random one)")
     ap.add_argument("--pixel-epochs", type=int, default=6, help="`wsipipe train --epochs` from pixels")
     ap.add_argument("--mil-seeds", default="0,1,2", help="MIL cross-validations per encoder (comma-separated seeds)")
     ap.add_argument("--tumor-radius", type=float, nargs=2, default=(40.0, 80.0), metavar=("MIN", "MAX"))
@@ -153,8 +154,7 @@ def main() -> None:
     labelled = labelled_stores(work, cfg)
     slides, archive, labels = make_archive(work, args.slides, cfg, tuple(args.tumor_radius))
     results["data_s"] = round(time.perf_counter() - t0, 1)
-    encoders = {"random ResNet18": str(random_weights(work, "resnet18")),
-                f"random {args.arch}": str(random_weights(work, args.arch))}
+    encoders = {f"random {arch}": str(random_weights(work, arch)) for arch in dict.fromkeys([args.arch, "resnet18"])}
     for method in ("simclr", "byol", "swav"):
         t0 = time.perf_counter()
         encoders[f"{method} {args.arch}"] = str(pretrained(work, archive, method, args, cfg))
@@ -165,7 +165,7 @@ def main() -> None:
     heads = []
     seconds, _ = cli(["train", *labelled, "--out", work / "pixels", "--epochs", args.pixel_epochs, "--config", config], args.threads)
     card = json.loads((work / "pixels" / "card.json").read_text())
-    heads.append({"run": f"`wsipipe train` from pixels (ResNet18, ≤ {args.pixel_epochs} epochs)", "seconds": round(seconds, 1),
+    heads.append({"run": f"`wsipipe train` from pixels (ResNet18 fine-tuned, ≤ {args.pixel_epochs} epochs)", "seconds": round(seconds, 1),
                   "test_auc": card["test_metrics"]["auc"], "epochs": len(card["history"]), "n_train": card["data"]["splits"]["train"]["n"],
                   "n_test": card["test_metrics"]["n"]})
     for name, spec in encoders.items():

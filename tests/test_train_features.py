@@ -75,6 +75,14 @@ def test_train_features_saves_a_classifier_equal_to_the_head_on_stored_features(
     from_pixels = predict_patches(model, patches, torch.device("cpu"), card=info.card)
     np.testing.assert_allclose(from_pixels, from_features, atol=2e-3)  # float16 features against float32 ones
 
+    # `wsipipe infer --model OUT` needs no extra step, and gives the same probabilities over the whole store.
+    res = run("infer", copies["stores"][0], "--model", out / "model.safetensors", "--config", copies["config"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    inferred = np.asarray(store.open_store(copies["stores"][0])["probabilities"][:])
+    with torch.no_grad():
+        want = torch.sigmoid(layer(torch.from_numpy(read_features(copies["stores"][0])))[:, 0]).numpy()
+    np.testing.assert_allclose(inferred.reshape(-1), want, atol=2e-3)
+
     # Run again: the features are there, nothing is embedded; the fitted head is the same.
     again = run("train", *copies["stores"], "--features", "--encoder", f"torchvision:{ARCH}", "--weights", copies["weights"],
                 "--out", copies["root"] / "head2", "--config", copies["config"])
