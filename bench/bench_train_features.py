@@ -12,8 +12,8 @@
    pixel classifier of (1) (its penultimate layer). CV is repeated over --mil-seeds (fold draws
    and MIL initialisation).
 
-    python bench/bench_train_features.py               # ~12 min on 2 busy cores, CPU, one torch thread
-    python bench/bench_train_features.py --arch shufflenet_v2_x0_5 --steps 150 --work /tmp/btf
+    python bench/bench_train_features.py               # ~11 min on 2 busy cores, CPU, one torch thread
+    python bench/bench_train_features.py --steps 300 --work /tmp/btf   # ~17 min
 
 Labelled stores: four generated slides (5000 x 3750 at 0.5 µm/px, two tissue pieces and two
 planted tumors each, seeds 31-34), tiled into 64-px patches at 1 µm/px and labelled Normal /
@@ -108,8 +108,8 @@ def mil_rows(stores, slides, labels, encoders: dict[str, str], cfg, seeds: list[
         runs = []
         for seed in seeds:
             t0 = time.perf_counter()
-            card = train_mil(stores, labels_csv, work / f"mil-{name.split()[0]}-{identity['sha256'][:8]}-{seed}", cfg.mil.model_copy(update={"seed": seed}),
-                             positive="present")
+            out = work / f"mil-{name.split()[0]}-{identity['sha256'][:8]}-{seed}"
+            card = train_mil(stores, labels_csv, out, cfg.mil.model_copy(update={"seed": seed}), positive="present")
             runs.append({"seed": seed, "auc_mean": card["cv"]["auc_mean"], "auc_std": card["cv"]["auc_std"],
                          "held_out_auc": card["cv"]["held_out_auc"], "seconds": round(time.perf_counter() - t0, 1)})
         pooled = [r["held_out_auc"] for r in runs]
@@ -128,7 +128,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slides", type=int, default=24, help="slides in the MIL archive (half with tumor)")
-    ap.add_argument("--steps", type=int, default=200, help="pretraining steps per self-supervised method")
+    ap.add_argument("--steps", type=int, default=150, help="pretraining steps per self-supervised method")
     ap.add_argument("--arch", default="resnet18", help="architecture of the pretrained encoders (and of a random one)")
     ap.add_argument("--pixel-epochs", type=int, default=6, help="`wsipipe train --epochs` from pixels")
     ap.add_argument("--mil-seeds", default="0,1,2", help="MIL cross-validations per encoder (comma-separated seeds)")
