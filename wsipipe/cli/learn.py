@@ -132,6 +132,10 @@ def train(
             raise ConfigError(None, f"--split {split!r}: expected three comma-separated fractions, e.g. 0.6,0.2,0.2") from None
     cfg = load_config(config, **{"train.init": init, "train.init_path": init_path, "train.epochs": epochs, "train.arch": arch,
                                  "train.split": fractions, "train.split_by": split_by})
+    if weights is not None and not weights.is_file():  # a missing file is the problem to name, whatever else is off
+        from wsipipe.errors import ModelLoadError
+
+        raise ModelLoadError(weights, "weights file not found")
     if features != (encoder is not None):
         raise ConfigError(None, "--features and --encoder SPEC go together: a head is fitted on one encoder's features")
     if features and (init is not None or init_path is not None or arch is not None):
