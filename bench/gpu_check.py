@@ -12,6 +12,8 @@ Sections, in order, each recorded in bench/results/gpu-check.json (``--out`` els
   inference    bench/bench_inference.py on the device: model alone vs store -> model, fp16 and bf16,
                channels_last vs NCHW, batch sizes 256-1024; torch.compile (bf16, batch 512) in a run of
                its own after the end-to-end runs, since compiling is what may not fit the budget
+  embedding    embed_store against infer_store on the inference section's store: the same ResNet18 body,
+               batch and precision; patches/s both ways
   end_to_end   slides/hour of ``wsipipe run`` on generated 100k² mosaics at 0.25 µm/px processed at
                0.5 µm/px: two-stage (patches stored, then classified) and fused (read during inference,
                tile.decode cpu and device), with the peak GPU memory (nvidia-smi, sampled every 0.25 s)
@@ -235,6 +237,51 @@ def section_inference(plan: Plan, clock: Clock, work: Path) -> dict:
     return main
 
 
+def section_embedding(plan: Plan, clock: Clock, work: Path, repeats: int = 2) -> dict:
+    """Embedding against inference on the inference section's store: the same ResNet18 body, batch
+    and precision, ``embed_store`` (features (N, 512) float16 out) against ``infer_store`` (one
+    probability out), interleaved repeat by repeat, each after an untimed warm-up run."""
+    import torch
+
+    from wsipipe.config import InferenceConfig
+    from wsipipe.models.embed import embed_store
+    from wsipipe.models.inference import infer_store
+    from wsipipe.models.model import ModelInfo, build_model
+
+    path = work / "inference" / "bench.zarr"  # bench_inference.py --workdir work/inference writes it
+    if not (path / "patches").exists():
+        return {"status": "skipped", "note": "the inference section left no store to embed"}
+    if clock.left() < 60:
+        return {"status": "skipped", "note": f"time budget: {clock.left():.0f} s left"}
+    torch.manual_seed(0)
+    classifier = build_model("resnet18", 1)
+    encoder = build_model("resnet18", 1)
+    encoder.load_state_dict(classifier.state_dict())
+    encoder.fc = torch.nn.Identity()
+    cfg = InferenceConfig(batch_size=plan.batch, device=plan.device, precision="auto")
+
+    def embed(tag: str) -> dict:
+        return embed_store(path, encoder, {"kind": "bench", "arch": "resnet18", "sha256": tag, "dim": 512}, cfg)
+
+    def infer(tag: str) -> dict:
+        return infer_store(path, classifier, ModelInfo("resnet18", 1, tag, None), cfg)  # a new identity: recompute all
+
+    runs: dict[str, list[float]] = {"embed": [], "infer": []}
+    n = 0
+    for name, fn in (("embed", embed), ("infer", infer)):
+        fn(f"warm-{name}")
+    for rep in range(repeats):
+        for name, fn in (("embed", embed), ("infer", infer))[:: 1 if rep % 2 == 0 else -1]:  # alternate who goes first
+            t0 = time.perf_counter()
+            stats = fn(f"{name}-{rep}")
+            runs[name].append(stats["computed"] / (time.perf_counter() - t0))
+            n = stats["computed"]
+    embed_rate, infer_rate = float(np.median(runs["embed"])), float(np.median(runs["infer"]))
+    return {"status": "ok", "store": str(path), "patches": n, "batch": plan.batch, "precision": "auto",
+            "device": plan.device, "embed_patches_per_s": runs["embed"], "infer_patches_per_s": runs["infer"],
+            "embed_median": embed_rate, "infer_median": infer_rate, "embed_vs_infer": embed_rate / infer_rate}
+
+
 def section_compile(plan: Plan, clock: Clock, work: Path, inference: dict) -> dict:
     """The torch.compile rows, added to the inference section (run last: compiling is the slow part)."""
     if plan.compile_args is None:
@@ -388,7 +435,7 @@ def timed(section, *args) -> dict:
 def print_table(results: dict) -> None:
     print(f"\nwsipipe GPU check ({results['mode']}), {results['seconds']:.0f} s, "
           f"{results['install'].get('gpu') or 'no GPU'}, {results['install']['cpus']} CPUs")
-    for name in ("install", "cuda_tests", "decode", "inference", "end_to_end"):
+    for name in ("install", "cuda_tests", "decode", "inference", "embedding", "end_to_end"):
         sec = results[name]
         print(f"  {name:11s} {sec['status']:10s} {sec.get('note') or ''}")
     compiled = results["inference"].get("compile")
@@ -402,6 +449,10 @@ def print_table(results: dict) -> None:
     for r in results["inference"].get("rows", []):
         print(f"    {r['precision']:5s} batch {r['batch']:5d} {r['method']:45s} {r['median']:9.0f} img/s "
               f"{r['ratio_vs_model']:6.0%} of the model alone")
+    emb = results["embedding"]
+    if emb["status"] == "ok":
+        print(f"    embedding {emb['embed_median']:.0f} patches/s vs inference {emb['infer_median']:.0f} patches/s "
+              f"({emb['embed_vs_infer']:.0%}), same store, ResNet18, batch {emb['batch']}, precision auto")
     for r in results["end_to_end"].get("rows", []):
         if r["status"] == "ok":
             mem = f", peak GPU memory {r['peak_gpu_memory_mib']:.0f} MiB" if r.get("peak_gpu_memory_mib") is not None else ""
@@ -444,13 +495,14 @@ def main() -> None:
         slides = [f.result() for f in futures]
         results["slides_wait_seconds"] = time.perf_counter() - t0  # generation left over after the steps above
         decode_slides = [Path(slides[0]["path"]), *(s for s in SOURCES[:2] if s.exists())][:2]
+        results["embedding"] = timed(section_embedding, plan, clock, work)
         results["decode"] = timed(section_decode, plan, decode_slides)
         results["end_to_end"] = timed(section_end_to_end, plan, clock, work, slides)
         results["inference"]["compile"] = timed(section_compile, plan, clock, work, results["inference"])
     finally:
         pool.shutdown(cancel_futures=True)
         results["seconds"] = clock.elapsed()
-        for name in ("install", "cuda_tests", "decode", "inference", "end_to_end"):
+        for name in ("install", "cuda_tests", "decode", "inference", "embedding", "end_to_end"):
             results.setdefault(name, {"status": "not run", "note": "an earlier step failed"})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=str))

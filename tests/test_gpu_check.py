@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # a minute of subprocesses: make test runs it, make test-fast leaves it out
 
-SECTIONS = ("install", "cuda_tests", "decode", "inference", "end_to_end")
+SECTIONS = ("install", "cuda_tests", "decode", "inference", "embedding", "end_to_end")
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,12 @@ def test_inference_rows_compare_the_store_with_the_model_alone(smoke):
     for r in rows:
         assert r["median"] > 0 and r["ratio_vs_model"] > 0 and r["batch"] == 8
     assert smoke["inference"]["machine"]["gpu"] is None
+
+
+def test_embedding_is_measured_next_to_inference_on_the_same_store(smoke):
+    emb = smoke["embedding"]
+    assert emb["status"] == "ok" and emb["patches"] == 16 and emb["batch"] == 8, emb
+    assert min(emb["embed_patches_per_s"] + emb["infer_patches_per_s"]) > 0 and emb["embed_vs_infer"] > 0
 
 
 def test_end_to_end_runs_the_pipeline_on_generated_slides(smoke):

@@ -112,9 +112,15 @@ def train(
         None, help="slide (whole slides per split), spatial (blocks of each slide with a gap) or auto: by slide "
         "with at least as many slides as splits, else spatial (default train.split_by)."),
     register: bool = typer.Option(False, help="Add the result to the registry (train.registry) as a new version."),
+    features: bool = typer.Option(False, "--features", help="Fit only a linear head on the stores' patch features "
+                                  "(embedded with --encoder where missing); the saved classifier is the encoder with that head."),
+    encoder: str | None = typer.Option(None, help="With --features: a pretraining checkpoint, a classifier weights file, "
+                                       "torchvision:ARCH or timm:NAME (with --weights)."),
+    weights: Path | None = typer.Option(None, help="With --features: weights of a torchvision:/timm: encoder (nothing is downloaded)."),
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Fine-tune the patch classifier; held-out metrics and the decision threshold into a JSON model card."""
+    """Fine-tune the patch classifier (or, with --features, a head on stored features); held-out metrics and the
+    decision threshold into a JSON model card."""
     from wsipipe.errors import ConfigError
     from wsipipe.learn.train import train_model
 
@@ -126,8 +132,27 @@ def train(
             raise ConfigError(None, f"--split {split!r}: expected three comma-separated fractions, e.g. 0.6,0.2,0.2") from None
     cfg = load_config(config, **{"train.init": init, "train.init_path": init_path, "train.epochs": epochs, "train.arch": arch,
                                  "train.split": fractions, "train.split_by": split_by})
-    with loss_progress("train") as update:
-        card = train_model(stores, out, cfg, progress=update)
+    if weights is not None and not weights.is_file():  # a missing file is the problem to name, whatever else is off
+        from wsipipe.errors import ModelLoadError
+
+        raise ModelLoadError(weights, "weights file not found")
+    if features != (encoder is not None):
+        raise ConfigError(None, "--features and --encoder SPEC go together: a head is fitted on one encoder's features")
+    if features and (init is not None or init_path is not None or arch is not None):
+        raise ConfigError(None, "--features takes its architecture and weights from --encoder: drop --init, --init-path, --arch")
+    if weights is not None and not features:
+        raise ConfigError(None, "--weights is the --encoder's weights file: use it with --features")
+    if features:
+        from wsipipe.learn.features_head import train_features_head
+
+        def embedded(where: str, stats: dict) -> None:
+            if not stats["skipped"]:
+                console.print(f"embedded {stats['computed']} patches of {where} in {stats['seconds']:.1f} s", highlight=False)
+
+        card = train_features_head(stores, out, cfg, encoder, weights, on_store=embedded)
+    else:
+        with loss_progress("train") as update:
+            card = train_model(stores, out, cfg, progress=update)
     how, counts = card["split"], {k: v.get("class_counts") for k, v in card["data"]["splits"].items()}
     if how["by"] == "spatial":
         console.print(f"split: spatial (blocks of {how['block_patches']} x {how['block_patches']} patches, "
