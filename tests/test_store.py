@@ -16,7 +16,7 @@ LAYOUT_PAGE = Path(__file__).resolve().parents[1] / "docs" / "store-layout.md"
 
 
 def test_layout_lists_every_array_once():
-    assert len(store.LAYOUT) == len(set(store.LAYOUT)) == 13
+    assert len(store.LAYOUT) == len(set(store.LAYOUT)) == 14
     assert store.progress_name(store.STAGE_TILE) == "_progress/tile"
 
 

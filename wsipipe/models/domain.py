@@ -34,13 +34,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from wsipipe.tiles import store
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 DOMAIN_FORMAT = "wsipipe-domain-1"
 DISTANCE_KIND = "max-over-views(pca-mahalanobis+residual / held-out median)"
-DISTANCE_ARRAY = "ood_distance"  # the store's (N,) float32 per-patch distances, beside probabilities
+DISTANCE_ARRAY = store.OOD_DISTANCE  # the store's (N,) float32 per-patch distances, beside probabilities
 MAX_COMPONENTS = 32
 HELD_OUT = 0.2  # share of the training patches kept out of the fit for the distance quantiles
 QUANTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "max": 100.0}

@@ -10,6 +10,7 @@ group (``<name>.zarr``)::
     tissue_fraction    (N,) float32          tissue share of each patch              TISSUE_FRACTION
     probabilities      (N,) or (N, C) float32   written by inference                 PROBABILITIES
     features           (N, D) float16        patch embeddings, written by `wsipipe embed`  FEATURES
+    ood_distance       (N,) float32          distance from the model's training domain, by inference  OOD_DISTANCE
     thumbnail          (h, w, 3) uint8       slide overview at tile["thumb_downsample"]  THUMBNAIL
     tissue_mask        (h', w') bool         tissue detection mask                   TISSUE_MASK
     corrupt            (N,) bool             tile data did not decode (on_corrupt_tile: skip)  CORRUPT
@@ -53,6 +54,7 @@ GRID_IJ = "grid_ij"
 TISSUE_FRACTION = "tissue_fraction"
 PROBABILITIES = "probabilities"
 FEATURES = "features"
+OOD_DISTANCE = "ood_distance"
 THUMBNAIL = "thumbnail"
 TISSUE_MASK = "tissue_mask"
 CORRUPT = "corrupt"
@@ -64,7 +66,7 @@ PROGRESS_GROUP = "_progress"
 
 # Every array of a slide's group, in the order of docs/store-layout.md; ``_progress/<stage>`` stands for one per stage.
 LAYOUT: tuple[str, ...] = (
-    PATCHES, COORDS, GRID_IJ, TISSUE_FRACTION, PROBABILITIES, FEATURES, THUMBNAIL, TISSUE_MASK, CORRUPT,
+    PATCHES, COORDS, GRID_IJ, TISSUE_FRACTION, PROBABILITIES, FEATURES, OOD_DISTANCE, THUMBNAIL, TISSUE_MASK, CORRUPT,
     QC_MEASURES, LABELS, GROUPS, f"{PROGRESS_GROUP}/<stage>",
 )
 
