@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from wsipipe.errors import AnnotationError, ConfigError, ModelLoadError, TrainingDataError
-from wsipipe.learn.patchsets import PatchSet, split_identity, split_patch_set
+from wsipipe.learn.patchsets import PatchSet, load_patch_sets, split_identity, split_patch_set
 from wsipipe.tiles import store
 
 HEAD = "features"
@@ -68,35 +67,7 @@ def load_feature_set(stores: list, identity: dict) -> PatchSet:
     ``patches`` holds (N, D) float32 features instead of pixels."""
     from wsipipe.models.embed import read_features
 
-    feats, labels, names, coords, pitch = [], [], [], [], []
-    classes: list[str] | None = None
-    ident = hashlib.sha256()
-    for p in stores:
-        g = store.open_store(p)
-        info = store.meta(g).get(store.META_LABELS)
-        if info is None or store.LABELS not in g:
-            raise AnnotationError(p, "store has no labels; run `wsipipe patches` on it first")
-        if classes is None:
-            classes = list(info["classes"])
-        elif list(info["classes"]) != classes:
-            raise AnnotationError(p, f"classes {info['classes']} differ from the first store's {classes}")
-        y = np.asarray(store.array(g, store.LABELS)[:]).astype(np.int64)
-        keep = np.flatnonzero(y >= 0)
-        x = read_features(p, identity)
-        if len(x) != len(y):
-            raise AnnotationError(p, f"{len(y)} labels but {len(x)} feature rows: relabel the store after re-tiling")
-        feats.append(x[keep])
-        labels.append(y[keep])
-        names.append(np.asarray(info["groups"], dtype=object)[np.asarray(store.array(g, store.GROUPS)[:])[keep]])
-        tile = store.meta(g).get(store.META_TILE) or {}
-        xy = np.asarray(store.array(g, store.COORDS)[:]).reshape(-1, 2)[keep] if store.COORDS in g else np.zeros((len(keep), 2))
-        coords.append(xy.astype(np.int64))
-        pitch.append(np.full(len(keep), float(tile.get("stride_l0") or tile.get("patch_size_l0") or 0.0)))
-        ident.update(json.dumps([info["groups"], info.get("source"), int(len(y))]).encode())  # as load_patch_sets
-    if classes is None:
-        raise AnnotationError(None, "no patch sets given")
-    return PatchSet(np.concatenate(feats), np.concatenate(labels), np.concatenate(names).astype(str), classes,
-                    ident.hexdigest()[:16], np.concatenate(coords), np.concatenate(pitch))
+    return load_patch_sets(stores, read_rows=lambda _group, path: read_features(path, identity))
 
 
 def _probabilities(logits: torch.Tensor) -> np.ndarray:
@@ -114,7 +85,6 @@ def fit_head(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.nda
     after each epoch the head is scored on val and the best kept by the pixel rule (higher AUC,
     ties lower balanced log-loss), stopping after ``tc.patience`` epochs without a better one,
     never before ``tc.min_epochs``."""
-    from wsipipe.learn.metrics import auc, balanced_log_loss
     from wsipipe.learn.train import _Best
 
     (xtr, ytr), (xva, yva) = train, val
@@ -132,7 +102,8 @@ def fit_head(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.nda
     classes, counts = np.unique(ytr, return_counts=True)
     weights = 1.0 / counts[np.searchsorted(classes, ytr)]  # class-balanced, as the pixel fit draws
     weights /= weights.sum()
-    best, history = _Best(), []
+    best = _Best()
+    history: list[dict] = []
     for epoch in range(tc.epochs):
         order = rng.choice(len(ytr), size=len(ytr), replace=True, p=weights)
         losses = []
@@ -148,14 +119,7 @@ def fit_head(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.nda
         head.eval()
         with torch.no_grad():
             probs = _probabilities(head(xv))
-        score = auc(probs, yva) if len(yva) else float("nan")
-        score = -np.inf if np.isnan(score) else score
-        val_loss = balanced_log_loss(probs, yva)
-        val_loss = np.inf if np.isnan(val_loss) else val_loss
-        history.append({"epoch": epoch, "val_auc": float(score), "val_log_loss": float(val_loss),
-                        "train_loss": float(np.mean(losses[-50:] or [np.nan]))})
-        if best.beaten_by(float(score), float(val_loss)):
-            best.auc, best.loss, best.model, best.epoch, best.probs = float(score), float(val_loss), copy.deepcopy(head), epoch, probs
+        best.record(history, epoch, probs, yva, losses, lambda: copy.deepcopy(head))
         if epoch + 1 >= tc.min_epochs and epoch - best.epoch >= tc.patience:
             break
     assert isinstance(best.model, nn.Linear)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -340,8 +340,14 @@ class PatchSet:
                         None if self.coords is None else self.coords[idx], None if self.pitch is None else self.pitch[idx])
 
 
-def load_patch_sets(paths: Sequence[str | Path], labelled_only: bool = True) -> PatchSet:
-    """Concatenate labelled stores (same classes, same patch size) into one :class:`PatchSet`."""
+def load_patch_sets(
+    paths: Sequence[str | Path], labelled_only: bool = True, read_rows: Callable[[zarr.Group, Any], Any] | None = None,
+) -> PatchSet:
+    """Concatenate labelled stores (same classes, same patch size) into one :class:`PatchSet`.
+
+    ``read_rows(group, path)``: what each labelled row holds, one row per patch (default the stored
+    patches; :func:`wsipipe.learn.features_head.load_feature_set` reads their features instead), so
+    every kind of row gets the same labels, groups, positions and data identity."""
     from wsipipe.tiles.tiling import stored_patches
 
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -350,7 +356,7 @@ def load_patch_sets(paths: Sequence[str | Path], labelled_only: bool = True) -> 
     ident = hashlib.sha256()
     for p in paths:
         g = store.open_store(p)
-        patches = stored_patches(g, p)  # first: a store without patches cannot be labelled either
+        rows: Any = (read_rows or stored_patches)(g, p)  # first: a store without patches cannot be labelled either
         info = store.meta(g).get(store.META_LABELS)
         if info is None or store.LABELS not in g:
             raise AnnotationError(p, "store has no labels; run `wsipipe patches` on it first")
@@ -359,9 +365,11 @@ def load_patch_sets(paths: Sequence[str | Path], labelled_only: bool = True) -> 
         elif list(info["classes"]) != classes:
             raise AnnotationError(p, f"classes {info['classes']} differ from the first store's {classes}")
         labels = np.asarray(store.array(g, store.LABELS)[:]).astype(np.int64)
+        if read_rows is not None and len(rows) != len(labels):
+            raise AnnotationError(p, f"{len(labels)} labels but {len(rows)} rows: relabel the store after re-tiling")
         keep = np.flatnonzero(labels >= 0) if labelled_only else np.arange(len(labels))
         names = np.asarray(info["groups"], dtype=object)[np.asarray(store.array(g, store.GROUPS)[:])[keep]]
-        parts.append((_patches_at(patches, keep), labels[keep], names))
+        parts.append((_patches_at(rows, keep) if isinstance(rows, zarr.Array) else np.asarray(rows)[keep], labels[keep], names))
         tile = store.meta(g).get(store.META_TILE) or {}
         step = float(tile.get("stride_l0") or tile.get("patch_size_l0") or 0.0)
         coords = np.asarray(store.array(g, store.COORDS)[:]).reshape(-1, 2)[keep] if store.COORDS in g else \

@@ -336,6 +336,21 @@ class _Best:
             return True
         return auc == self.auc and loss < self.loss
 
+    def record(self, history: list[dict], epoch: int, probs: np.ndarray, labels: np.ndarray, train_losses: list[float],
+               model: Callable[[], nn.Module]) -> None:
+        """Score an epoch's validation probabilities, add its row to ``history``, and keep it when
+        it is the best so far (``model()``: the epoch's model as kept, called only then)."""
+        from wsipipe.learn.metrics import auc, balanced_log_loss
+
+        score = auc(probs, labels) if len(labels) else float("nan")
+        score = -np.inf if np.isnan(score) else score
+        val_loss = balanced_log_loss(probs, labels)
+        val_loss = np.inf if np.isnan(val_loss) else val_loss
+        history.append({"epoch": epoch, "val_auc": float(score), "val_log_loss": float(val_loss),
+                        "train_loss": float(np.mean(train_losses[-50:] or [np.nan]))})
+        if self.beaten_by(float(score), float(val_loss)):
+            self.auc, self.loss, self.model, self.epoch, self.probs = float(score), float(val_loss), model(), epoch, probs
+
 
 def retrain(
     train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], cfg, num_classes: int,
@@ -358,8 +373,6 @@ def _retrain(
 ) -> tuple[nn.Module, list[dict], _Best]:
     import copy
 
-    from wsipipe.learn.metrics import auc, balanced_log_loss
-
     (xtr, ytr), (xva, yva) = train, val
     dev = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, dev)
@@ -379,15 +392,7 @@ def _retrain(
     def epoch_end(epoch: int, current: nn.Module) -> bool:
         snapshot = copy.deepcopy(current)
         recalibrate_batchnorm(snapshot, xtr, bn_sample, cfg.batch_size, dev, dtype)
-        probs = predict_patches(snapshot, xva, dev)
-        score = auc(probs, yva) if len(yva) else float("nan")
-        score = -np.inf if np.isnan(score) else score
-        val_loss = balanced_log_loss(probs, yva)
-        val_loss = np.inf if np.isnan(val_loss) else val_loss
-        history.append({"epoch": epoch, "val_auc": float(score), "val_log_loss": float(val_loss),
-                        "train_loss": float(np.mean(losses[-50:] or [np.nan]))})
-        if best.beaten_by(float(score), float(val_loss)):
-            best.auc, best.loss, best.model, best.epoch, best.probs = float(score), float(val_loss), snapshot, epoch, probs
+        best.record(history, epoch, predict_patches(snapshot, xva, dev), yva, losses, lambda: snapshot)
         return epoch + 1 >= min_epochs and epoch - best.epoch >= cfg.patience
 
     fit_classifier(xtr, ytr, FitOptions.from_train_config(cfg, num_classes),
